@@ -1,0 +1,63 @@
+"""The small interface through which the generic trainer drives every task.
+
+A task binds a Flax model to its loss, its evaluation metrics and its data. The trainer owns
+everything else: batching, sharding, the optimizer, freezing, checkpoints, metric writing.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+Batch = dict[str, Any]
+Variables = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+  """Model + loss + metrics + data.
+
+  Subclasses set ``self.model`` in ``__init__``. ``variables`` below means the Flax variable
+  dict ``{'params': ..., 'batch_stats': ..., ...}``; ``model_state`` is that dict without
+  ``'params'`` (the mutable collections, e.g. BatchNorm statistics).
+  """
+
+  model: nn.Module
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @abc.abstractmethod
+  def init_variables(self, rng: jax.Array, batch: Batch) -> Variables:
+    """Initial variables for one example batch (called under ``jax.eval_shape`` and ``jit``)."""
+
+  @abc.abstractmethod
+  def loss(self, params: Any, model_state: Variables, batch: Batch, rng: jax.Array,
+           train: bool) -> tuple[jax.Array, tuple[Metrics, Variables]]:
+    """Scalar loss, its per-batch scalar metrics, and the updated ``model_state``.
+
+    Must be a pure function of its arguments (it is differentiated and jitted). ``rng`` is
+    already folded with the step. Examples with ``batch['_valid'] == 0`` are padding.
+    """
+
+  @abc.abstractmethod
+  def predict(self, variables: Variables, batch: Batch) -> dict[str, jax.Array]:
+    """Per-example evaluation outputs, each ``[B, ...]`` (gathered on the host by the trainer)."""
+
+  @abc.abstractmethod
+  def evaluate(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Aggregates the predictions of a whole evaluation split (padding already removed)."""
+
+  @abc.abstractmethod
+  def dataset(self, split: str) -> grain.MapDataset:
+    """The unbatched, unshuffled examples of ``split`` (dicts of numpy arrays)."""
+
+  def eval_passthrough_keys(self) -> tuple[str, ...]:
+    """Batch fields copied into the predictions for :meth:`evaluate` (labels, subgroups)."""
+    return ()
