@@ -1,105 +1,403 @@
-"""Warping images and feature maps by dense displacement fields (2D, channels-last).
+"""Sampling and warping of images, volumes and feature maps by dense coordinate maps (2D and 3D).
 
-Convention (see DESIGN.md, "Coordinates"): a displacement ``u`` is ``[B, H, W, 2]`` in pixels,
-'ij' order (channel 0 = rows, channel 1 = columns), and the warped array is
-``warped(x) = source(x + u(x))`` sampled bilinearly with zero padding outside the source.
+Conventions (DESIGN.md, "Coordinates"):
+
+* Arrays are channels-last: images ``[B, H, W, C]``, volumes ``[B, D, H, W, C]``.
+* A displacement ``u`` is ``[B, *S, n]`` (``n`` = 2 or 3) in **pixels**, 'ij' order (channel 0 =
+  first spatial axis, i.e. rows in 2D / depth in 3D), and the warped array is
+  ``warped(x) = source(x + u(x))``.
+* Coordinates are ``[B, *Q, n]`` pixel positions in 'ij' order; pixel ``k`` has its centre at
+  coordinate ``k``.
+* Outside the source, ``padding`` decides: ``'zeros'`` (each out-of-range interpolation corner
+  contributes 0, as ``grid_sample(padding_mode='zeros')`` and scipy's ``'grid-constant'``),
+  ``'border'`` (coordinates clamped to ``[0, N-1]``, scipy ``'nearest'``) or ``'reflect'``
+  (half-sample symmetric, ``d c b a | a b c d | d c b a``, scipy ``'reflect'``).
+
+Two implementations give the same values and gradients (tested):
+
+* ``'gather'``: gathers whole ``C``-vectors per interpolation corner from a
+  ``[B * prod(S), C]`` table, contiguous in memory; the fast path for feature maps.
+* ``'map_coordinates'``: ``jax.scipy.ndimage.map_coordinates`` per channel; the reference.
+
+Other unit systems, converted only at boundaries:
+
+* ICON's *unit* coordinates: ``[0, 1]`` per axis with the first and last pixel centres at 0 and 1
+  (``unit = pixel / (N - 1)``).
+* ``torch.nn.functional.grid_sample`` grids: ``[-1, 1]``, 'xy' order (last spatial axis first);
+  with ``align_corners=True`` the corner pixel centres sit at -1 and 1, with ``False`` the
+  corner pixel edges do.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+Padding = Literal["zeros", "border", "reflect"]
+Impl = Literal["gather", "map_coordinates"]
+
+_PADDINGS = ("zeros", "border", "reflect")
+_SCIPY_MODES = {"zeros": "constant", "border": "nearest", "reflect": "reflect"}
+
+
+# ----------------------------------------------------------------------------- identity maps
 
 
 def identity_grid(height: int, width: int, dtype=jnp.float32) -> jax.Array:
   """Pixel coordinates of every position, ``[H, W, 2]`` in 'ij' order."""
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=dtype), jnp.arange(width, dtype=dtype),
-                            indexing="ij")
-  return jnp.stack([rows, cols], axis=-1)
+  return identity_map((height, width), dtype=dtype)
 
 
-def warp_map_coordinates(source: jax.Array, displacement: jax.Array) -> jax.Array:
-  """Reference path: per-channel ``jax.scipy.ndimage.map_coordinates`` (order 1, zero padding).
-
-  Args:
-    source: ``[B, H, W, C]``.
-    displacement: ``[B, H, W, 2]`` pixels, 'ij'.
-  Returns:
-    ``[B, H, W, C]``.
-  """
-  _check_shapes(source, displacement)
-  coords = identity_grid(*source.shape[1:3], dtype=displacement.dtype) + displacement
-
-  def one_channel(image, coord):  # [H, W], [H, W, 2]
-    return jax.scipy.ndimage.map_coordinates(image, [coord[..., 0], coord[..., 1]], order=1,
-                                             mode="constant", cval=0.0)
-
-  per_example = jax.vmap(one_channel, in_axes=(2, None), out_axes=2)
-  return jax.vmap(per_example)(source, coords.astype(source.dtype))
+def identity_map(spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Pixel coordinates of every position of a grid, ``[*S, n]`` in 'ij' order (n = len(S))."""
+  axes = [jnp.arange(size, dtype=dtype) for size in spatial_shape]
+  return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def warp_gather(source: jax.Array, displacement: jax.Array) -> jax.Array:
-  """Bilinear warp as four channels-last row gathers; same result as the reference path.
+# ----------------------------------------------------------------------------- sampling
 
-  Gathering whole ``C``-vectors per corner (instead of one scalar per channel, as
-  ``map_coordinates`` does) keeps memory access contiguous, which is what makes this faster
-  on feature maps with many channels.
+
+def sample(source: jax.Array, coordinates: jax.Array, *, order: int = 1,
+           padding: Padding = "zeros", impl: Impl = "gather") -> jax.Array:
+  """Interpolates ``source`` at arbitrary pixel coordinates.
 
   Args:
-    source: ``[B, H, W, C]``.
-    displacement: ``[B, H, W, 2]`` pixels, 'ij'.
+    source: ``[B, *S, C]`` with ``len(S)`` = 2 or 3.
+    coordinates: ``[B, *Q, n]`` pixels, 'ij' order, ``n = len(S)``; ``Q`` is any shape.
+    order: 0 (nearest, ties rounded away from zero) or 1 (bi/trilinear).
+    padding: ``'zeros'``, ``'border'`` or ``'reflect'`` (see module docstring).
+    impl: ``'gather'`` or ``'map_coordinates'``; same values and gradients.
   Returns:
-    ``[B, H, W, C]``.
+    ``[B, *Q, C]`` in ``source.dtype``.
   """
-  _check_shapes(source, displacement)
-  batch, height, width, channels = source.shape
-  coords = identity_grid(height, width, dtype=displacement.dtype) + displacement
-  row, col = coords[..., 0], coords[..., 1]
-  row0, col0 = jnp.floor(row), jnp.floor(col)
-  row_frac, col_frac = row - row0, col - col0
-  row0, col0 = row0.astype(jnp.int32), col0.astype(jnp.int32)
-  flat = source.reshape(batch, height * width, channels)
-
-  def corner(r, c, weight):
-    valid = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-    index = jnp.clip(r, 0, height - 1) * width + jnp.clip(c, 0, width - 1)
-    values = jnp.take_along_axis(flat, index.reshape(batch, -1, 1), axis=1)
-    weight = jnp.where(valid, weight, 0.0).astype(source.dtype)
-    return values.reshape(batch, height, width, channels) * weight[..., None]
-
-  return (corner(row0, col0, (1 - row_frac) * (1 - col_frac))
-          + corner(row0, col0 + 1, (1 - row_frac) * col_frac)
-          + corner(row0 + 1, col0, row_frac * (1 - col_frac))
-          + corner(row0 + 1, col0 + 1, row_frac * col_frac))
-
-
-def warp(source: jax.Array, displacement: jax.Array, impl: str = "gather") -> jax.Array:
-  """Warps ``source [B, H, W, C]`` by ``displacement [B, H, W, 2]`` (pixels, 'ij')."""
+  _check_sample_args(source, coordinates, order, padding)
   if impl == "gather":
-    return warp_gather(source, displacement)
+    return _sample_gather(source, coordinates, order, padding)
   if impl == "map_coordinates":
-    return warp_map_coordinates(source, displacement)
+    return _sample_map_coordinates(source, coordinates, order, padding)
+  raise ValueError(f"impl must be 'gather' or 'map_coordinates', got {impl!r}")
+
+
+def _sample_map_coordinates(source, coordinates, order, padding):
+  num_axes = source.ndim - 2
+  coordinates = coordinates.astype(source.dtype)
+
+  def one_channel(volume, coords):  # [*S], [*Q, n]
+    return jax.scipy.ndimage.map_coordinates(
+        volume, [coords[..., axis] for axis in range(num_axes)], order=order,
+        mode=_SCIPY_MODES[padding], cval=0.0)
+
+  per_example = jax.vmap(one_channel, in_axes=(num_axes, None), out_axes=-1)
+  return jax.vmap(per_example)(source, coordinates)
+
+
+def _reflect(coordinate: jax.Array, size: int) -> jax.Array:
+  """Folds coordinates into ``[-0.5, size - 0.5]`` by half-sample symmetric reflection."""
+  period = 2.0 * size
+  folded = jnp.mod(coordinate + 0.5, period)
+  return jnp.where(folded > size, period - folded, folded) - 0.5
+
+
+def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
+  """Per-axis interpolation corners: list of (int32 index, weight, in-range mask or None)."""
+  if padding == "reflect":
+    coordinate = _reflect(coordinate, size)
+  if padding in ("border", "reflect"):
+    # Clamping the coordinate (not the index) gives zero gradient outside, like grid_sample.
+    coordinate = jnp.clip(coordinate, 0.0, size - 1.0)
+  if order == 0:
+    # Python-scalar 0.5 keeps bf16 coordinates bf16; lax.round rounds ties away from zero.
+    indices = [(jax.lax.round(coordinate), None)]
+  else:
+    lower = jnp.floor(coordinate)
+    upper_weight = coordinate - lower
+    indices = [(lower, 1.0 - upper_weight), (lower + 1.0, upper_weight)]
+  corners = []
+  for index, weight in indices:
+    index = index.astype(jnp.int32)
+    valid = (index >= 0) & (index < size) if padding == "zeros" else None
+    corners.append((jnp.clip(index, 0, size - 1), weight, valid))
+  return corners
+
+
+def _sample_gather(source, coordinates, order, padding):
+  batch, *spatial, channels = source.shape
+  query_shape = coordinates.shape[1:-1]
+  coordinates = coordinates.reshape(batch, -1, len(spatial))
+  strides = np.cumprod([1] + spatial[::-1][:-1])[::-1]
+  per_axis = [_axis_corners(coordinates[..., axis], size, order, padding)
+              for axis, size in enumerate(spatial)]
+  batch_offset = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(spatial)))[:, None]
+  table = source.reshape(-1, channels)
+
+  flat_indices, weights = [], []
+  for combo in itertools.product(*per_axis):
+    index = batch_offset
+    weight = None
+    for (axis_index, axis_weight, valid), stride in zip(combo, strides):
+      index = index + axis_index * int(stride)
+      if axis_weight is not None:
+        weight = axis_weight if weight is None else weight * axis_weight
+      if valid is not None:
+        mask = valid.astype(coordinates.dtype)
+        weight = mask if weight is None else weight * mask
+    flat_indices.append(index.reshape(-1))
+    weights.append(None if weight is None else weight.reshape(-1, 1).astype(source.dtype))
+
+  out = None
+  for index, weight in zip(flat_indices, weights):
+    values = table.at[index].get(mode="promise_in_bounds")
+    term = values if weight is None else values * weight
+    out = term if out is None else out + term
+  return out.reshape(batch, *query_shape, channels)
+
+
+# ----------------------------------------------------------------------------- warping
+
+
+def warp_map_coordinates(source: jax.Array, displacement: jax.Array, *, order: int = 1,
+                         padding: Padding = "zeros") -> jax.Array:
+  """Reference path: per-channel ``jax.scipy.ndimage.map_coordinates``.
+
+  Args:
+    source: ``[B, *S, C]`` (2D or 3D).
+    displacement: ``[B, *S, n]`` pixels, 'ij'.
+  Returns:
+    ``[B, *S, C]``: ``source(x + displacement(x))``.
+  """
+  _check_shapes(source, displacement)
+  coords = identity_map(source.shape[1:-1], dtype=displacement.dtype) + displacement
+  return sample(source, coords, order=order, padding=padding, impl="map_coordinates")
+
+
+def warp_gather(source: jax.Array, displacement: jax.Array, *, order: int = 1,
+                padding: Padding = "zeros") -> jax.Array:
+  """Fast path: one row gather of ``C``-vectors per interpolation corner; same result.
+
+  Args:
+    source: ``[B, *S, C]`` (2D or 3D).
+    displacement: ``[B, *S, n]`` pixels, 'ij'.
+  Returns:
+    ``[B, *S, C]``: ``source(x + displacement(x))``.
+  """
+  _check_shapes(source, displacement)
+  coords = identity_map(source.shape[1:-1], dtype=displacement.dtype) + displacement
+  return sample(source, coords, order=order, padding=padding, impl="gather")
+
+
+def warp(source: jax.Array, displacement: jax.Array, impl: Impl = "gather", *, order: int = 1,
+         padding: Padding = "zeros") -> jax.Array:
+  """Warps ``source [B, *S, C]`` by ``displacement [B, *S, n]`` (pixels, 'ij').
+
+  ``warped(x) = source(x + displacement(x))``. ``impl='gather'`` is the default because it
+  measured faster than ``map_coordinates`` on XLA:CPU for every size in
+  ``benchmarks/warp.py`` (forward and backward).
+  """
+  if impl == "gather":
+    return warp_gather(source, displacement, order=order, padding=padding)
+  if impl == "map_coordinates":
+    return warp_map_coordinates(source, displacement, order=order, padding=padding)
   raise ValueError(f"warp impl must be 'gather' or 'map_coordinates', got {impl!r}")
 
 
-def resize_displacement(displacement: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Resizes a pixel displacement ``[B, H, W, 2]`` to ``[B, h, w, 2]`` and rescales its values.
+# ----------------------------------------------------------------------------- displacement algebra
 
-  The field is resampled bilinearly (half-pixel centres, as ``jax.image.resize``) and each
-  component is multiplied by the ratio of the new to the old size along its own axis, so the
-  displacement stays in pixels of the new grid.
+
+def resize_displacement(displacement: jax.Array, size: Sequence[int], *,
+                        align_corners: bool = False) -> jax.Array:
+  """Resizes a pixel displacement ``[B, *S, n]`` to ``[B, *size, n]`` and rescales its values.
+
+  The field is resampled (bi/trilinear) and each component is multiplied by the ratio of grid
+  spacings along its own axis, so the result is in pixels of the new grid.
+
+  Args:
+    displacement: ``[B, H, W, 2]`` or ``[B, D, H, W, 3]``, pixels, 'ij'.
+    size: the new spatial shape, ``(h, w)`` or ``(d, h, w)``.
+    align_corners: ``False`` (default): pixel *edges* of both grids coincide (half-pixel centres,
+      as ``jax.image.resize``), values scale by ``new / old``. ``True``: the corner pixel
+      *centres* coincide (ICON's unit convention), values scale by ``(new - 1) / (old - 1)``.
   """
-  batch, height, width, _ = displacement.shape
-  new_h, new_w = size
-  resized = jax.image.resize(displacement, (batch, new_h, new_w, 2), method="linear")
-  scale = jnp.asarray([new_h / height, new_w / width], dtype=displacement.dtype)
-  return resized * scale
+  num_axes = displacement.ndim - 2
+  if num_axes not in (2, 3) or displacement.shape[-1] != num_axes or len(size) != num_axes:
+    raise ValueError(f"expected displacement [B, *S, n] with n = len(S) = len(size) in (2, 3), "
+                     f"got displacement {displacement.shape} and size {tuple(size)}")
+  old = displacement.shape[1:-1]
+  size = tuple(int(s) for s in size)
+  if align_corners:
+    scale = [(new - 1) / (prev - 1) if prev > 1 else 1.0 for new, prev in zip(size, old)]
+    coords = jnp.stack(jnp.meshgrid(
+        *[jnp.linspace(0.0, prev - 1.0, new, dtype=displacement.dtype)
+          for new, prev in zip(size, old)], indexing="ij"), axis=-1)
+    coords = jnp.broadcast_to(coords, (displacement.shape[0], *size, num_axes))
+    resized = sample(displacement, coords, padding="border")
+  else:
+    scale = [new / prev for new, prev in zip(size, old)]
+    resized = jax.image.resize(displacement, (displacement.shape[0], *size, num_axes),
+                               method="linear")
+  return resized * jnp.asarray(scale, dtype=displacement.dtype)
+
+
+def compose_displacements(outer: jax.Array, inner: jax.Array, *, padding: Padding = "border",
+                          impl: Impl = "gather") -> jax.Array:
+  """Displacement of the composed map ``phi_outer ∘ phi_inner`` (inner applied first).
+
+  With ``phi_u(x) = x + u(x)``, returns ``w(x) = inner(x) + outer(x + inner(x))`` so that
+  ``phi_w = phi_outer(phi_inner(x))``. For images this means
+  ``warp(warp(I, outer), inner) == warp(I, w)``: first register ``I`` by ``outer``, then the
+  result by ``inner`` (ICON's TwoStepRegistration order: ``compose(first_step, second_step)``).
+
+  Args:
+    outer, inner: ``[B, *S, n]`` pixels, 'ij', on the same grid.
+    padding: how ``outer`` is extended outside the grid (``'border'``, as ICON).
+  Returns:
+    ``[B, *S, n]`` pixels.
+  """
+  _check_shapes(outer, inner)
+  coords = identity_map(inner.shape[1:-1], dtype=inner.dtype) + inner
+  return inner + sample(outer, coords, padding=padding, impl=impl)
+
+
+# ----------------------------------------------------------------------------- unit conversions
+
+
+def unit_spacing(spatial_shape: Sequence[int]) -> tuple[float, ...]:
+  """Per-axis size of one pixel in ICON's unit coordinates: ``1 / (N - 1)`` (1 where N = 1)."""
+  return tuple(1.0 / (n - 1) if n > 1 else 1.0 for n in spatial_shape)
+
+
+def pixels_to_unit(values: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+  """Pixel coordinates or displacements ``[..., n]`` ('ij') to ICON unit ones (``p / (N-1)``).
+
+  The map is linear with no offset, so it converts coordinates and displacements alike.
+  """
+  _check_last_axis(values, spatial_shape)
+  return values * jnp.asarray(unit_spacing(spatial_shape), dtype=values.dtype)
+
+
+def unit_to_pixels(values: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+  """ICON unit coordinates or displacements ``[..., n]`` ('ij') to pixels (``v * (N-1)``)."""
+  _check_last_axis(values, spatial_shape)
+  return values / jnp.asarray(unit_spacing(spatial_shape), dtype=values.dtype)
+
+
+def pixels_to_grid_sample(values: jax.Array, spatial_shape: Sequence[int], *,
+                          align_corners: bool = True, displacement: bool = False) -> jax.Array:
+  """Pixel 'ij' coordinates ``[..., n]`` to a ``grid_sample`` grid (``[-1, 1]``, 'xy' order).
+
+  Args:
+    values: ``[..., n]`` pixel coordinates ('ij'), or displacements if ``displacement``.
+    spatial_shape: the grid ``values`` refer to, ``(H, W)`` or ``(D, H, W)``.
+    align_corners: the ``grid_sample`` flag the result is meant for.
+    displacement: convert a difference of coordinates (no offset).
+  Returns:
+    ``[..., n]`` with the last axis reversed ('xy' / 'xyz').
+  """
+  _check_last_axis(values, spatial_shape)
+  sizes = jnp.asarray(spatial_shape, dtype=values.dtype)
+  if align_corners:
+    scale = 2.0 / jnp.maximum(sizes - 1.0, 1.0)
+    offset = -1.0
+  else:
+    scale = 2.0 / sizes
+    offset = 1.0 / sizes - 1.0
+  out = values * scale if displacement else values * scale + offset
+  return out[..., ::-1]
+
+
+def grid_sample_to_pixels(grid: jax.Array, spatial_shape: Sequence[int], *,
+                          align_corners: bool = True, displacement: bool = False) -> jax.Array:
+  """Inverse of :func:`pixels_to_grid_sample`: 'xy' ``[-1, 1]`` grid to 'ij' pixels."""
+  _check_last_axis(grid, spatial_shape)
+  values = grid[..., ::-1]
+  sizes = jnp.asarray(spatial_shape, dtype=grid.dtype)
+  if align_corners:
+    scale = 2.0 / jnp.maximum(sizes - 1.0, 1.0)
+    offset = -1.0
+  else:
+    scale = 2.0 / sizes
+    offset = 1.0 / sizes - 1.0
+  return values / scale if displacement else (values - offset) / scale
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+def jacobian_determinant(displacement: jax.Array, *, method: str = "central") -> jax.Array:
+  """Determinant of the Jacobian of ``phi(x) = x + u(x)`` by finite differences.
+
+  Args:
+    displacement: ``[B, *S, n]`` pixels, 'ij', n = 2 or 3.
+    method: ``'central'``: central differences inside, one-sided at the borders (as
+      ``np.gradient``), result ``[B, *S]``. ``'forward'``: forward differences on each cell's
+      corner (ICON's ``flips`` stencil), result ``[B, *(S - 1)]``.
+  Returns:
+    Determinants (dimensionless); exact for affine maps with either method.
+  """
+  num_axes = displacement.ndim - 2
+  if num_axes not in (2, 3) or displacement.shape[-1] != num_axes:
+    raise ValueError(f"expected displacement [B, H, W, 2] or [B, D, H, W, 3], got "
+                     f"{displacement.shape}")
+  if method == "central":
+    if min(displacement.shape[1:-1]) < 2:
+      raise ValueError(f"central differences need >= 2 pixels per axis, got {displacement.shape}")
+    columns = [jnp.gradient(displacement, axis=1 + axis) for axis in range(num_axes)]
+  elif method == "forward":
+    cell = tuple(slice(None, -1) for _ in range(num_axes))
+    columns = []
+    for axis in range(num_axes):
+      ahead = [slice(None, -1)] * num_axes
+      ahead[axis] = slice(1, None)
+      columns.append(displacement[(slice(None), *ahead)] - displacement[(slice(None), *cell)])
+  else:
+    raise ValueError(f"method must be 'central' or 'forward', got {method!r}")
+  # jac[..., i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j.
+  jac = jnp.stack(columns, axis=-1) + jnp.eye(num_axes, dtype=displacement.dtype)
+  return jnp.linalg.det(jac)
+
+
+def count_folds(displacement: jax.Array, *, method: str = "central") -> jax.Array:
+  """Number of positions per example where the map folds (Jacobian determinant < 0), ``[B]``."""
+  det = jacobian_determinant(displacement, method=method)
+  return jnp.sum(det < 0, axis=tuple(range(1, det.ndim)))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_sample_args(source, coordinates, order, padding):
+  num_axes = source.ndim - 2
+  if num_axes not in (2, 3):
+    raise ValueError(f"source must be [B, H, W, C] or [B, D, H, W, C], got {source.shape}")
+  if coordinates.ndim < 2 or coordinates.shape[-1] != num_axes:
+    raise ValueError(f"coordinates must be [B, ..., {num_axes}] for a source {source.shape}, got "
+                     f"{coordinates.shape}")
+  if coordinates.shape[0] != source.shape[0]:
+    raise ValueError(f"coordinates {coordinates.shape} and source {source.shape} must share the "
+                     "batch size")
+  if order not in (0, 1):
+    raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
+  if padding not in _PADDINGS:
+    raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
 
 
 def _check_shapes(source: jax.Array, displacement: jax.Array) -> None:
-  if source.ndim != 4 or displacement.ndim != 4 or displacement.shape[-1] != 2:
-    raise ValueError(f"expected source [B, H, W, C] and displacement [B, H, W, 2], got "
-                     f"{source.shape} and {displacement.shape}")
-  if source.shape[:3] != displacement.shape[:3]:
+  num_axes = source.ndim - 2
+  if (num_axes not in (2, 3) or displacement.ndim != source.ndim
+      or displacement.shape[-1] != num_axes):
+    raise ValueError(f"expected source [B, H, W, C] / [B, D, H, W, C] and displacement "
+                     f"[B, H, W, 2] / [B, D, H, W, 3], got {source.shape} and "
+                     f"{displacement.shape}")
+  if source.shape[:-1] != displacement.shape[:-1]:
     raise ValueError(f"source {source.shape} and displacement {displacement.shape} must share "
-                     "[B, H, W]; resize the displacement first (resize_displacement)")
+                     "[B, *S]; resize the displacement first (resize_displacement)")
+
+
+def _check_last_axis(values, spatial_shape):
+  if values.shape[-1] != len(spatial_shape):
+    raise ValueError(f"last axis of {values.shape} must have one entry per axis of the grid "
+                     f"{tuple(spatial_shape)}")

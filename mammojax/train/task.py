@@ -58,6 +58,11 @@ class Task(abc.ABC):
   def dataset(self, split: str) -> grain.MapDataset:
     """The unbatched, unshuffled examples of ``split`` (dicts of numpy arrays)."""
 
+  def pretrained_checkpoints(self) -> dict[str, str]:
+    """``{variable path prefix: converted-checkpoint dir}`` of pieces loaded at init (e.g. a
+    frozen registration network under ``'registration'``)."""
+    return {}
+
   def eval_passthrough_keys(self) -> tuple[str, ...]:
     """Batch fields copied into the predictions for :meth:`evaluate` (labels, subgroups)."""
     return ()

@@ -1,0 +1,174 @@
+"""Readers for the image files users bring: DICOM, 8/16-bit PNG and NIfTI.
+
+Every reader returns float32 pixels and, for mammograms, only the two header facts the
+preprocessing needs (laterality and view). No other header field (names, dates, identifiers,
+free text) leaves this module, and error messages name the file and the reason, never a header
+value.
+
+DICOM pixels go through the modality LUT (rescale slope / intercept), then the VOI LUT or window
+when the file carries one, then MONOCHROME1 images are inverted so that larger values are always
+brighter (denser) tissue. Compressed transfer syntaxes decode with whatever pydicom plugin is
+installed: RLE Lossless natively; JPEG baseline and JPEG 2000 through Pillow or
+pylibjpeg-openjpeg; JPEG Lossless (process 14, common in mammography) and JPEG-LS through
+pylibjpeg-libjpeg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+PNG_SUFFIXES = (".png",)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ImageReadError(Exception):
+  """A file that could not be read or decoded. ``str()`` is ``'<path>: <reason>'``."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path}: {reason}")
+    self.path = path
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Image2D:
+  """A decoded 2-D image.
+
+  Attributes:
+    pixels: ``[H, W]`` float32, larger = brighter; in the file's stored (post-LUT) units.
+    laterality: 'L', 'R' or None when the file does not say (PNG never does).
+    view: view position such as 'CC' or 'MLO', or None.
+  """
+  pixels: np.ndarray
+  laterality: str | None = None
+  view: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """A decoded 3-D volume.
+
+  Attributes:
+    voxels: ``[D, H, W]`` float32 in the closest canonical (RAS+) orientation, axes ordered
+      (superior, anterior, right) reversed to (z, y, x) so that D indexes axial slices.
+    spacing: ``(dz, dy, dx)`` voxel size in millimetres.
+  """
+  voxels: np.ndarray
+  spacing: tuple[float, float, float]
+
+
+def read_image(path: str) -> Image2D:
+  """Reads a 2-D image, choosing the reader from the suffix (or the DICOM preamble)."""
+  lower = path.lower()
+  if lower.endswith(PNG_SUFFIXES):
+    return read_png(path)
+  if lower.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
+    return read_dicom(path)
+  raise ImageReadError(path, "unknown image format: expected a .png or DICOM file "
+                       f"({', '.join(DICOM_SUFFIXES)} or a file with the DICM preamble)")
+
+
+def read_dicom(path: str, apply_voi: bool = True) -> Image2D:
+  """Reads a single-frame DICOM image; see the module docstring for the pixel pipeline."""
+  import pydicom
+  from pydicom import pixels as dcm_pixels
+
+  _check_exists(path)
+  try:
+    ds = pydicom.dcmread(path)
+  except Exception as e:  # pydicom raises several exception types for damaged files.
+    raise ImageReadError(path, f"not a readable DICOM file ({type(e).__name__})") from None
+  if "PixelData" not in ds:
+    raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  if frames != 1:
+    raise ImageReadError(path, f"DICOM has {frames} frames; mammogram ingestion expects a "
+                         "single 2-D frame (export one frame per file)")
+  syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+  try:
+    raw = ds.pixel_array
+  except Exception as e:
+    name = getattr(syntax, "name", str(syntax))
+    raise ImageReadError(path, f"cannot decode pixel data with transfer syntax {name!r} "
+                         f"({type(e).__name__}); for JPEG Lossless / JPEG-LS install "
+                         "pylibjpeg and pylibjpeg-libjpeg, for JPEG 2000 pylibjpeg-openjpeg"
+                         ) from None
+  if raw.ndim != 2:
+    raise ImageReadError(path, f"decoded pixel array has shape {raw.shape}; expected a 2-D "
+                         "grayscale image (SamplesPerPixel 1)")
+  pixels = np.asarray(dcm_pixels.apply_modality_lut(raw, ds), np.float32)
+  if apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
+    pixels = np.asarray(dcm_pixels.apply_voi_lut(pixels, ds, index=0), np.float32)
+  if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    pixels = pixels.max() + pixels.min() - pixels
+  if not np.all(np.isfinite(pixels)):
+    raise ImageReadError(path, "decoded pixels contain NaN or infinity")
+  laterality = _laterality(ds.get("ImageLaterality") or ds.get("Laterality"))
+  view = str(ds.get("ViewPosition") or "").strip().upper()
+  return Image2D(pixels=pixels, laterality=laterality, view=view or None)
+
+
+def read_png(path: str) -> Image2D:
+  """Reads an 8- or 16-bit grayscale PNG (colour PNGs are converted to luminance)."""
+  from PIL import Image, UnidentifiedImageError
+
+  _check_exists(path)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if img.mode in ("I;16", "I;16B", "I;16L", "I", "L", "F"):
+        pixels = np.asarray(img)
+      elif img.mode in ("RGB", "RGBA", "LA", "P", "1"):
+        pixels = np.asarray(img.convert("L"))
+      else:
+        raise ImageReadError(path, f"unsupported PNG mode {img.mode!r}")
+  except ImageReadError:
+    raise
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise ImageReadError(path, f"cannot decode PNG ({type(e).__name__}: {e})") from None
+  return Image2D(pixels=pixels.astype(np.float32))
+
+
+def read_nifti(path: str) -> Volume:
+  """Reads a 3-D NIfTI volume (a 4-D file with one time point is accepted)."""
+  import nibabel as nib
+
+  _check_exists(path)
+  try:
+    img = nib.as_closest_canonical(nib.load(path))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+  except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+    raise ImageReadError(path, f"cannot read NIfTI ({type(e).__name__})") from None
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise ImageReadError(path, f"NIfTI has shape {data.shape}; expected a 3-D volume")
+  if not np.all(np.isfinite(data)):
+    raise ImageReadError(path, "NIfTI voxels contain NaN or infinity")
+  zooms = [float(z) for z in img.header.get_zooms()[:3]]
+  # RAS+ array axes are (x, y, z); store (z, y, x) so axial slices lead.
+  return Volume(voxels=np.ascontiguousarray(data.transpose(2, 1, 0)),
+                spacing=(zooms[2], zooms[1], zooms[0]))
+
+
+def _check_exists(path: str) -> None:
+  if not os.path.isfile(path):
+    raise ImageReadError(path, "file does not exist")
+
+
+def _has_dicom_preamble(path: str) -> bool:
+  try:
+    with open(path, "rb") as f:
+      head = f.read(132)
+  except OSError:
+    return False
+  return head[128:132] == b"DICM"
+
+
+def _laterality(value: object) -> str | None:
+  text = str(value or "").strip().upper()
+  return text if text in ("L", "R") else None

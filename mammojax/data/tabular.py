@@ -1,0 +1,202 @@
+"""Shared pieces of the CSV ingesters: reading with column checks, pseudonyms, patient splits.
+
+Nothing here touches pixels. Row numbers are the CSV's line numbers (the header is line 1), so an
+error message points at the line a user opens in an editor.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+SALT_FILE = "salt.txt"
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+MISSING = ("", "nan", "na", "n/a", "none", "null")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRow:
+  """One input that could not be ingested (written to ``DIR/errors.csv``)."""
+  rows: str
+  file: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A CSV file: its header and rows (stripped strings), each with its line number."""
+  path: str
+  columns: tuple[str, ...]
+  rows: tuple[dict[str, str], ...]
+  lines: tuple[int, ...]
+
+
+def read_table(path: str, required: Sequence[str]) -> Table:
+  """Reads a CSV; raises ``ValueError`` naming any required column it lacks."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"CSV file {path} does not exist")
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    columns = tuple(c.strip() for c in (reader.fieldnames or ()))
+    rows, lines = [], []
+    for row in reader:
+      rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+      lines.append(reader.line_num)
+  missing = [c for c in required if c not in columns]
+  if missing:
+    raise ValueError(f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
+                     f"the CSV has columns {list(columns)}. Add or rename the column(s).")
+  if not rows:
+    raise ValueError(f"{path}: the CSV has a header but no rows")
+  return Table(path=path, columns=columns, rows=tuple(rows), lines=tuple(lines))
+
+
+def is_missing(value: str) -> bool:
+  return value.strip().lower() in MISSING
+
+
+def parse_float(value: str, column: str, line: int, *, allow_missing: bool = False,
+                minimum: float | None = None) -> float:
+  """Parses a number; missing values become NaN when allowed, otherwise a clear error."""
+  if is_missing(value):
+    if allow_missing:
+      return math.nan
+    raise ValueError(f"line {line}: column {column!r} is empty; it needs a number")
+  try:
+    number = float(value)
+  except ValueError:
+    raise ValueError(f"line {line}: column {column!r} holds {value!r}, not a number") from None
+  if not math.isfinite(number):
+    raise ValueError(f"line {line}: column {column!r} holds {value!r}, not a finite number")
+  if minimum is not None and number < minimum:
+    raise ValueError(f"line {line}: column {column!r} is {number}, below the minimum {minimum}")
+  return number
+
+
+def parse_date(value: str, column: str, line: int) -> datetime.date:
+  """Parses an ISO date (``YYYY-MM-DD``, optionally followed by a time) or ``YYYYMMDD``."""
+  text = value.strip()
+  for fmt, length in (("%Y-%m-%d", 10), ("%Y%m%d", 8), ("%Y/%m/%d", 10)):
+    try:
+      return datetime.datetime.strptime(text[:length], fmt).date()
+    except ValueError:
+      continue
+  raise ValueError(f"line {line}: column {column!r} holds {value!r}, not a date "
+                   "(use YYYY-MM-DD)")
+
+
+def years_between(earlier: datetime.date, later: datetime.date) -> float:
+  """Signed difference ``later - earlier`` in years of 365.25 days."""
+  return (later - earlier).days / 365.25
+
+
+def load_or_create_salt(out_dir: str, salt: str | None) -> str:
+  """The pseudonymisation salt: the given one, else ``DIR/salt.txt`` (created if absent).
+
+  The salt file stays next to the shards so a rerun produces the same pseudonyms; it is never
+  written into the manifest or any record. Keep it private, or delete it to make the pseudonyms
+  unlinkable.
+  """
+  if salt:
+    return salt
+  path = os.path.join(out_dir, SALT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = f.read().strip()
+    if stored:
+      return stored
+  os.makedirs(out_dir, exist_ok=True)
+  stored = secrets.token_hex(16)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(stored + "\n")
+  os.chmod(tmp, 0o600)
+  os.replace(tmp, path)
+  return stored
+
+
+def pseudonym(identifier: str, salt: str) -> str:
+  """Salted SHA-256 (hex) of an identifier such as a patient id."""
+  return hashlib.sha256(f"{salt}\x00{identifier}".encode()).hexdigest()
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+  """``'train=0.7,val=0.1,test=0.2'`` -> dict; the fractions must sum to 1."""
+  fractions = {}
+  for part in text.split(","):
+    name, _, value = part.partition("=")
+    name = SPLIT_ALIASES.get(name.strip().lower(), name.strip())
+    try:
+      fractions[name] = float(value)
+    except ValueError:
+      raise ValueError(f"split fractions {text!r}: {part!r} is not name=fraction") from None
+  if any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+    raise ValueError(f"split fractions {text!r} must be >= 0 and sum to 1")
+  return fractions
+
+
+def stratified_patient_split(outcomes: Mapping[str, int], fractions: Mapping[str, float],
+                             seed: int) -> dict[str, str]:
+  """Assigns every patient to one split, keeping the outcome mix in each split.
+
+  Args:
+    outcomes: patient key -> outcome stratum (for example 1 if any exam leads to cancer).
+    fractions: split name -> fraction of patients (in the order the splits are listed).
+    seed: permutation seed; the result depends only on it and the patient keys.
+  """
+  names = list(fractions)
+  assignment = {}
+  rng = np.random.default_rng(seed)
+  for stratum in sorted(set(outcomes.values())):
+    members = sorted(k for k, v in outcomes.items() if v == stratum)
+    members = [members[i] for i in rng.permutation(len(members))]
+    counts = _largest_remainder([fractions[n] * len(members) for n in names])
+    start = 0
+    for name, count in zip(names, counts):
+      for key in members[start:start + count]:
+        assignment[key] = name
+      start += count
+  return assignment
+
+
+def split_from_column(values: Mapping[str, Sequence[tuple[int, str]]],
+                      column: str) -> dict[str, str]:
+  """Patient key -> split from a CSV ``split`` column, refusing patients in two splits.
+
+  Args:
+    values: patient key (already pseudonymised) -> [(line, split value), ...].
+    column: the column's name, for messages.
+  """
+  assignment = {}
+  for key, entries in values.items():
+    seen = {}
+    for line, value in entries:
+      name = SPLIT_ALIASES.get(value.strip().lower())
+      if name is None:
+        raise ValueError(f"line {line}: column {column!r} holds {value!r}; use one of "
+                         f"{sorted(set(SPLIT_ALIASES.values()))}")
+      seen.setdefault(name, line)
+    if len(seen) > 1:
+      where = ", ".join(f"{n} (line {l})" for n, l in seen.items())
+      raise ValueError(f"patient {key[:12]} appears in several splits: {where}; a patient "
+                       "must be in one split only (fix the split column)")
+    assignment[key] = next(iter(seen))
+  return assignment
+
+
+def _largest_remainder(quotas: Sequence[float]) -> list[int]:
+  counts = [int(math.floor(q)) for q in quotas]
+  short = int(round(sum(quotas))) - sum(counts)
+  order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - counts[i]), i))
+  for i in order[:short]:
+    counts[i] += 1
+  return counts

@@ -1,0 +1,74 @@
+"""Feature Pyramid Network over two backbone stages, plus a subsampled coarsest level.
+
+Follows the FPN-MIL feature extractor: 1x1 lateral convs on the stride-16 and stride-32 backbone
+maps, a nearest-neighbour top-down pathway, 3x3 output convs, and an extra level made by taking
+every 4th pixel of the stride-32 output (the reference's ``max_pool2d(kernel_size=1, stride=4)``),
+i.e. stride 128. With ``group_norm`` every conv is followed by GroupNorm(1 group) and has no bias;
+the reference builds ONE GroupNorm module and reuses it after all four convs, so they share its
+scale and bias, and so does this module.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Nearest-neighbour resize of [B, H, W, C] to [B, h, w, C] as torch's ``mode='nearest'``.
+
+  Output pixel i reads input pixel floor(i * H / h) (no half-pixel offset, unlike
+  ``jax.image.resize``).
+  """
+  in_h, in_w = x.shape[1], x.shape[2]
+  rows = (np.arange(size[0]) * in_h) // size[0]
+  cols = (np.arange(size[1]) * in_w) // size[1]
+  return x[:, rows][:, :, cols]
+
+
+class FPN(nn.Module):
+  """Two-level FPN with a stride-128 extra level.
+
+  Attributes:
+    features: output channels of every level (the reference's ``fpn_dim``, 256).
+    top_down: add the upsampled coarser lateral to the finer one ('fpn'); False gives the
+      reference's 'backbone_pyramid' (laterals and output convs only).
+    group_norm: GroupNorm(num_groups=1) after every conv, convs without bias.
+  """
+  features: int = 256
+  top_down: bool = True
+  group_norm: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, stride16: jax.Array, stride32: jax.Array) -> dict[int, jax.Array]:
+    """Builds the pyramid.
+
+    Args:
+      stride16: [B, H16, W16, C4] backbone map at stride 16.
+      stride32: [B, H32, W32, C5] backbone map at stride 32.
+
+    Returns:
+      {16: [B, H16, W16, F], 32: [B, H32, W32, F], 128: [B, ceil(H32/4), ceil(W32/4), F]}.
+    """
+    if stride16.ndim != 4 or stride32.ndim != 4:
+      raise ValueError('FPN expects [B, H, W, C] maps, got stride16 '
+                       f'{stride16.shape} and stride32 {stride32.shape}.')
+    norm = nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=self.dtype,
+                        name='norm') if self.group_norm else (lambda y: y)
+
+    def conv(kernel: int, name: str):
+      return nn.Conv(self.features, (kernel, kernel), padding=kernel // 2,
+                     use_bias=not self.group_norm, dtype=self.dtype, name=name,
+                     kernel_init=nn.with_logical_partitioning(
+                         nn.initializers.kaiming_uniform(), (None, None, 'embed', 'mlp')))
+
+    inner32 = norm(conv(1, 'inner_block_1')(stride32))
+    out32 = norm(conv(3, 'layer_block_1')(inner32))
+    inner16 = norm(conv(1, 'inner_block_0')(stride16))
+    if self.top_down:
+      inner16 = inner16 + nearest_resize(inner32, (inner16.shape[1], inner16.shape[2]))
+    out16 = norm(conv(3, 'layer_block_0')(inner16))
+    return {16: out16, 32: out32, 128: out32[:, ::4, ::4]}

@@ -1,0 +1,94 @@
+"""Orbax checkpoints of the train state together with the Grain data iterator.
+
+``DIR/checkpoints`` keeps the newest ``checkpoint.keep`` steps and is what a restarted job
+resumes from; ``DIR/best`` keeps the single best step by ``checkpoint.best_metric``. Orbax
+writes each step to a temporary directory and renames it when complete, so a crash or a kill
+never leaves a half-written step that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """The two managers of a run: ``latest`` (resume) and ``best`` (model selection)."""
+
+  def __init__(self, workdir: str, keep: int, best_metric: str | None, best_mode: str,
+               save_interval_steps: int = 1):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.latest = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data_iter"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             save_interval_steps=save_interval_steps))
+    self.best = None
+    self.best_metric = best_metric
+    if best_metric:
+      if best_mode not in ("max", "min"):
+        raise ValueError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+      self.best = ocp.CheckpointManager(
+          os.path.join(os.path.abspath(workdir), "best"), item_names=("state",),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+              keep_checkpoints_without_metrics=False))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False) -> None:
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force)
+
+  def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+    if self.best is None or self.best_metric not in metrics:
+      return
+    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                   metrics={self.best_metric: float(metrics[self.best_metric])})
+
+  def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
+    """Restores ``state`` (with the shardings in ``abstract_state``) and the iterator in place."""
+    try:
+      restored = self.latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # Orbax raises many exception types for damaged directories.
+      raise RuntimeError(
+          f"could not restore checkpoint step {step} from {self.directory}/{step}: {e}\n"
+          f"The checkpoint is damaged or was written by an incompatible config. Remove "
+          f"{self.directory}/{step} to resume from the previous step, or start a fresh --workdir."
+      ) from e
+    return restored["state"]
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.latest.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def restore_state_only(directory: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+  """Restores only the train state from a ``checkpoints``/``best`` directory (for evaluation)."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  with ocp.CheckpointManager(directory, item_names=("state",)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # As above.
+      raise RuntimeError(f"could not restore {directory}/{step}: {e}") from e
+  return restored["state"], step

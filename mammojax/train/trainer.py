@@ -1,0 +1,225 @@
+"""The one training loop every task runs through (``train_and_evaluate``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from mammojax.data import pipeline
+from mammojax.train import checkpoint, evaluation, init_state, optim, sharding
+from mammojax.train.metric_writer import MetricWriter
+from mammojax.train.step import make_predict_step, make_train_step
+from mammojax.train.task import Task
+
+log = logging.getLogger("mammojax")
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the message names the step."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (then it saves and stops)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. inside some test runners): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                       show_progress: bool = True) -> dict[str, Any]:
+  """Trains ``task`` as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
+
+  Returns a summary: the last step, the last train metrics, the last and best eval metrics,
+  and why training stopped (``'steps'``, ``'early_stopping'`` or ``'preempted'``).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  data_parallel = sharding.data_parallel_size(mesh)
+  for name in ("train.batch_size", "eval.batch_size"):
+    size = config.train.batch_size if name == "train.batch_size" else config.eval.batch_size
+    if size % data_parallel:
+      raise ValueError(f"config.{name}={size} must be divisible by the data-parallel mesh size "
+                       f"{data_parallel} (config.mesh.shape={tuple(config.mesh.shape)})")
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  compute_dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+
+  train_examples = task.dataset("train")
+  data_iter = pipeline.train_iterator(
+      train_examples, seed=config.seed, global_batch_size=config.train.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=config.data.get("workers", 0))
+  example_batch = next(pipeline.eval_batches(train_examples, global_batch_size=data_parallel,
+                                             process_index=0, process_count=1))
+  init = init_state.create_train_state(task, config, mesh, example_batch)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+  train_step = jax.jit(
+      make_train_step(task, init.tx, init.trainable, jax.random.key(config.seed + 1),
+                      compute_dtype, schedule, optim.uses_loss_value(config)),
+      in_shardings=(init.shardings, batch_sharding), out_shardings=(init.shardings, replicated),
+      donate_argnums=0)
+  predict_step = jax.jit(make_predict_step(task, compute_dtype),
+                         in_shardings=(init.shardings, batch_sharding))
+
+  ckpt = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                best_metric=config.checkpoint.best_metric,
+                                best_mode=config.checkpoint.best_mode)
+  state = init.state
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, init.shardings)
+    state = ckpt.restore(start, abstract, data_iter)
+    log.info("resumed from %s/%d", ckpt.directory, start)
+  start = int(state.step)
+
+  writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
+  summary: dict[str, Any] = {"stopped": "steps", "best": None, "eval": None, "train": None}
+  best_value, evals_since_best = None, 0
+  total = config.train.steps
+  bar = tqdm(total=total, initial=start, disable=not (show_progress and jax.process_index() == 0),
+             unit="step", dynamic_ncols=True, desc=config.get("name", "train"))
+  log_sums: dict[str, float] = {}
+  log_count, log_start = 0, time.perf_counter()
+  pending = None  # (step, metrics) of the previous step, checked after the next is dispatched.
+  last_saved = start
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    if step != last_saved:
+      ckpt.save(step, state, data_iter, force=True)
+      last_saved = step
+
+  def check_and_accumulate(step: int, metrics: dict) -> None:
+    nonlocal log_count
+    host = jax.device_get(metrics)
+    loss = float(host["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"loss is {loss} at step {step} (train/grad_norm={float(host['grad_norm'])}); "
+          f"stopping before anything is saved. The last good checkpoint is in {ckpt.directory}. "
+          "Lower optim.learning_rate, enable optim.clip_grad_norm, or check the input data.")
+    for key, value in host.items():
+      log_sums[key] = log_sums.get(key, 0.0) + float(value)
+    log_count += 1
+
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, total):
+        batch = evaluation.to_global(next(data_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          check_and_accumulate(*pending)
+        pending = (step, metrics)
+        done = step + 1
+        bar.update(1)
+        is_log = done % config.logging.every_steps == 0 or done == total
+        is_eval = done % config.eval.every_steps == 0 or done == total
+        if is_log or is_eval:
+          check_and_accumulate(*pending)
+          pending = None
+        if is_log and log_count:
+          elapsed = time.perf_counter() - log_start
+          train_metrics = {f"train/{k}": v / log_count for k, v in log_sums.items()}
+          train_metrics["train/steps_per_sec"] = log_count / elapsed
+          train_metrics["train/examples_per_sec"] = log_count * config.train.batch_size / elapsed
+          writer.write(done, train_metrics)
+          bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}")
+          summary["train"] = train_metrics
+          log_sums.clear()
+          log_count, log_start = 0, time.perf_counter()
+        if is_eval:
+          eval_metrics = {f"eval/{k}": v for k, v in evaluation.evaluate_split(
+              task, predict_step, state, config.eval.split, config.eval.batch_size,
+              batch_sharding).items()}
+          writer.write(done, eval_metrics)
+          writer.flush()
+          summary["eval"] = eval_metrics
+          log.info("step %d: %s", done, _short(eval_metrics))
+          improved = _improved(eval_metrics, config.checkpoint, best_value)
+          if improved is not None:
+            best_value, evals_since_best = improved, 0
+            summary["best"] = {"step": done, **eval_metrics}
+            ckpt.save_best(done, state, eval_metrics)
+          else:
+            evals_since_best += 1
+        if done % config.checkpoint.every_steps == 0 or done == total:
+          save(done)
+        patience = config.eval.early_stopping_patience
+        if is_eval and patience and evals_since_best >= patience:
+          summary["stopped"] = "early_stopping"
+          save(done)
+          log.info("early stopping at step %d: %s did not improve for %d evaluations", done,
+                   config.checkpoint.best_metric, patience)
+          break
+        if preemption.requested or ckpt.reached_preemption(done):
+          summary["stopped"] = "preempted"
+          save(done)
+          log.warning("preempted: saved step %d to %s", done, ckpt.directory)
+          break
+      if pending is not None:
+        check_and_accumulate(*pending)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  summary["step"] = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary
+
+
+def _improved(metrics: dict[str, float], ckpt_config: ml_collections.ConfigDict,
+              best: float | None) -> float | None:
+  """The new best value of the selection metric if it improved, else None."""
+  name = ckpt_config.best_metric
+  if not name:
+    return None
+  if name not in metrics:
+    raise KeyError(f"config.checkpoint.best_metric={name!r} is not among the eval metrics "
+                   f"{sorted(metrics)}")
+  value = metrics[name]
+  if value is None or not np.isfinite(value):
+    return None
+  if best is None or (value > best if ckpt_config.best_mode == "max" else value < best):
+    return float(value)
+  return None
+
+
+def _short(metrics: dict[str, float]) -> str:
+  return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float))
