@@ -1,1 +1,1 @@
-
+"""Evaluation metrics (numpy only): risk C-index, per-year AUC, bootstrap, calibration."""

@@ -1,0 +1,1 @@
+"""Plots of evaluation results (matplotlib, the optional ``viz`` extra, imported lazily)."""
