@@ -187,3 +187,19 @@ def _fit(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float]
   resized = Image.fromarray(np.ascontiguousarray(image, np.float32)).resize(
       (new_w, new_h), Image.Resampling.BILINEAR)
   return np.asarray(resized), scale
+
+
+def load_mammogram(path: str, laterality: str | None,
+                   config: MammoPreprocessConfig) -> tuple[np.ndarray, Geometry]:
+  """Reads an image file and preprocesses it; ``laterality`` (from the CSV) overrides the header.
+
+  Raises:
+    ImageReadError: the file is missing, unreadable, or holds no breast to segment.
+  """
+  from mammojax.data.readers import ImageReadError, read_image
+
+  image = read_image(path)
+  try:
+    return preprocess_mammogram(image.pixels, laterality or image.laterality, config)
+  except ValueError as e:
+    raise ImageReadError(path, str(e)) from None

@@ -63,6 +63,7 @@ class Volume:
 
 def read_image(path: str) -> Image2D:
   """Reads a 2-D image, choosing the reader from the suffix (or the DICOM preamble)."""
+  _check_exists(path)
   lower = path.lower()
   if lower.endswith(PNG_SUFFIXES):
     return read_png(path)
@@ -88,7 +89,7 @@ def read_dicom(path: str, apply_voi: bool = True) -> Image2D:
   if frames != 1:
     raise ImageReadError(path, f"DICOM has {frames} frames; mammogram ingestion expects a "
                          "single 2-D frame (export one frame per file)")
-  syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+  syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
   try:
     raw = ds.pixel_array
   except Exception as e:

@@ -99,29 +99,34 @@ def years_between(earlier: datetime.date, later: datetime.date) -> float:
   return (later - earlier).days / 365.25
 
 
-def load_or_create_salt(out_dir: str, salt: str | None) -> str:
-  """The pseudonymisation salt: the given one, else ``DIR/salt.txt`` (created if absent).
+def load_salt(out_dir: str, salt: str | None) -> tuple[str, bool]:
+  """The pseudonymisation salt and whether it is new (to be kept with :func:`store_salt`).
 
-  The salt file stays next to the shards so a rerun produces the same pseudonyms; it is never
+  Order: the given salt, else ``DIR/salt.txt`` from an earlier run, else a fresh random one. The
+  salt file stays next to the shards so a rerun produces the same pseudonyms; it is never
   written into the manifest or any record. Keep it private, or delete it to make the pseudonyms
   unlinkable.
   """
   if salt:
-    return salt
+    return salt, False
   path = os.path.join(out_dir, SALT_FILE)
   if os.path.exists(path):
     with open(path) as f:
       stored = f.read().strip()
     if stored:
-      return stored
+      return stored, False
+  return secrets.token_hex(16), True
+
+
+def store_salt(out_dir: str, salt: str) -> None:
+  """Writes ``DIR/salt.txt`` (owner-readable only) atomically."""
   os.makedirs(out_dir, exist_ok=True)
-  stored = secrets.token_hex(16)
+  path = os.path.join(out_dir, SALT_FILE)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    f.write(stored + "\n")
+    f.write(salt + "\n")
   os.chmod(tmp, 0o600)
   os.replace(tmp, path)
-  return stored
 
 
 def pseudonym(identifier: str, salt: str) -> str:
@@ -200,3 +205,38 @@ def _largest_remainder(quotas: Sequence[float]) -> list[int]:
   for i in order[:short]:
     counts[i] += 1
   return counts
+
+
+@dataclasses.dataclass
+class IngestPlan:
+  """What an ingester will write: work items per split, inputs already rejected, and config.
+
+  Attributes:
+    splits: split name -> work items in output order. An item is a picklable object with
+      ``rows`` (str, the CSV lines it came from), ``files`` (tuple of source paths) and
+      ``build() -> dict`` (one record; raises ``ImageReadError`` or ``ValueError`` for a bad
+      input).
+    errors: inputs rejected while planning (missing files, ambiguous names).
+    config: task settings recorded in the manifest.
+    stat_fields: uint16 record fields whose pixels give the normalisation statistics.
+  """
+  splits: dict[str, list]
+  errors: list[ErrorRow]
+  config: dict
+  stat_fields: tuple[str, ...] = ()
+
+
+def run_item(item) -> tuple[str, object]:
+  """Builds one work item: ``('ok', record)`` or ``('error', ErrorRow)`` for a bad input.
+
+  Lives here (free of jax imports) so spawned ingestion workers start quickly.
+  """
+  from mammojax.data.readers import ImageReadError
+
+  try:
+    return "ok", item.build()
+  except ImageReadError as e:
+    return "error", ErrorRow(rows=item.rows, file=e.path, reason=e.reason)
+  except (ValueError, OSError) as e:
+    return "error", ErrorRow(rows=item.rows, file=item.files[0],
+                             reason=f"{type(e).__name__}: {e}")
