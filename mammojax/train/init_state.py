@@ -33,8 +33,10 @@ def create_train_state(task: Task, config: ml_collections.ConfigDict, mesh: Mesh
   """Initialises variables directly in their shardings, loads pretrained pieces, builds the
   optimizer state sharded like the parameters."""
   rules = [tuple(r) for r in config.sharding_rules]
-  init_rng = jax.random.key(config.seed)
-  init_fn = lambda rng: task.init_variables(rng, example_batch)  # noqa: E731
+  init_rng = jax.random.key(config.seed, impl=config.rng_impl)
+  def init_fn(rng):
+    return task.init_variables(rng, jax.tree.map(jnp.asarray, example_batch))
+
   abstract_boxed = jax.eval_shape(init_fn, init_rng)
   var_shardings = sharding.variable_shardings(abstract_boxed, mesh, rules)
   variables = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)),

@@ -36,6 +36,8 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int],
       raise ValueError(f"config.mesh.shape {tuple(shape)}: {len(devices)} devices are not "
                        f"divisible by {known}")
     shape[shape.index(-1)] = len(devices) // known
+  if -1 not in shape and jax.process_count() == 1 and int(np.prod(shape)) < len(devices):
+    devices = devices[:int(np.prod(shape))]  # A smaller mesh on one host: use the first ones.
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"config.mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
                      f"there are {len(devices)}; use -1 for 'all remaining devices'")

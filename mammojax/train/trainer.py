@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   init = init_state.create_train_state(task, config, mesh, example_batch)
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
   train_step = jax.jit(
-      make_train_step(task, init.tx, init.trainable, jax.random.key(config.seed + 1),
+      make_train_step(task, init.tx, init.trainable, jax.random.key(config.seed + 1, impl=config.rng_impl),
                       compute_dtype, schedule, optim.uses_loss_value(config)),
       in_shardings=(init.shardings, batch_sharding), out_shardings=(init.shardings, replicated),
       donate_argnums=0)

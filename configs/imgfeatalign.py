@@ -1,0 +1,120 @@
+r"""ImgFeatAlign: longitudinal breast-cancer risk from a current and a prior mammogram.
+
+The prior's encoder features are aligned to the current ones with the deformation field of a
+frozen MammoRegNet, compared, and fused by temporal attention into cumulative 1..5-year risk.
+
+Default (trains on the embedded synthetic longitudinal data on a CPU in minutes):
+
+  python -m mammojax.main --config=configs/imgfeatalign.py --workdir=/tmp/imgfeatalign
+
+Variants (``--config=configs/imgfeatalign.py:<variant>``):
+
+  smoke   seconds on a CPU; what the tests run.
+  paper   the reference's settings for real data (512x416, batch 8, lr 5e-5, weight decay
+          1e-4, plateau schedule, 30 epochs, early stopping). Point it at ingested data:
+            python -m mammojax.main --config=configs/imgfeatalign.py:paper --workdir=DIR \
+              --config.data.dir=/data/ingested --config.model.registration_checkpoint=REG \
+              --config.init_from=CONVERTED_BCRBENCH
+
+Ablations (same seeds): --config.model.align=False (identity flow), --config.model.use_prior=False,
+--config.model.use_time_encoding=False. --config.model.bcrbench_flow_compat=True reproduces
+BCRBench's flow-channel reading bit for bit.
+"""
+
+import ml_collections
+
+from mammojax.train.base_config import base_config
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = base_config()
+  c.name = "imgfeatalign"
+  c.task = "imgfeatalign"
+
+  c.data.dir = ""  # an ingested dataset (python -m mammojax.ingest); empty = synthetic
+  c.data.image_size = (128, 96)  # (H, W); MammoRegNet needs multiples of 16
+  c.data.num_years = 5
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.root = ""  # cache dir for generated data; empty = $MAMMOJAX_DATA or ~/.cache
+  c.data.synthetic.num_train = 1024
+  c.data.synthetic.num_val = 256
+  c.data.synthetic.num_test = 256
+  c.data.synthetic.positive_fraction = 0.3
+  c.data.synthetic.missing_prior_fraction = 0.05
+  c.data.synthetic.deformation_pixels = 4.0
+  c.data.synthetic.lesion_contrast = 0.35
+  c.data.synthetic.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder_width = 64  # Mirai ResNet-18: 64/128/256/512
+  c.model.finetune_all = True
+  c.model.num_heads = 8
+  c.model.dropout_rate = 0.1
+  c.model.max_time = 5.0
+  c.model.time_steps = 240
+  c.model.time_dropout_rate = 0.1
+  c.model.align = True
+  c.model.use_prior = True
+  c.model.use_time_encoding = True
+  c.model.bcrbench_flow_compat = False
+  c.model.warp_impl = "gather"
+  c.model.head_weights = {"fused": 1.0, "cur": 0.2, "pri": 0.2}
+  c.model.registration = ml_collections.ConfigDict(
+      {"enc_channels": 8, "dec_channels": 16, "num_layers": 4, "window_size": (5, 5)})
+  # Converted MammoRegNet (python -m mammojax.convert mammoregnet ...) or a
+  # configs/mammoregnet.py export; empty = its initial weights (near-identity flow).
+  c.model.registration_checkpoint = ""
+
+  c.train.steps = 600
+  c.train.batch_size = 16
+  c.train.freeze = ["registration/.*"]
+  c.eval.batch_size = 32
+  c.eval.every_steps = 200
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 1e-4
+  c.checkpoint.every_steps = 200
+  c.checkpoint.best_metric = "eval/c_index"
+  c.checkpoint.best_mode = "max"
+  c.logging.every_steps = 20
+
+  if variant == "smoke":
+    c.data.image_size = (32, 32)
+    c.data.synthetic.num_train = 32
+    c.data.synthetic.num_val = 16
+    c.data.synthetic.num_test = 16
+    c.data.synthetic.positive_fraction = 0.5
+    c.model.encoder_width = 8
+    c.model.num_heads = 2
+    c.model.registration = ml_collections.ConfigDict(
+        {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)})
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.eval.batch_size = 8
+    c.eval.every_steps = 2
+    c.checkpoint.every_steps = 2
+    c.logging.every_steps = 1
+    c.logging.tensorboard = False
+    c.optim.warmup_steps = 1
+  elif variant == "paper":
+    c.data.image_size = (512, 416)
+    c.model.finetune_all = False
+    c.train.batch_size = 8
+    c.train.steps = 30 * 1000  # 30 epochs of ~8k pairs; set to your dataset's steps
+    c.train.freeze = ["registration/.*", "encoder/.*"]
+    c.optim.learning_rate = 5e-5
+    c.optim.weight_decay = 1e-4
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.plateau.enabled = True
+    c.optim.plateau.factor = 0.1
+    c.optim.plateau.patience = 2
+    c.optim.plateau.accumulation_steps = 1000
+    c.eval.every_steps = 1000
+    c.eval.batch_size = 8
+    c.eval.early_stopping_patience = 5
+    c.checkpoint.every_steps = 1000
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/imgfeatalign.py; use '', 'smoke' "
+                     "or 'paper'")
+  return c

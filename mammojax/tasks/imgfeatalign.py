@@ -1,0 +1,113 @@
+"""ImgFeatAlign as a trainer task: the model, its multi-head risk loss, risk metrics, data."""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mammojax.data import synthetic_longitudinal
+from mammojax.data.longitudinal_pipeline import longitudinal_dataset
+from mammojax.losses.risk import risk_loss
+from mammojax.metrics import risk as risk_metrics
+from mammojax.models.imgfeatalign import ImgFeatAlign
+from mammojax.models.registration.mammoregnet import MammoRegNet
+from mammojax.train.task import Task
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_data_root() -> str:
+  """Where synthetic datasets are cached: $MAMMOJAX_DATA or ~/.cache/mammojax/datasets."""
+  return os.environ.get("MAMMOJAX_DATA",
+                        os.path.join(os.path.expanduser("~"), ".cache", "mammojax", "datasets"))
+
+
+def synthetic_spec(data: ml_collections.ConfigDict) -> synthetic_longitudinal.SyntheticLongitudinalSpec:
+  s = data.synthetic
+  return synthetic_longitudinal.SyntheticLongitudinalSpec(
+      image_size=tuple(data.image_size), num_train=s.num_train, num_val=s.num_val,
+      num_test=s.num_test, num_years=data.num_years, positive_fraction=s.positive_fraction,
+      missing_prior_fraction=s.missing_prior_fraction, deformation_pixels=s.deformation_pixels,
+      lesion_contrast=s.lesion_contrast, seed=s.seed)
+
+
+class ImgFeatAlignTask(Task):
+  """Longitudinal risk from a current and a prior mammogram (``config.task='imgfeatalign'``)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    m = config.model
+    registration = MammoRegNet(**m.registration.to_dict(), name="registration")
+    self.model = ImgFeatAlign(
+        registration=registration, num_years=config.data.num_years, num_heads=m.num_heads,
+        dropout_rate=m.dropout_rate, max_time=m.max_time, time_steps=m.time_steps,
+        time_dropout_rate=m.time_dropout_rate, encoder_width=m.encoder_width,
+        finetune_all=m.finetune_all, align=m.align, use_prior=m.use_prior,
+        use_time_encoding=m.use_time_encoding, bcrbench_flow_compat=m.bcrbench_flow_compat,
+        warp_impl=m.warp_impl)
+    self.head_weights = dict(m.head_weights)
+    self._data_dir = None
+
+  # -- data -------------------------------------------------------------------------------------
+
+  def data_dir(self) -> str:
+    """The dataset directory: ``config.data.dir``, or the synthetic set (written on first use)."""
+    if self._data_dir is None:
+      data = self.config.data
+      if data.dir:
+        self._data_dir = data.dir
+      else:
+        root = data.synthetic.root or default_data_root()
+        self._data_dir = synthetic_longitudinal.write_dataset(root, synthetic_spec(data))
+    return self._data_dir
+
+  def dataset(self, split: str) -> grain.MapDataset:
+    return longitudinal_dataset(self.data_dir(), split)
+
+  # -- model ------------------------------------------------------------------------------------
+
+  def _apply(self, variables, batch, train: bool, rng=None, mutable=False):
+    rngs = {"dropout": rng} if rng is not None else None
+    return self.model.apply(variables, batch["current_image"], batch["previous_image"],
+                            batch["time_gap"], train=train, rngs=rngs, mutable=mutable)
+
+  def init_variables(self, rng, batch):
+    return self.model.init({"params": rng, "dropout": rng}, batch["current_image"],
+                           batch["previous_image"], batch["time_gap"], train=False)
+
+  def pretrained_checkpoints(self) -> dict[str, str]:
+    m = self.config.model
+    return {"registration": m.registration_checkpoint} if m.registration_checkpoint else {}
+
+  def loss(self, params, model_state, batch, rng, train):
+    variables = {"params": params, **model_state}
+    updates_bn = train and self.config.model.finetune_all
+    if updates_bn:
+      outputs, new_state = self._apply(variables, batch, True, rng, mutable=["batch_stats"])
+    else:
+      outputs, new_state = self._apply(variables, batch, train, rng), model_state
+    heads = self.model.risk_heads(outputs, batch)
+    total, per_head = risk_loss(heads, self.head_weights, valid=batch["_valid"])
+    metrics = {f"loss_{name}": value for name, value in per_head.items()}
+    return total, (metrics, new_state)
+
+  def predict(self, variables, batch):
+    outputs = self._apply(variables, batch, False)
+    return {"risk": self.model.primary_risk(outputs).astype(jnp.float32)}
+
+  def eval_passthrough_keys(self):
+    return ("years_to_cancer", "years_to_followup", "density", "cancer_type")
+
+  def evaluate(self, predictions):
+    probs = predictions["risk"]
+    ytc, ytf = predictions["years_to_cancer"], predictions["years_to_followup"]
+    metrics = {"c_index": risk_metrics.c_index(probs, ytc, ytf)}
+    for year, auc in risk_metrics.auc_per_year(probs, ytc, ytf).items():
+      metrics[f"auc_year{year}"] = auc
+    metrics["mean_risk"] = float(np.mean(probs[:, -1]))
+    return metrics
