@@ -60,8 +60,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, trainable: Any
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates),
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates),
                    learning_rate=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)

@@ -56,11 +56,16 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                       show_progress: bool = True) -> dict[str, Any]:
+                       show_progress: bool = True, stop_after: int | None = None
+                       ) -> dict[str, Any]:
   """Trains ``task`` as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
 
+  Args:
+    stop_after: checkpoint and return after this many steps of this call (a time slice of a
+      longer job; the next call resumes where this one stopped).
+
   Returns a summary: the last step, the last train metrics, the last and best eval metrics,
-  and why training stopped (``'steps'``, ``'early_stopping'`` or ``'preempted'``).
+  and why training stopped (``'steps'``, ``'early_stopping'``, ``'preempted'`` or ``'slice'``).
   """
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -184,6 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
           save(done)
           log.info("early stopping at step %d: %s did not improve for %d evaluations", done,
                    config.checkpoint.best_metric, patience)
+          break
+        if stop_after is not None and done - start >= stop_after and done < total:
+          summary["stopped"] = "slice"
+          save(done)
           break
         if preemption.requested or ckpt.reached_preemption(done):
           summary["stopped"] = "preempted"
