@@ -111,3 +111,17 @@ class ImgFeatAlignTask(Task):
       metrics[f"auc_year{year}"] = auc
     metrics["mean_risk"] = float(np.mean(probs[:, -1]))
     return metrics
+
+  def write_report(self, predictions, out_dir):
+    """C-index and per-year AUC with bootstrap 95% CIs, per density / cancer-type subgroup,
+    ROC and calibration plots (``report.json``, ``roc.png``, ``calibration.png``)."""
+    from mammojax.viz.risk_plots import write_risk_report
+    probs = predictions["risk"]
+    ytc, ytf = predictions["years_to_cancer"], predictions["years_to_followup"]
+    subgroups = {name: predictions[name] for name in ("density", "cancer_type")
+                 if name in predictions and np.any(predictions[name] > 0)}
+    report = risk_metrics.risk_report(probs, ytc, ytf, subgroups=subgroups,
+                                      n_bootstrap=self.config.eval.get("bootstrap", 1000),
+                                      seed=self.config.seed)
+    write_risk_report(out_dir, report, probs, ytc, ytf)
+    return report

@@ -63,6 +63,18 @@ class Task(abc.ABC):
     frozen registration network under ``'registration'``)."""
     return {}
 
+  def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
+    """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics."""
+    import json
+    import os
+    report = self.evaluate(predictions)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".report.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(report, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "report.json"))
+    return report
+
   def eval_passthrough_keys(self) -> tuple[str, ...]:
     """Batch fields copied into the predictions for :meth:`evaluate` (labels, subgroups)."""
     return ()
