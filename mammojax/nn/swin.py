@@ -180,7 +180,7 @@ class SwinBlock(nn.Module):
       ``[B, H, W, C]``.
     """
     batch, height, width, channels = x.shape
-    h = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm1")(x)
+    h = nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, name="norm1")(x)
     pad_rows, pad_cols = (-height) % window[0], (-width) % window[1]
     h = jnp.pad(h, ((0, 0), (0, pad_rows), (0, pad_cols), (0, 0)))
     padded_h, padded_w = height + pad_rows, width + pad_cols
@@ -194,7 +194,7 @@ class SwinBlock(nn.Module):
     if shifted:
       h = jnp.roll(h, (shift[0], shift[1]), axis=(1, 2))
     x = x + h[:, :height, :width]
-    h = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm2")(x)
+    h = nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, name="norm2")(x)
     return x + SwinMLP(int(self.embed_dim * self.mlp_ratio), name="mlp")(h)
 
 
@@ -256,4 +256,4 @@ class PatchExpanding(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[B, H, W, embed_dim]`` -> ``[B, 2H, 2W, embed_dim // 2]``."""
     x = TransposedConvStride2(self.embed_dim // 2, name="up_conv")(x)
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm")(x)
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, name="norm")(x)

@@ -64,7 +64,7 @@ def upsample_flow_2x(flow: jax.Array) -> jax.Array:
   flow = 2.0 * flow
   for axis in (1, 2):
     size = flow.shape[axis]
-    low, high, frac = _align_corners_taps(size, 2 * size)
+    low, high, frac = _align_corners_taps(size, 2 * size, np.dtype(flow.dtype))
     weight_shape = [1, 1, 1, 1]
     weight_shape[axis] = 2 * size
     frac = jnp.asarray(frac.reshape(weight_shape), flow.dtype)
@@ -73,21 +73,22 @@ def upsample_flow_2x(flow: jax.Array) -> jax.Array:
   return flow
 
 
-def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and fraction of bilinear ``align_corners=True`` resampling (float32, as
-  PyTorch computes them)."""
-  scale = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0.0)
-  source = scale * np.arange(out_size, dtype=np.float32)
+def _align_corners_taps(in_size: int, out_size: int,
+                        dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source indices and fraction of bilinear ``align_corners=True`` resampling, computed in
+  ``dtype`` as PyTorch does (scale rounded to ``dtype``, then times the output index)."""
+  scale = dtype.type((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+  source = scale * np.arange(out_size, dtype=dtype)
   low = np.floor(source).astype(np.int32)
   high = np.minimum(low + 1, in_size - 1)
-  return low, high, (source - low).astype(np.float32)
+  return low, high, (source - low).astype(dtype)
 
 
-def _normalised_positions(size: int) -> np.ndarray:
+def _normalised_positions(size: int, dtype: np.dtype) -> np.ndarray:
   """``affine_grid(align_corners=True)`` base coordinates: -1..1, or 0 for a single pixel."""
   if size <= 1:
-    return np.zeros((size,), np.float32)
-  return np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    return np.zeros((size,), dtype)
+  return np.linspace(-1.0, 1.0, size).astype(dtype)
 
 
 def affine_params_to_flow(affine_params: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -103,8 +104,9 @@ def affine_params_to_flow(affine_params: jax.Array, size: tuple[int, int]) -> ja
   height, width = size
   theta = affine_params.reshape(-1, 2, 3) + jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
                                                         affine_params.dtype)
-  y_norm = jnp.asarray(_normalised_positions(height))[None, :, None]
-  x_norm = jnp.asarray(_normalised_positions(width))[None, None, :]
+  dtype = np.dtype(affine_params.dtype)
+  y_norm = jnp.asarray(_normalised_positions(height, dtype))[None, :, None]
+  x_norm = jnp.asarray(_normalised_positions(width, dtype))[None, None, :]
   t = theta[:, :, :, None, None]
   x_src = t[:, 0, 0] * x_norm + t[:, 0, 1] * y_norm + t[:, 0, 2]  # [B, H, W]
   y_src = t[:, 1, 0] * x_norm + t[:, 1, 1] * y_norm + t[:, 1, 2]
