@@ -67,7 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   c.train.steps = 600
   c.train.batch_size = 16
-  c.train.freeze = ["registration/.*"]
+  # The registration network (and the encoder unless finetune_all) are frozen by the task.
   c.eval.batch_size = 32
   c.eval.every_steps = 200
   c.optim.learning_rate = 3e-4
@@ -101,7 +101,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.finetune_all = False
     c.train.batch_size = 8
     c.train.steps = 30 * 1000  # 30 epochs of ~8k pairs; set to your dataset's steps
-    c.train.freeze = ["registration/.*", "encoder/.*"]
     c.optim.learning_rate = 5e-5
     c.optim.weight_decay = 1e-4
     c.optim.schedule = "constant"

@@ -2,7 +2,8 @@
 
 Follows the convention of Mirai and BCRBench: year index ``k`` (0-based) answers "cancer within
 ``k + 1`` years". A case with cancer diagnosed ``t`` whole years after the exam (``t <
-num_years``) is positive from index ``t`` on and every year is observed. A case without cancer
+num_years``) is positive from index ``t`` on and observed up to and including ``t`` (Mirai's
+``time_at_event``; later years add nothing the event year does not say). A case without cancer
 inside the horizon is negative and observed up to its last follow-up year
 (``min(followup, num_years) - 1``); later years are censored (mask 0).
 """
@@ -31,7 +32,7 @@ def survival_targets(years_to_cancer: float, years_to_followup: float,
   years_to_cancer = int(years_to_cancer)
   if years_to_cancer < num_years:
     target[years_to_cancer:] = 1.0
-    mask[:] = 1.0
+    mask[:years_to_cancer + 1] = 1.0
   else:
     last_observed = min(int(years_to_followup), num_years) - 1
     mask[:last_observed + 1] = 1.0

@@ -11,6 +11,7 @@ from mammojax.train.task import Task
 # config.task -> "module:class"
 TASKS = {
     "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
+    "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
 }
 
 

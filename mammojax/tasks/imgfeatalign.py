@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mammojax.data import synthetic_longitudinal
-from mammojax.data.longitudinal_pipeline import longitudinal_dataset
+from mammojax.data.longitudinal_pipeline import longitudinal_dataset, resolve_longitudinal_dir
 from mammojax.losses.risk import risk_loss
 from mammojax.metrics import risk as risk_metrics
 from mammojax.models.imgfeatalign import ImgFeatAlign
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.train.task import Task
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def default_data_root() -> str:
-  """Where synthetic datasets are cached: $MAMMOJAX_DATA or ~/.cache/mammojax/datasets."""
-  return os.environ.get("MAMMOJAX_DATA",
-                        os.path.join(os.path.expanduser("~"), ".cache", "mammojax", "datasets"))
-
-
-def synthetic_spec(data: ml_collections.ConfigDict) -> synthetic_longitudinal.SyntheticLongitudinalSpec:
-  s = data.synthetic
-  return synthetic_longitudinal.SyntheticLongitudinalSpec(
-      image_size=tuple(data.image_size), num_train=s.num_train, num_val=s.num_val,
-      num_test=s.num_test, num_years=data.num_years, positive_fraction=s.positive_fraction,
-      missing_prior_fraction=s.missing_prior_fraction, deformation_pixels=s.deformation_pixels,
-      lesion_contrast=s.lesion_contrast, seed=s.seed)
-
 
 class ImgFeatAlignTask(Task):
   """Longitudinal risk from a current and a prior mammogram (``config.task='imgfeatalign'``)."""
@@ -53,21 +32,10 @@ class ImgFeatAlignTask(Task):
     self.head_weights = dict(m.head_weights)
     self._data_dir = None
 
-  # -- data -------------------------------------------------------------------------------------
-
-  def data_dir(self) -> str:
-    """The dataset directory: ``config.data.dir``, or the synthetic set (written on first use)."""
-    if self._data_dir is None:
-      data = self.config.data
-      if data.dir:
-        self._data_dir = data.dir
-      else:
-        root = data.synthetic.root or default_data_root()
-        self._data_dir = synthetic_longitudinal.write_dataset(root, synthetic_spec(data))
-    return self._data_dir
-
   def dataset(self, split: str) -> grain.MapDataset:
-    return longitudinal_dataset(self.data_dir(), split)
+    if self._data_dir is None:
+      self._data_dir = resolve_longitudinal_dir(self.config.data)
+    return longitudinal_dataset(self._data_dir, split)
 
   # -- model ------------------------------------------------------------------------------------
 
@@ -80,9 +48,18 @@ class ImgFeatAlignTask(Task):
     return self.model.init({"params": rng, "dropout": rng}, batch["current_image"],
                            batch["previous_image"], batch["time_gap"], train=False)
 
+  def frozen_param_patterns(self) -> tuple[str, ...]:
+    """The registration network is always frozen; the encoder too unless ``finetune_all``."""
+    m = self.config.model
+    frozen = ("registration/.*",) if m.align and m.use_prior else ()
+    return frozen + (() if m.finetune_all else ("encoder/.*",))
+
   def pretrained_checkpoints(self) -> dict[str, str]:
     m = self.config.model
-    return {"registration": m.registration_checkpoint} if m.registration_checkpoint else {}
+    uses_registration = m.align and m.use_prior
+    if m.registration_checkpoint and uses_registration:
+      return {"registration": m.registration_checkpoint}
+    return {}
 
   def loss(self, params, model_state, batch, rng, train):
     variables = {"params": params, **model_state}

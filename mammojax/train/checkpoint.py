@@ -79,7 +79,11 @@ class Checkpoints:
 
 
 def restore_state_only(directory: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """Restores only the train state from a ``checkpoints``/``best`` directory (for evaluation)."""
+  """Restores only the train state from a ``checkpoints``/``best`` directory.
+
+  ``abstract_state`` carries target shapes and shardings; ``None`` restores host arrays with the
+  saved structure (for reading pieces of another run).
+  """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   with ocp.CheckpointManager(directory, item_names=("state",)) as manager:

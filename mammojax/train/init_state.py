@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mammojax.convert.store import load_variables
 from mammojax.train import optim, sharding
+from mammojax.train.checkpoint import restore_state_only
 from mammojax.train.step import TrainState
 from mammojax.train.task import Batch, Task
 
@@ -42,11 +44,13 @@ def create_train_state(task: Task, config: ml_collections.ConfigDict, mesh: Mesh
   variables = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)),
                       out_shardings=var_shardings)(init_rng)
   for prefix, directory in pretrained_sources(task, config).items():
-    variables = merge_variables(variables, load_variables(directory), prefix, directory,
+    variables = merge_variables(variables, load_pretrained(directory), prefix, directory,
                                 var_shardings)
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
-  tx = optim.make_optimizer(config, params)
+  optim.check_freeze_patterns(params, tuple(config.train.freeze))
+  freeze = tuple(config.train.freeze) + tuple(task.frozen_param_patterns())
+  tx = optim.make_optimizer(config, params, freeze)
   abstract_opt = jax.eval_shape(tx.init, params)
   opt_shardings = sharding.shardings_like_params(abstract_opt, params, var_shardings["params"],
                                                  mesh)
@@ -57,7 +61,7 @@ def create_train_state(task: Task, config: ml_collections.ConfigDict, mesh: Mesh
   shardings = TrainState(step=replicated, params=var_shardings["params"],
                          model_state={k: var_shardings[k] for k in model_state},
                          opt_state=opt_shardings)
-  trainable = optim.trainable_mask(params, tuple(config.train.freeze))
+  trainable = optim.trainable_mask(params, freeze)
   return Initialized(state=state, shardings=shardings, tx=tx, trainable=trainable)
 
 
@@ -68,6 +72,20 @@ def pretrained_sources(task: Task, config: ml_collections.ConfigDict) -> dict[st
   if config.get("init_from"):
     sources[""] = config.init_from
   return sources
+
+
+def load_pretrained(directory: str) -> dict[str, Any]:
+  """Variables from a converted checkpoint (``mammojax.convert``) or from a training run's
+  workdir (its ``best`` step if it tracked one, else its latest)."""
+  if os.path.isdir(os.path.join(directory, "variables")):
+    return load_variables(directory)
+  for sub in ("best", "checkpoints"):
+    path = os.path.join(os.path.abspath(directory), sub)
+    if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
+      state, _ = restore_state_only(path, None)
+      return {"params": state["params"], **state["model_state"]}
+  raise FileNotFoundError(f"{directory} is neither a converted checkpoint (no variables/) nor a "
+                          "training workdir with finished checkpoints (best/ or checkpoints/)")
 
 
 def merge_variables(variables: Any, loaded: Mapping[str, Any], prefix: str, source: str,

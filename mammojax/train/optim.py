@@ -53,8 +53,13 @@ def check_freeze_patterns(params: Any, freeze: Sequence[str]) -> None:
                        f"(paths look like: {example}, ...)")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-  """The full update rule: clipping, optimizer, schedule, freezing, optional plateau scaling."""
+def make_optimizer(config: ml_collections.ConfigDict, params: Any,
+                   freeze: Sequence[str] = ()) -> optax.GradientTransformation:
+  """The full update rule: clipping, optimizer, schedule, freezing, optional plateau scaling.
+
+  Args:
+    freeze: parameter-path regexes to freeze (the task's own plus ``config.train.freeze``).
+  """
   optim = config.optim
   schedule = learning_rate_schedule(optim, config.train.steps)
   if optim.name == "adamw":
@@ -70,9 +75,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
     parts.append(optax.clip_by_global_norm(optim.clip_grad_norm))
   parts.append(base)
   rule = optax.chain(*parts)
-  freeze = tuple(config.train.freeze)
   if freeze:
-    check_freeze_patterns(params, freeze)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, freeze))
     rule = optax.multi_transform({"train": rule, "frozen": optax.set_to_zero()}, labels)
   if optim.plateau.enabled:

@@ -58,6 +58,11 @@ class Task(abc.ABC):
   def dataset(self, split: str) -> grain.MapDataset:
     """The unbatched, unshuffled examples of ``split`` (dicts of numpy arrays)."""
 
+  def frozen_param_patterns(self) -> tuple[str, ...]:
+    """Parameter-path regexes the model never trains (e.g. a frozen registration network);
+    the trainer adds ``config.train.freeze`` to these."""
+    return ()
+
   def pretrained_checkpoints(self) -> dict[str, str]:
     """``{variable path prefix: converted-checkpoint dir}`` of pieces loaded at init (e.g. a
     frozen registration network under ``'registration'``)."""
