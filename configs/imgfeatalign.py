@@ -3,7 +3,9 @@ r"""ImgFeatAlign: longitudinal breast-cancer risk from a current and a prior mam
 The prior's encoder features are aligned to the current ones with the deformation field of a
 frozen MammoRegNet, compared, and fused by temporal attention into cumulative 1..5-year risk.
 
-Default (trains on the embedded synthetic longitudinal data on a CPU in minutes):
+Default (trains on the embedded synthetic longitudinal data on a CPU in minutes; first trains
+the MammoRegNet it uses, configs/mammoregnet.py, into WORKDIR/registration, unless
+--config.model.registration_checkpoint names one):
 
   python -m mammojax.main --config=configs/imgfeatalign.py --workdir=/tmp/imgfeatalign
 
@@ -20,6 +22,8 @@ Ablations (same seeds): --config.model.align=False (identity flow), --config.mod
 --config.model.use_time_encoding=False. --config.model.bcrbench_flow_compat=True reproduces
 BCRBench's flow-channel reading bit for bit.
 """
+
+import os
 
 import ml_collections
 
@@ -61,9 +65,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.head_weights = {"fused": 1.0, "cur": 0.2, "pri": 0.2}
   c.model.registration = ml_collections.ConfigDict(
       {"enc_channels": 8, "dec_channels": 16, "num_layers": 4, "window_size": (5, 5)})
-  # Converted MammoRegNet (python -m mammojax.convert mammoregnet ...) or a
-  # configs/mammoregnet.py export; empty = its initial weights (near-identity flow).
+  # A converted MammoRegNet (python -m mammojax.convert mammoregnet ...) or a configs/mammoregnet.py
+  # run directory. Empty: python -m mammojax.main first trains configs/mammoregnet.py into
+  # WORKDIR/registration (see c.pretrain) and uses that.
   c.model.registration_checkpoint = ""
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.registration = ml_collections.ConfigDict({
+      "config": os.path.join(os.path.dirname(os.path.abspath(__file__)), "mammoregnet.py"),
+      "variant": "", "link": "model.registration_checkpoint"})
 
   c.train.steps = 600
   c.train.batch_size = 16
@@ -96,7 +105,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.logging.every_steps = 1
     c.logging.tensorboard = False
     c.optim.warmup_steps = 1
+    c.pretrain.registration.variant = "smoke"
   elif variant == "paper":
+    del c.pretrain["registration"]  # real data: bring a trained MammoRegNet
     c.data.image_size = (512, 416)
     c.model.finetune_all = False
     c.train.batch_size = 8

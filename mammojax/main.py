@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mammojax import tasks
+from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,6 +56,7 @@ def main(argv: list[str]) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   initialize_distributed()
   config = _CONFIG.value
+  run_pretraining(config, _WORKDIR.value, show_progress=_PROGRESS.value)
   summary = train_and_evaluate(config, _WORKDIR.value, tasks.build_task(config),
                                show_progress=_PROGRESS.value)
   logging.getLogger("mammojax").info("finished: %s", {k: summary[k] for k in ("step", "stopped")})

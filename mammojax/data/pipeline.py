@@ -27,14 +27,15 @@ def train_iterator(examples: grain.MapDataset, *, seed: int, global_batch_size: 
                    read_threads: int = 4) -> grain.DatasetIterator:
   """An endless iterator of this host's part of each global batch.
 
-  The examples are shuffled (a new order every epoch) before they are dealt out to the hosts
-  round-robin, so the global batch, and hence the loss, does not depend on the number of hosts.
-  Its ``get_state``/``set_state`` is what the checkpoint stores.
+  The examples are shuffled (a new order every epoch) and cut into local batches; host ``i``
+  takes the ``i``-th of every ``process_count`` consecutive ones, i.e. a contiguous block of each
+  global batch. So every row of the global batch, and hence the loss (dropout masks included),
+  is the same whatever the number of hosts. Its ``get_state``/``set_state`` is what the
+  checkpoint stores.
   """
   local_batch = _local_batch(global_batch_size, process_count)
-  ds = examples.seed(seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.map(KeepNumeric()).batch(local_batch, drop_remainder=True)
+  ds = examples.seed(seed).shuffle().repeat().map(KeepNumeric())
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=2 * read_threads))
   if workers > 0:

@@ -16,8 +16,10 @@ TASKS = {
 
 
 def build_task(config: ml_collections.ConfigDict) -> Task:
-  if config.task not in TASKS:
+  """The task ``config.task`` names: a key of ``TASKS`` or a ``"module:Class"`` of your own."""
+  spec = TASKS.get(config.task) or (config.task if ":" in config.task else None)
+  if spec is None:
     raise ValueError(f"config.task={config.task!r} is not a known task; choose one of "
-                     f"{sorted(TASKS)}")
-  module_name, class_name = TASKS[config.task].split(":")
+                     f"{sorted(TASKS)} or give 'package.module:TaskClass'")
+  module_name, class_name = spec.split(":")
   return getattr(importlib.import_module(module_name), class_name)(config)

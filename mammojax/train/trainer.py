@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -49,6 +50,13 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def stop_requested(self) -> bool:
+    """Whether any host got SIGTERM: all hosts must stop at the same step to save together."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.max(flags))
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -194,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
           summary["stopped"] = "slice"
           save(done)
           break
-        if preemption.requested or ckpt.reached_preemption(done):
+        if preemption.stop_requested() or ckpt.reached_preemption(done):
           summary["stopped"] = "preempted"
           save(done)
           log.warning("preempted: saved step %d to %s", done, ckpt.directory)

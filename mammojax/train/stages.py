@@ -1,0 +1,56 @@
+"""Runs that an experiment needs first, declared in its config.
+
+``config.pretrain.<name> = {config: 'configs/X.py', variant: '', link: 'model.field'}`` trains
+configs/X.py into ``WORKDIR/<name>`` (resuming it if it is already there) and points
+``config.model.field`` at that run, unless the user already set ``model.field``. This is how the
+default ImgFeatAlign job trains its frozen MammoRegNet before using it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import ml_collections
+
+from mammojax.train.trainer import train_and_evaluate
+
+log = logging.getLogger("mammojax")
+
+
+def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of a config file, as ``--config=path:variant`` would load it."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_mammojax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def run_pretraining(config: ml_collections.ConfigDict, workdir: str,
+                    show_progress: bool = True) -> None:
+  """Trains every stage of ``config.pretrain`` whose link field is empty, then links it."""
+  from mammojax import tasks  # the registry imports every task lazily; keep it out of import time
+  for name, stage in (config.get("pretrain") or {}).items():
+    owner, field = _resolve(config, stage.link)
+    if owner[field]:
+      continue
+    stage_config = load_config_file(stage.config, stage.get("variant", ""))
+    stage_dir = os.path.join(workdir, name)
+    log.info("pretraining %s (%s) in %s", name, stage.config, stage_dir)
+    summary = train_and_evaluate(stage_config, stage_dir, tasks.build_task(stage_config),
+                                 show_progress=show_progress)
+    log.info("%s done: %s", name, summary.get("best") or summary.get("eval"))
+    owner[field] = stage_dir
+
+
+def _resolve(config: ml_collections.ConfigDict, dotted: str):
+  *parents, field = dotted.split(".")
+  owner = config
+  for part in parents:
+    owner = owner[part]
+  if field not in owner:
+    raise KeyError(f"config.pretrain link {dotted!r} names no config field")
+  return owner, field

@@ -1,0 +1,48 @@
+"""The train-step and pipeline benchmarks run end to end and print the shared JSON shape."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASE_KEYS = {"name", "impl", "median_ms", "min_ms", "max_ms"}
+
+
+def _run(argv, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "MAMMOJAX_DATA": str(tmp_path / "data")}
+  result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  body = json.loads(result.stdout)  # Nothing but the JSON object on stdout.
+  assert {"benchmark", "machine", "results", "ratios"} <= set(body)
+  assert body["machine"]["jax_backend"] == "cpu"
+  for row in body["results"]:
+    assert CASE_KEYS <= set(row), row
+    assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+  return body
+
+
+def test_train_step_benchmark_reports_compile_time_flops_and_memory(tmp_path):
+  # The tiny test task keeps the compile short; the driver registers it as config.task='tiny'.
+  body = _run([sys.executable, os.path.join("tests", "run_tiny_task.py"), "benchmarks.train_step",
+               f"--config={os.path.join('tests', 'tiny_task_config.py')}", "--steps", "2",
+               "--warmup=1", "--config.optim.learning_rate=0.001"], tmp_path)
+  assert body["benchmark"] == "train_step"
+  assert body["overrides"] == {"optim.learning_rate": 0.001}
+  [row] = body["results"]
+  assert row["name"] == "tiny" and row["impl"] == "jax" and row["repeats"] == 2
+  assert row["compile_s"] > 0 and row["flops"] > 0
+  assert row["temp_size_in_bytes"] >= 0 and row["argument_size_in_bytes"] > 0
+  assert row["batch_size"] == 8 and row["mesh"]["data"] == 8  # conftest's 8 CPU devices
+  assert abs(row["examples_per_s"] - 8e3 / row["median_ms"]) < 1e-6 * row["examples_per_s"]
+
+
+def test_pipeline_benchmark_reports_batches_per_second(tmp_path):
+  body = _run([sys.executable, os.path.join("benchmarks", "pipeline.py"),
+               "--config=configs/imgfeatalign.py:smoke", "--workers=0", "--batches=2",
+               "--repeats=2", "--warmup=0", "--augment"], tmp_path)
+  assert body["benchmark"] == "pipeline"
+  assert [r["name"] for r in body["results"]] == ["workers=0", "workers=0+augment"]
+  for row in body["results"]:
+    assert row["impl"] == "grain" and row["batch_size"] == 8
+    assert abs(row["batches_per_s"] - 2e3 / row["median_ms"]) < 1e-6 * row["batches_per_s"]
