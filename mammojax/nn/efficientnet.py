@@ -108,15 +108,16 @@ def _padding_2d(size_hw: tuple[int, int], kernel: int, stride: int
   return same_padding(size_hw[0], kernel, stride), same_padding(size_hw[1], kernel, stride)
 
 
+_HE_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
 def _conv_kernel_init() -> nn.initializers.Initializer:
-  return nn.with_logical_partitioning(nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                                      (None, None, 'embed', 'mlp'))
+  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, 'embed', 'mlp'))
 
 
 def _depthwise_kernel_init() -> nn.initializers.Initializer:
   # A depthwise kernel is [k, k, 1, C]: its channels are the output axis.
-  return nn.with_logical_partitioning(nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                                      (None, None, None, 'mlp'))
+  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, None, 'mlp'))
 
 
 def _batch_norm(train: bool, name: str, dtype: jnp.dtype) -> nn.BatchNorm:
