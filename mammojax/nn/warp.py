@@ -71,7 +71,8 @@ def sample(source: jax.Array, coordinates: jax.Array, *, order: int = 1,
     coordinates: ``[B, *Q, n]`` pixels, 'ij' order, ``n = len(S)``; ``Q`` is any shape.
     order: 0 (nearest, ties rounded away from zero) or 1 (bi/trilinear).
     padding: ``'zeros'``, ``'border'`` or ``'reflect'`` (see module docstring).
-    impl: ``'gather'`` or ``'map_coordinates'``; same values and gradients.
+    impl: ``'gather'`` or ``'map_coordinates'``; same values and reverse-mode gradients
+      (``'gather'`` has a custom VJP, so forward-mode ``jax.jvp`` needs ``'map_coordinates'``).
   Returns:
     ``[B, *Q, C]`` in ``source.dtype``.
   """
@@ -85,7 +86,6 @@ def sample(source: jax.Array, coordinates: jax.Array, *, order: int = 1,
 
 def _sample_map_coordinates(source, coordinates, order, padding):
   num_axes = source.ndim - 2
-  coordinates = coordinates.astype(source.dtype)
 
   def one_channel(volume, coords):  # [*S], [*Q, n]
     return jax.scipy.ndimage.map_coordinates(
@@ -111,7 +111,7 @@ def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
     # Clamping the coordinate (not the index) gives zero gradient outside, like grid_sample.
     coordinate = jnp.clip(coordinate, 0.0, size - 1.0)
   if order == 0:
-    # Python-scalar 0.5 keeps bf16 coordinates bf16; lax.round rounds ties away from zero.
+    # lax.round rounds ties away from zero, as jax.scipy's map_coordinates.
     indices = [(jax.lax.round(coordinate), None)]
   else:
     lower = jnp.floor(coordinate)
@@ -133,28 +133,58 @@ def _sample_gather(source, coordinates, order, padding):
   per_axis = [_axis_corners(coordinates[..., axis], size, order, padding)
               for axis, size in enumerate(spatial)]
   batch_offset = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(spatial)))[:, None]
-  table = source.reshape(-1, channels)
 
-  flat_indices, weights = [], []
+  corner_indices, corner_weights = [], []
   for combo in itertools.product(*per_axis):
     index = batch_offset
-    weight = None
+    weight = jnp.ones(coordinates.shape[:-1], coordinates.dtype)
     for (axis_index, axis_weight, valid), stride in zip(combo, strides):
       index = index + axis_index * int(stride)
       if axis_weight is not None:
-        weight = axis_weight if weight is None else weight * axis_weight
+        weight = weight * axis_weight
       if valid is not None:
-        mask = valid.astype(coordinates.dtype)
-        weight = mask if weight is None else weight * mask
-    flat_indices.append(index.reshape(-1))
-    weights.append(None if weight is None else weight.reshape(-1, 1).astype(source.dtype))
-
-  out = None
-  for index, weight in zip(flat_indices, weights):
-    values = table.at[index].get(mode="promise_in_bounds")
-    term = values if weight is None else values * weight
-    out = term if out is None else out + term
+        weight = jnp.where(valid, weight, 0.0)
+    corner_indices.append(index.reshape(-1))
+    corner_weights.append(weight.reshape(-1))
+  out = _weighted_row_gather(source.reshape(-1, channels), jnp.stack(corner_indices),
+                             jnp.stack(corner_weights))
   return out.reshape(batch, *query_shape, channels)
+
+
+@jax.custom_vjp
+def _weighted_row_gather(table: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum_k weights[k, n] * table[indices[k, n]]``: ``[R, C], [K, N], [K, N] -> [N, C]``.
+
+  Indices must lie in ``[0, R)``. The custom VJP exists for speed: autodiff of the gathers
+  would zero-fill and add K separate ``[R, C]`` scatters; here the K scatters accumulate into
+  one buffer, and the weight gradients are fused gather-and-reduce loops.
+  """
+  table = jnp.asarray(table)
+  out = None
+  for index, weight in zip(indices, weights):
+    term = table.at[index].get(mode="promise_in_bounds") * weight[:, None].astype(table.dtype)
+    out = term if out is None else out + term
+  return out
+
+
+def _weighted_row_gather_fwd(table, indices, weights):
+  return _weighted_row_gather(table, indices, weights), (table, indices, weights)
+
+
+def _weighted_row_gather_bwd(residuals, cotangent):
+  table, indices, weights = (jnp.asarray(x) for x in residuals)
+  table_grad = jnp.zeros_like(table)
+  weight_grads = []
+  for index, weight in zip(indices, weights):
+    table_grad = table_grad.at[index].add(weight[:, None].astype(table.dtype) * cotangent,
+                                          mode="promise_in_bounds")
+    rows = table.at[index].get(mode="promise_in_bounds")
+    weight_grads.append(jnp.sum(rows.astype(weights.dtype) * cotangent.astype(weights.dtype),
+                                axis=-1))
+  return table_grad, None, jnp.stack(weight_grads)
+
+
+_weighted_row_gather.defvjp(_weighted_row_gather_fwd, _weighted_row_gather_bwd)
 
 
 # ----------------------------------------------------------------------------- warping
@@ -170,9 +200,8 @@ def warp_map_coordinates(source: jax.Array, displacement: jax.Array, *, order: i
   Returns:
     ``[B, *S, C]``: ``source(x + displacement(x))``.
   """
-  _check_shapes(source, displacement)
-  coords = identity_map(source.shape[1:-1], dtype=displacement.dtype) + displacement
-  return sample(source, coords, order=order, padding=padding, impl="map_coordinates")
+  return sample(source, _warp_coordinates(source, displacement), order=order, padding=padding,
+                impl="map_coordinates")
 
 
 def warp_gather(source: jax.Array, displacement: jax.Array, *, order: int = 1,
@@ -185,18 +214,24 @@ def warp_gather(source: jax.Array, displacement: jax.Array, *, order: int = 1,
   Returns:
     ``[B, *S, C]``: ``source(x + displacement(x))``.
   """
+  return sample(source, _warp_coordinates(source, displacement), order=order, padding=padding,
+                impl="gather")
+
+
+def _warp_coordinates(source: jax.Array, displacement: jax.Array) -> jax.Array:
   _check_shapes(source, displacement)
-  coords = identity_map(source.shape[1:-1], dtype=displacement.dtype) + displacement
-  return sample(source, coords, order=order, padding=padding, impl="gather")
+  # At least float32: bfloat16 cannot even represent every pixel index above 256.
+  dtype = jnp.promote_types(displacement.dtype, jnp.float32)
+  return identity_map(source.shape[1:-1], dtype=dtype) + displacement.astype(dtype)
 
 
 def warp(source: jax.Array, displacement: jax.Array, impl: Impl = "gather", *, order: int = 1,
          padding: Padding = "zeros") -> jax.Array:
   """Warps ``source [B, *S, C]`` by ``displacement [B, *S, n]`` (pixels, 'ij').
 
-  ``warped(x) = source(x + displacement(x))``. ``impl='gather'`` is the default because it
-  measured faster than ``map_coordinates`` on XLA:CPU for every size in
-  ``benchmarks/warp.py`` (forward and backward).
+  ``warped(x) = source(x + displacement(x))``. ``impl='gather'`` is the default because on
+  XLA:CPU it measured 2-4x faster than ``map_coordinates`` at the ImgFeatAlign feature-map
+  sizes of ``benchmarks/warp.py``, forward and forward+backward (GPU not yet measured).
   """
   if impl == "gather":
     return warp_gather(source, displacement, order=order, padding=padding)

@@ -1,0 +1,349 @@
+"""ICON-style registration: transforms as functions from coordinates to coordinates.
+
+A *transform* here is a pure function ``phi: [B, *Q, n] -> [B, *Q, n]`` on pixel coordinates of
+the registration's input grid ('ij' order; see ``mammojax/nn/warp.py``). Registering a moving
+image ``A`` to a fixed image ``B`` means finding ``phi`` with ``A(phi(x)) ~= B(x)``.
+
+Registration modules are Flax linen modules that take ``(moving, fixed)`` images
+``[B, *S, C]`` (2D or 3D) and
+
+* ``module.transform(moving, fixed)`` (via ``apply(..., method='transform')``) returns ``phi``,
+  a closure over arrays only, evaluable at any coordinates;
+* ``module(moving, fixed)`` returns the displacement ``phi(x) - x`` on the input grid,
+  ``[B, *S, n]`` in pixels; ``module(moving, fixed, coordinates)`` returns ``phi(coordinates)``.
+
+The wrappers mirror the ICON library (uncbiag/ICON, ``network_wrappers.py``):
+``FunctionFromVectorField`` turns a displacement network into a transform,
+``TwoStepRegistration`` warps the moving image by the first step and registers the rest,
+``DownsampleRegistration`` registers at half resolution, ``MultiStepRegistration`` chains any
+number of steps. As in ICON, images are warped with border padding, and a network's displacement
+output is in ICON's unit coordinates (``[0, 1]`` per axis, corner pixel centres at 0 and 1) unless
+``FunctionFromVectorField.units == 'pixels'``. Passing the same module instance several times
+shares its parameters (the seed's eight-step digits example, :func:`digits_registration`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mammojax.nn import warp as warp_lib
+
+Transform = Callable[[jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------- pure transforms
+
+
+def displacement_transform(displacement: jax.Array, *,
+                           padding: warp_lib.Padding = "border") -> Transform:
+  """``phi(x) = x + u(x)`` with ``u`` interpolated (bi/trilinear) at arbitrary coordinates.
+
+  Args:
+    displacement: ``u``, ``[B, *S, n]`` pixels, 'ij'.
+    padding: how ``u`` extends outside its grid (``'border'``, as ICON).
+  Returns:
+    ``phi``: pixel coordinates ``[B, *Q, n]`` -> pixel coordinates ``[B, *Q, n]``.
+  """
+  if displacement.ndim not in (4, 5) or displacement.shape[-1] != displacement.ndim - 2:
+    raise ValueError(f"displacement must be [B, H, W, 2] or [B, D, H, W, 3], got "
+                     f"{displacement.shape}")
+
+  def phi(coordinates: jax.Array) -> jax.Array:
+    return coordinates + warp_lib.sample(displacement, coordinates, padding=padding)
+
+  return phi
+
+
+def compose(*transforms: Transform) -> Transform:
+  """``compose(f, g, h)(x) = f(g(h(x)))``: the last transform is applied to coordinates first."""
+  if not transforms:
+    raise ValueError("compose needs at least one transform")
+
+  def composed(coordinates: jax.Array) -> jax.Array:
+    for transform in reversed(transforms):
+      coordinates = transform(coordinates)
+    return coordinates
+
+  return composed
+
+
+def transform_to_displacement(transform: Transform, batch: int,
+                              spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Evaluates ``transform`` on the pixel grid: ``phi(x) - x``, ``[B, *S, n]`` pixels."""
+  grid = jnp.broadcast_to(warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype)),
+                          (batch, *spatial_shape, len(spatial_shape)))
+  return transform(grid) - grid
+
+
+def warp_by_transform(image: jax.Array, transform: Transform) -> jax.Array:
+  """``image(phi(x))`` on the image's own grid, bilinear with border padding (ICON's warp).
+
+  Args:
+    image: ``[B, *S, C]``.
+    transform: pixel coordinates -> pixel coordinates of ``image``'s grid.
+  """
+  spatial = image.shape[1:-1]
+  grid = jnp.broadcast_to(warp_lib.identity_map(spatial, _coordinate_dtype(image.dtype)),
+                          (image.shape[0], *spatial, len(spatial)))
+  return warp_lib.sample(image, transform(grid), padding="border")
+
+
+def _coordinate_dtype(dtype) -> jnp.dtype:
+  """At least float32: bfloat16 cannot represent every pixel index above 256."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RegistrationModule(nn.Module):
+  """Base of the registration modules: subclasses define ``transform(moving, fixed)``."""
+
+  def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
+    """Returns ``phi`` with ``moving(phi(x)) ~= fixed(x)``; pixel coordinates of the input grid."""
+    raise NotImplementedError(f"{type(self).__name__} must define transform(moving, fixed)")
+
+  def __call__(self, moving: jax.Array, fixed: jax.Array,
+               coordinates: jax.Array | None = None) -> jax.Array:
+    """Registers ``moving`` to ``fixed``.
+
+    Args:
+      moving, fixed: ``[B, *S, C]`` (``len(S)`` = 2 or 3), same shape.
+      coordinates: optional ``[B, *Q, n]`` pixel coordinates ('ij') of the input grid.
+    Returns:
+      Without ``coordinates``: the displacement ``[B, *S, n]`` in pixels ('ij') on the input grid.
+      With ``coordinates``: ``phi(coordinates)``, ``[B, *Q, n]`` pixels.
+    """
+    check_image_pair(moving, fixed)
+    phi = self.transform(moving, fixed)
+    if coordinates is not None:
+      return phi(coordinates)
+    return transform_to_displacement(phi, moving.shape[0], moving.shape[1:-1], moving.dtype)
+
+
+class FunctionFromVectorField(RegistrationModule):
+  """Wraps a network ``(moving, fixed) -> [B, *S, n]`` displacement into a transform.
+
+  Attributes:
+    net: module mapping ``(moving [B, *S, C], fixed [B, *S, C])`` to ``[B, *S, n]``, 'ij'.
+    units: unit of the network's output: ``'unit'`` (ICON: ``[0, 1]`` per axis over the grid,
+      the default) or ``'pixels'``.
+  """
+  net: nn.Module
+  units: Literal["unit", "pixels"] = "unit"
+
+  def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
+    check_image_pair(moving, fixed)
+    spatial = moving.shape[1:-1]
+    field = self.net(moving, fixed)
+    expected = (moving.shape[0], *spatial, len(spatial))
+    if field.shape != expected:
+      raise ValueError(f"{type(self.net).__name__} returned {field.shape}; a displacement network "
+                       f"must return {expected} for inputs {moving.shape}")
+    if self.units == "unit":
+      field = warp_lib.unit_to_pixels(field, spatial)
+    elif self.units != "pixels":
+      raise ValueError(f"units must be 'unit' or 'pixels', got {self.units!r}")
+    return displacement_transform(field)
+
+
+class TwoStepRegistration(RegistrationModule):
+  """``first`` registers the pair, ``second`` registers the warped moving image; composed.
+
+  ``phi = first(A, B)``, ``psi = second(A ∘ phi, B)``, result ``phi ∘ psi`` (``psi`` applied
+  to coordinates first), so ``A(phi(psi(x))) ~= B(x)``. The original moving image is warped by
+  ``phi``, never resampled twice.
+  """
+  first: RegistrationModule
+  second: RegistrationModule
+
+  def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
+    phi = self.first.transform(moving, fixed)
+    psi = self.second.transform(warp_by_transform(moving, phi), fixed)
+    return compose(phi, psi)
+
+
+class MultiStepRegistration(RegistrationModule):
+  """Any number of steps, each registering the moving image warped by all earlier steps.
+
+  Equivalent to ``TwoStepRegistration(...TwoStepRegistration(steps[0], steps[1])..., steps[-1])``:
+  the result is ``phi_0 ∘ phi_1 ∘ ... ∘ phi_{k-1}``. A module instance listed several times is
+  applied several times with shared parameters.
+  """
+  steps: Sequence[RegistrationModule]
+
+  def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
+    if not self.steps:
+      raise ValueError("MultiStepRegistration needs at least one step")
+    phi = self.steps[0].transform(moving, fixed)
+    for step in self.steps[1:]:
+      psi = step.transform(warp_by_transform(moving, phi), fixed)
+      phi = compose(phi, psi)
+    return phi
+
+
+class DownsampleRegistration(RegistrationModule):
+  """Runs ``net`` on both images average-pooled by 2 (ceil mode), as ICON's wrapper.
+
+  The child's transform lives on the ``ceil(N / 2)`` grid; coordinates are carried between the
+  grids in ICON's unit convention (corner pixel centres coincide), so a parent pixel ``p`` is
+  child pixel ``p * (n - 1) / (N - 1)``.
+  """
+  net: RegistrationModule
+
+  def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
+    check_image_pair(moving, fixed)
+    spatial = moving.shape[1:-1]
+    child = self.net.transform(avg_pool_half(moving), avg_pool_half(fixed))
+    child_spatial = tuple(math.ceil(n / 2) for n in spatial)
+    to_child = jnp.asarray([(c - 1) / (n - 1) if n > 1 else 1.0
+                            for c, n in zip(child_spatial, spatial)], moving.dtype)
+
+    def phi(coordinates: jax.Array) -> jax.Array:
+      return child(coordinates * to_child) / to_child
+
+    return phi
+
+
+def avg_pool_half(image: jax.Array) -> jax.Array:
+  """2x average pooling of ``[B, *S, C]`` to ``[B, *ceil(S / 2), C]``; partial windows at the end
+  average only the pixels they cover (torch ``avg_pool(..., 2, ceil_mode=True)``)."""
+  spatial = image.shape[1:-1]
+  pad = [(0, 0)] + [(0, n % 2) for n in spatial] + [(0, 0)]
+  window = (1, *([2] * len(spatial)), 1)
+  total = jax.lax.reduce_window(jnp.pad(image, pad), 0.0, jax.lax.add, window, window, "VALID")
+  count = jax.lax.reduce_window(jnp.pad(jnp.ones((1, *spatial, 1), image.dtype), pad), 0.0,
+                                jax.lax.add, window, window, "VALID")
+  return total / count
+
+
+def check_image_pair(moving: jax.Array, fixed: jax.Array) -> None:
+  if moving.ndim not in (4, 5):
+    raise ValueError(f"moving must be [B, H, W, C] or [B, D, H, W, C], got {moving.shape}")
+  if moving.shape != fixed.shape:
+    raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} must have the same shape; "
+                     "resample one onto the other's grid first")
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def _dense_init(zero: bool = False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+  return nn.with_logical_partitioning(init, ("embed", "mlp"))
+
+
+def _conv_init(num_spatial: int, zero: bool = False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+  return nn.with_logical_partitioning(init, (None,) * num_spatial + ("embed", "mlp"))
+
+
+class DigitsMLP(nn.Module):
+  """The seed's digits network: a two-hidden-layer MLP on the flattened image pair.
+
+  ``concat(moving, fixed)`` is flattened (channels-last order), passed through
+  ``Dense(hidden) -> relu -> Dense(hidden) -> relu -> Dense(H * W * n)`` whose weights and bias
+  start at zero, so the untrained network outputs zero displacement (identity transform).
+
+  Attributes:
+    spatial_shape: the image grid, e.g. ``(28, 28)``.
+    hidden: width of both hidden layers (50 in the seed).
+  Returns (``__call__``): displacement ``[B, *S, n]`` in ICON unit coordinates.
+  """
+  spatial_shape: Sequence[int] = (28, 28)
+  hidden: int = 50
+
+  @nn.compact
+  def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
+    check_image_pair(moving, fixed)
+    spatial = tuple(self.spatial_shape)
+    if moving.shape[1:-1] != spatial:
+      raise ValueError(f"DigitsMLP was built for images {spatial}, got {moving.shape}; set "
+                       "spatial_shape to the image size")
+    x = jnp.concatenate([moving, fixed], axis=-1).reshape(moving.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense1")(x))
+    x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense2")(x))
+    size = math.prod(spatial) * len(spatial)
+    x = nn.Dense(size, kernel_init=_dense_init(zero=True), bias_init=nn.initializers.zeros_init(),
+                 name="dense3")(x)
+    return x.reshape(moving.shape[0], *spatial, len(spatial))
+
+
+def digits_registration(spatial_shape: Sequence[int] = (28, 28), hidden: int = 50,
+                        num_steps: int = 9) -> MultiStepRegistration:
+  """The seed's example: one :class:`DigitsMLP` step applied ``num_steps`` times, shared weights.
+
+  The seed builds ``n = inner; 8 x: n = TwoStepRegistration(n, inner)``, i.e. nine applications
+  of the same network; ``num_steps=9`` reproduces it (train with
+  :func:`mammojax.losses.registration.regularized_loss`, SSD, diffusion, ``lmbda=0.05``).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  inner = FunctionFromVectorField(DigitsMLP(tuple(spatial_shape), hidden))
+  return MultiStepRegistration((inner,) * num_steps)
+
+
+class RegistrationUNet(nn.Module):
+  """A small 2D U-Net displacement network in the style of GradICON's ``UNet2``.
+
+  Encoder level ``i``: ``x <- conv3x3/stride2(leaky_relu(x)) + pad_or_crop(avgpool2(x))``.
+  Decoder level ``i``: ``x <- convT4x4/stride2(leaky_relu(x)) + upsample2(pad_or_crop(x))``,
+  normalised, cropped to the skip's size and concatenated with the skip. A zero-initialised
+  3x3 conv gives the displacement, scaled by ``output_scale`` (0.1 in GradICON).
+
+  Differs from GradICON: GroupNorm instead of BatchNorm, so the network has no running
+  statistics and a transform is a pure function of (params, images).
+
+  Attributes:
+    down_features: encoder widths, one per level (GradICON: 16, 32, 64, 256, 512).
+    up_features: decoder widths, one per level (GradICON: 16, 32, 64, 128, 256).
+    output_scale: factor on the last conv's output.
+  Returns (``__call__``): displacement ``[B, H, W, 2]`` in ICON unit coordinates.
+  """
+  down_features: Sequence[int] = (16, 32, 64, 256, 512)
+  up_features: Sequence[int] = (16, 32, 64, 128, 256)
+  output_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
+    check_image_pair(moving, fixed)
+    if moving.ndim != 4:
+      raise ValueError(f"RegistrationUNet is 2D: expected [B, H, W, C], got {moving.shape}")
+    if len(self.down_features) != len(self.up_features):
+      raise ValueError(f"down_features {self.down_features} and up_features {self.up_features} "
+                       "must have one entry per level")
+    x = jnp.concatenate([moving, fixed], axis=-1)
+    skips = []
+    for level, features in enumerate(self.down_features):
+      skips.append(x)
+      y = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                  kernel_init=_conv_init(2), name=f"down_{level}")(nn.leaky_relu(x))
+      x = y + _pad_or_crop_channels(avg_pool_half(x), features)
+    for level in reversed(range(len(self.up_features))):
+      features = self.up_features[level]
+      # torch ConvTranspose(k=4, s=2, p=1) doubles the size; Flax pads k - 1 - p = 2 per side.
+      y = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                           kernel_init=_conv_init(2), name=f"up_{level}")(nn.leaky_relu(x))
+      residual = _pad_or_crop_channels(x, features)
+      residual = jax.image.resize(residual, y.shape, method="linear")
+      x = nn.GroupNorm(num_groups=math.gcd(8, features), name=f"norm_{level}")(y + residual)
+      skip = skips[level]
+      x = jnp.concatenate([x[:, :skip.shape[1], :skip.shape[2]], skip], axis=-1)
+    out = nn.Conv(2, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init(2, zero=True),
+                  name="last")(x)
+    return out * self.output_scale
+
+
+def _pad_or_crop_channels(x: jax.Array, features: int) -> jax.Array:
+  """Keeps the first ``features`` channels, zero-padding at the front if there are fewer."""
+  x = x[..., :features]
+  missing = features - x.shape[-1]
+  if missing > 0:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(missing, 0)])
+  return x

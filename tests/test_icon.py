@@ -1,0 +1,167 @@
+"""ICON-style transforms and registration modules (mammojax/models/registration/icon.py)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mammojax.losses import registration as losses
+from mammojax.models.registration import icon
+from mammojax.nn import warp as W
+
+
+class ConstantShift(nn.Module):
+  """Test network: a learnable constant displacement, initialised to ``value``."""
+  value: tuple = (0.0, 0.0)
+
+  @nn.compact
+  def __call__(self, moving, fixed):
+    shift = self.param("shift", lambda _: jnp.asarray(self.value, jnp.float32))
+    return jnp.broadcast_to(shift, moving.shape[:-1] + (len(self.value),))
+
+
+def _images(key, shape=(2, 28, 28, 1)):
+  k1, k2 = jax.random.split(key)
+  return jax.random.uniform(k1, shape), jax.random.uniform(k2, shape)
+
+
+def test_digits_mlp_starts_at_identity_and_has_seed_sizes():
+  moving, fixed = _images(jax.random.key(0))
+  net = icon.digits_registration((28, 28), hidden=50, num_steps=9)
+  variables = net.init(jax.random.key(1), moving, fixed)
+  params = nn.meta.unbox(variables)["params"]
+  # One shared set of MLP parameters for all nine steps.
+  assert list(params) == ["steps_0"]
+  mlp = params["steps_0"]["net"]
+  assert mlp["dense1"]["kernel"].shape == (28 * 28 * 2, 50)
+  assert mlp["dense2"]["kernel"].shape == (50, 50)
+  assert mlp["dense3"]["kernel"].shape == (50, 28 * 28 * 2)
+  np.testing.assert_array_equal(mlp["dense3"]["kernel"], 0.0)
+  displacement = net.apply(variables, moving, fixed)
+  assert displacement.shape == (2, 28, 28, 2)
+  np.testing.assert_array_equal(displacement, 0.0)
+
+
+def test_nested_two_step_equals_multi_step_with_shared_weights():
+  moving, fixed = _images(jax.random.key(2), (1, 8, 8, 1))
+  inner = icon.FunctionFromVectorField(icon.DigitsMLP((8, 8), hidden=6))
+  nested = inner
+  for _ in range(3):
+    nested = icon.TwoStepRegistration(nested, inner)
+  flat = icon.MultiStepRegistration((inner,) * 4)
+  variables = flat.init(jax.random.key(3), moving, fixed)
+  # Give the last layer non-zero weights so the steps actually move.
+  variables = jax.tree_util.tree_map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), nn.meta.unbox(variables))
+  nested_vars = {"params": {"first": {"first": {"first": variables["params"]["steps_0"]}}}}
+  want = jax.jit(flat.apply)(variables, moving, fixed)
+  got = jax.jit(nested.apply)(nested_vars, moving, fixed)
+  assert float(jnp.max(jnp.abs(want))) > 1e-3
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_two_translations_compose_to_their_sum():
+  moving, fixed = _images(jax.random.key(5), (1, 10, 12, 1))
+  net = icon.TwoStepRegistration(
+      icon.FunctionFromVectorField(ConstantShift((1.5, -2.0)), units="pixels"),
+      icon.FunctionFromVectorField(ConstantShift((0.25, 0.5)), units="pixels"))
+  variables = net.init(jax.random.key(0), moving, fixed)
+  np.testing.assert_allclose(net.apply(variables, moving, fixed),
+                             jnp.broadcast_to(jnp.array([1.75, -1.5]), (1, 10, 12, 2)),
+                             atol=1e-6)
+  points = jnp.array([[[3.2, 4.7], [0.0, 0.0]]])
+  np.testing.assert_allclose(net.apply(variables, moving, fixed, points),
+                             points + jnp.array([1.75, -1.5]), atol=1e-6)
+  phi = net.apply(variables, moving, fixed, method="transform")
+  np.testing.assert_allclose(phi(points), points + jnp.array([1.75, -1.5]), atol=1e-6)
+
+
+def test_unit_outputs_are_converted_to_pixels():
+  moving, fixed = _images(jax.random.key(6), (1, 5, 9, 1))
+  net = icon.FunctionFromVectorField(ConstantShift((0.25, 0.5)))  # ICON unit coordinates
+  displacement = net.apply(net.init(jax.random.key(0), moving, fixed), moving, fixed)
+  np.testing.assert_allclose(displacement[0, 0, 0], [0.25 * 4, 0.5 * 8], atol=1e-6)
+
+
+def test_downsample_registration_keeps_unit_displacement():
+  moving, fixed = _images(jax.random.key(7), (1, 9, 7, 1))
+  net = icon.DownsampleRegistration(icon.FunctionFromVectorField(ConstantShift((0.5, 0.25))))
+  displacement = net.apply(net.init(jax.random.key(0), moving, fixed), moving, fixed)
+  # Half a unit along rows is 4 pixels of the 9-row grid whatever the child's resolution.
+  np.testing.assert_allclose(displacement, jnp.broadcast_to(jnp.array([4.0, 1.5]), (1, 9, 7, 2)),
+                             atol=1e-5)
+
+
+def test_avg_pool_half_ceil_mode():
+  image = jnp.arange(15.0).reshape(1, 3, 5, 1)
+  pooled = icon.avg_pool_half(image)
+  assert pooled.shape == (1, 2, 3, 1)
+  np.testing.assert_allclose(pooled[0, :, :, 0], [[3.0, 5.0, 6.5], [10.5, 12.5, 14.0]])
+
+
+def test_three_d_two_step():
+  moving, fixed = _images(jax.random.key(8), (1, 4, 5, 6, 1))
+  net = icon.TwoStepRegistration(
+      icon.FunctionFromVectorField(ConstantShift((1.0, 0.0, -1.0)), units="pixels"),
+      icon.FunctionFromVectorField(ConstantShift((0.5, 0.5, 0.5)), units="pixels"))
+  displacement = net.apply(net.init(jax.random.key(0), moving, fixed), moving, fixed)
+  np.testing.assert_allclose(displacement, jnp.broadcast_to(jnp.array([1.5, 0.5, -0.5]),
+                                                            (1, 4, 5, 6, 3)), atol=1e-6)
+
+
+def test_unet_zero_init_identity_and_shapes():
+  moving, fixed = _images(jax.random.key(9), (1, 20, 13, 1))
+  net = icon.FunctionFromVectorField(icon.RegistrationUNet(down_features=(4, 8, 8),
+                                                           up_features=(4, 8, 8)))
+  variables = net.init(jax.random.key(0), moving, fixed)
+  apply = jax.jit(net.apply)
+  np.testing.assert_array_equal(apply(variables, moving, fixed), 0.0)
+  unet_params = nn.meta.unbox(variables)["params"]["net"]
+  # ICON: level-0 decoder input = level-1 output (8) + level-1 skip (4).
+  assert unet_params["up_0"]["kernel"].shape == (4, 4, 12, 4)
+  assert unet_params["last"]["kernel"].shape == (3, 3, 4 + 2, 2)
+  # Non-zero last layer: a displacement of the right shape that depends on the images.
+  params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(variables))
+  params["params"]["net"]["last"]["kernel"] = 0.1 * jnp.ones_like(
+      params["params"]["net"]["last"]["kernel"])
+  out = apply(params, moving, fixed)
+  assert out.shape == (1, 20, 13, 2) and float(jnp.max(jnp.abs(out))) > 0
+
+
+def test_digits_demo_trains_to_lower_loss():
+  """Two Adam steps of the seed's setup (diffusion-regularised SSD) lower the loss."""
+  optax = pytest.importorskip("optax")
+  size = (8, 8)
+  grid = W.identity_map(size)
+  blob = lambda centre: jnp.exp(-jnp.sum((grid - centre) ** 2, -1) / 4.0)[None, ..., None]  # noqa: E731
+  moving, fixed = blob(jnp.array([3.0, 3.0])), blob(jnp.array([4.0, 4.5]))
+  net = icon.digits_registration(size, hidden=16, num_steps=3)
+  params = nn.meta.unbox(net.init(jax.random.key(0), moving, fixed))
+
+  def loss_fn(p):
+    phi = net.apply(p, moving, fixed, method="transform")
+    return losses.regularized_loss(moving, fixed, phi, lmbda=0.05)["loss"]
+
+  optimizer = optax.adam(1e-2)
+
+  @jax.jit
+  def step(p, state):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, state = optimizer.update(grads, state)
+    return optax.apply_updates(p, updates), state, loss
+
+  state = optimizer.init(params)
+  params, state, first = step(params, state)
+  for _ in range(4):
+    params, state, _ = step(params, state)
+  _, _, last = step(params, state)
+  assert float(last) < float(first)
+
+
+def test_bad_inputs_raise():
+  net = icon.digits_registration((28, 28), num_steps=1)
+  with pytest.raises(ValueError, match="spatial_shape"):
+    net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(ValueError, match="same shape"):
+    net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 27, 28, 1)))
