@@ -185,3 +185,32 @@ def _restore_params(workdir):
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
   return restored["state"]["params"]
+
+
+def test_bfloat16_compute_trains_with_float32_master_weights(tmp_path):
+  config = tiny_config()
+  config.train.compute_dtype = "bfloat16"
+  workdir, summary = _run(tmp_path, "bf16", config)
+  losses = _train_losses(workdir)
+  assert all(np.isfinite(list(losses.values())))
+  params = _restore_params(workdir)
+  assert params["dense1"]["kernel"].dtype == np.float32
+  # bf16 forward differs from float32 only by rounding.
+  reference, _ = _run(tmp_path, "f32", tiny_config())
+  np.testing.assert_allclose(losses[1], _train_losses(reference)[1], rtol=2e-2)
+
+
+def test_reduce_on_plateau_lowers_the_update_scale(tmp_path):
+  config = tiny_config()
+  config.train.steps = 12
+  config.optim.schedule = "constant"
+  config.optim.learning_rate = 1e-6  # the loss stays flat: every window is a plateau
+  config.optim.plateau.enabled = True
+  config.optim.plateau.accumulation_steps = 2
+  config.optim.plateau.patience = 1
+  config.optim.plateau.factor = 0.5
+  config.optim.plateau.rtol = 0.5
+  workdir, _ = _run(tmp_path, "plateau", config)
+  rows = [r for r in read_metrics(workdir) if "train/update_norm" in r]
+  first, last = rows[1]["train/update_norm"], rows[-1]["train/update_norm"]
+  assert last < 0.5 * first
