@@ -25,13 +25,6 @@ from mammojax.evaluate import evaluate_checkpoint
 from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all arms (one subdirectory each).")
-_FIELD = flags.DEFINE_string("field", "model.align", "Dotted config field to vary.")
-_VALUES = flags.DEFINE_list("values", ["True", "False"], "Values of --field (Python literals).")
-_SPLIT = flags.DEFINE_string("split", "test", "Held-out split to compare on.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def set_field(config, dotted: str, value) -> None:
@@ -73,13 +66,26 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("mammojax").setLevel(logging.INFO)
-  values = [ast.literal_eval(v) for v in _VALUES.value]
-  result = run_ablation(_CONFIG.value, _WORKDIR.value, _FIELD.value, values, _SPLIT.value)
+  f = flags.FLAGS
+  values = [ast.literal_eval(v) for v in f.values]
+  result = run_ablation(f.config, f.workdir, f.field, values, f.split)
   text = json.dumps(result, indent=2)
-  with open(os.path.join(_WORKDIR.value, "ablation.json"), "w") as f:
-    f.write(text)
+  with open(os.path.join(f.workdir, "ablation.json"), "w") as out:
+    out.write(text)
   print(text)
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for all arms (one subdirectory each).")
+  flags.DEFINE_string("field", "model.align", "Dotted config field to vary.")
+  flags.DEFINE_list("values", ["True", "False"], "Values of --field (Python literals).")
+  flags.DEFINE_string("split", "test", "Held-out split to compare on.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

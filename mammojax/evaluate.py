@@ -26,14 +26,6 @@ from mammojax.train import checkpoint, evaluation, init_state, sharding
 from mammojax.train.step import make_predict_step
 from mammojax.train.trainer import COMPUTE_DTYPES
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: WORKDIR/config.json of the run).", lock_config=False)
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                "Which checkpoint of the run to evaluate.")
-_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
-_OUT = flags.DEFINE_string("out", None, "Report directory (default WORKDIR/eval_<split>).")
-flags.mark_flag_as_required("workdir")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -72,11 +64,26 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("mammojax").setLevel(logging.INFO)
-  config = _CONFIG.value or load_run_config(_WORKDIR.value)
-  out_dir = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{_SPLIT.value}")
-  result = evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value, out_dir)
+  f = flags.FLAGS
+  config = f.config or load_run_config(f.workdir)
+  out_dir = f.out or os.path.join(f.workdir, f"eval_{f.split}")
+  result = evaluate_checkpoint(config, f.workdir, f.checkpoint, f.split, out_dir)
   print(json.dumps({"step": result["step"], "split": result["split"], "out": out_dir}))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so importing this module for
+  :func:`evaluate_checkpoint` does not clash with other tools' flags)."""
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file (default: WORKDIR/config.json of the run).", lock_config=False)
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                    "Which checkpoint of the run to evaluate.")
+  flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
+  flags.DEFINE_string("out", None, "Report directory (default WORKDIR/eval_<split>).")
+  flags.mark_flag_as_required("workdir")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -24,6 +24,9 @@ KINDS_HELP = """kinds:
                 stored time table), --registration_hparams (JSON, MammoRegNet sizes).
                 Build the model as ImgFeatAlign(registration=MammoRegNet(**registration_hparams),
                 **model_fields from source.json).
+  mammoclip     Mammo-CLIP EfficientNet-B2 image encoder (.tar with a 'model' state dict, keys
+                prefixed 'image_encoder.') -> EfficientNet variables with Mammo-CLIP's static
+                "same" padding (260x260).
   mammoregnet   MammoRegNet state dict (Longitudinal_Mammogram_Alignment / BCRBench
                 best_model_registration_*.pth). Flag: --registration_hparams (JSON).
   mirai         Mirai ResNet-18 backbone -> MiraiResNet18 variables, from a state dict in
@@ -70,8 +73,17 @@ def _convert_mirai(state_dict: dict, args: argparse.Namespace) -> tuple[dict, di
                      "layout": layout, "skipped_keys": skipped}
 
 
+def _convert_mammoclip(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+  del args
+  from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
+  variables = import_efficientnet(state_dict)
+  return variables, {"model_fields": {"static_padding_size": list(MAMMOCLIP_STATIC_SIZE),
+                                      "include_head": False}}
+
+
 CONVERTERS: dict[str, Callable[[dict, argparse.Namespace], tuple[dict, dict]]] = {
     "imgfeatalign": _convert_imgfeatalign,
+    "mammoclip": _convert_mammoclip,
     "mammoregnet": _convert_mammoregnet,
     "mirai": _convert_mirai,
 }
