@@ -214,3 +214,27 @@ def test_reduce_on_plateau_lowers_the_update_scale(tmp_path):
   rows = [r for r in read_metrics(workdir) if "train/update_norm" in r]
   first, last = rows[1]["train/update_norm"], rows[-1]["train/update_norm"]
   assert last < 0.5 * first
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
+  import signal
+  original = trainer.evaluation.to_global
+  calls = {"n": 0}
+
+  def to_global_then_term(batch, sharding):
+    # The 3rd batch put on devices is step 3's: SIGTERM arrives while that step runs.
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(batch, sharding)
+
+  monkeypatch.setattr(trainer.evaluation, "to_global", to_global_then_term)
+  config = tiny_config()
+  config.checkpoint.every_steps = 100
+  config.eval.every_steps = 100
+  workdir, summary = _run(tmp_path, "term", config)
+  assert summary["stopped"] == "preempted" and summary["step"] == 3
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+  monkeypatch.setattr(trainer.evaluation, "to_global", original)
+  _, resumed = _run(tmp_path, "term", config)
+  assert resumed["step"] == 6 and resumed["stopped"] == "steps"
