@@ -7,6 +7,8 @@ everything else: batching, sharding, the optimizer, freezing, checkpoints, metri
 from __future__ import annotations
 
 import abc
+import json
+import os
 from typing import Any
 
 import grain
@@ -70,8 +72,6 @@ class Task(abc.ABC):
 
   def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
     """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics."""
-    import json
-    import os
     report = self.evaluate(predictions)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, ".report.json.tmp")
