@@ -49,6 +49,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.synthetic.lesion_contrast = 0.35
   c.data.synthetic.seed = 0
 
+  # Host-side augmentation of training pairs (same transform for current and prior). Mirroring
+  # is off by default: ingestion puts every chest wall on the left.
+  c.data.augment = ml_collections.ConfigDict({
+      "enabled": True, "flip_p": 0.0, "rotation_deg": 3.0, "scale": 0.03, "shift": 0.02,
+      "contrast": 0.1, "brightness": 0.1})
+
   c.model = ml_collections.ConfigDict()
   # Mirai's ResNet-18 is 64/128/256/512 wide (``:paper``); a quarter of that keeps the synthetic
   # default to CPU minutes.

@@ -29,6 +29,17 @@ class TinyNet(nn.Module):
         nn.initializers.lecun_normal(), ("mlp", "embed")), name="head")(x)[:, 0]
 
 
+class AddNoise(grain.transforms.RandomMap):
+  """A random host-side augmentation (tests that it is reproduced on resume)."""
+
+  def __init__(self, scale: float):
+    self.scale = scale
+
+  def random_map(self, example, rng):
+    return dict(example, x=example["x"] + self.scale * rng.standard_normal(example["x"].shape)
+                .astype(np.float32))
+
+
 class TinyTask(Task):
 
   def __init__(self, config):
@@ -63,6 +74,10 @@ class TinyTask(Task):
 
   def eval_passthrough_keys(self):
     return ("y",)
+
+  def augmentations(self):
+    noise = self.config.data.get("noise", 0.0)
+    return (AddNoise(noise),) if noise else ()
 
   def dataset(self, split):
     return grain.MapDataset.source(self._data if split == "train" else self._data[:37])

@@ -62,6 +62,7 @@ def test_fsdp_shards_parameters(tmp_path, monkeypatch):
 def test_resume_matches_uninterrupted_run(tmp_path):
   config = tiny_config()
   config.checkpoint.every_steps = 100  # only the slice boundary and the end save
+  config.data.noise = 0.3  # a random augmentation must be replayed identically after resume
   straight, _ = _run(tmp_path, "straight", config)
   sliced = str(tmp_path / "sliced")
   first = trainer.train_and_evaluate(config, sliced, TinyTask(config), show_progress=False,

@@ -4,7 +4,7 @@ checkpointable iterator, and padded evaluation batches that every host steps thr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -24,8 +24,14 @@ class KeepNumeric(grain.transforms.Map):
 
 def train_iterator(examples: grain.MapDataset, *, seed: int, global_batch_size: int,
                    process_index: int, process_count: int, workers: int = 0,
-                   read_threads: int = 4) -> grain.DatasetIterator:
+                   read_threads: int = 4,
+                   augmentations: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = ()
+                   ) -> grain.DatasetIterator:
   """An endless iterator of this host's part of each global batch.
+
+  ``augmentations`` run after the shuffle and repeat; a ``RandomMap`` gets a generator seeded
+  by ``seed`` and the example's position in the endless stream, so it differs every epoch and
+  is reproduced exactly on resume.
 
   The examples are shuffled (a new order every epoch) and cut into local batches; host ``i``
   takes the ``i``-th of every ``process_count`` consecutive ones, i.e. a contiguous block of each
@@ -34,7 +40,11 @@ def train_iterator(examples: grain.MapDataset, *, seed: int, global_batch_size: 
   checkpoint stores.
   """
   local_batch = _local_batch(global_batch_size, process_count)
-  ds = examples.seed(seed).shuffle().repeat().map(KeepNumeric())
+  ds = examples.seed(seed).shuffle().repeat()
+  for transform in augmentations:
+    ds = ds.random_map(transform) if isinstance(transform, grain.transforms.RandomMap) \
+        else ds.map(transform)
+  ds = ds.map(KeepNumeric())
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=2 * read_threads))

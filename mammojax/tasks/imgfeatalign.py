@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mammojax.data.augment import AugmentConfig, train_augmentations
 from mammojax.data.longitudinal_pipeline import longitudinal_dataset, resolve_longitudinal_dir
 from mammojax.losses.risk import risk_loss
 from mammojax.metrics import risk as risk_metrics
@@ -47,6 +48,15 @@ class ImgFeatAlignTask(Task):
   def init_variables(self, rng, batch):
     return self.model.init({"params": rng, "dropout": rng}, batch["current_image"],
                            batch["previous_image"], batch["time_gap"], train=False)
+
+  def augmentations(self):
+    """Geometric and intensity jitter shared by current and prior (``config.data.augment``)."""
+    a = self.config.data.augment
+    if not a.enabled:
+      return ()
+    return train_augmentations(AugmentConfig(
+        flip_p=a.flip_p, rotation_deg=a.rotation_deg, scale=a.scale, shift=a.shift,
+        contrast=a.contrast, brightness=a.brightness))
 
   def frozen_param_patterns(self) -> tuple[str, ...]:
     """The registration network is always frozen; the encoder too unless ``finetune_all``."""

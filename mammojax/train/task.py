@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -59,6 +60,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def dataset(self, split: str) -> grain.MapDataset:
     """The unbatched, unshuffled examples of ``split`` (dicts of numpy arrays)."""
+
+  def augmentations(self) -> Sequence[grain.transforms.Map | grain.transforms.RandomMap]:
+    """Host-side transforms applied to training examples only, after the shuffle and repeat
+    (so a random transform draws anew in every epoch)."""
+    return ()
 
   def frozen_param_patterns(self) -> tuple[str, ...]:
     """Parameter-path regexes the model never trains (e.g. a frozen registration network);

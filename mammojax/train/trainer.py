@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   data_iter = pipeline.train_iterator(
       train_examples, seed=config.seed, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.data.get("workers", 0))
+      workers=config.data.get("workers", 0), augmentations=task.augmentations())
   example_batch = next(pipeline.eval_batches(train_examples, global_batch_size=data_parallel,
                                              process_index=0, process_count=1))
   init = init_state.create_train_state(task, config, mesh, example_batch)
