@@ -316,3 +316,25 @@ def test_split_is_stratified_by_outcome():
   positives_in_test = sum(1 for p, s in split.items() if s == "test" and outcomes[p])
   assert positives_in_test == 2 and sum(s == "test" for s in split.values()) == 10
   assert split == tabular.stratified_patient_split(outcomes, {"train": 0.8, "test": 0.2}, 1)
+
+
+def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path):
+  """Real-format files -> ingest -> the same decoding and batching the ImgFeatAlign task uses."""
+  from mammojax.data import pipeline
+  from mammojax.data.longitudinal_pipeline import longitudinal_dataset
+  out = str(tmp_path / "out")
+  ingest.write_dataset(_plan(*cohort), out, fingerprint="f", records_per_shard=2)
+  examples = longitudinal_dataset(out, "train")
+  batch = next(pipeline.eval_batches(examples, global_batch_size=2, process_index=0,
+                                     process_count=1))
+  assert batch["current_image"].shape == (2, 32, 24, 1)
+  assert batch["current_image"].dtype == np.float32
+  assert batch["previous_image"].shape == (2, 32, 24, 1)
+  assert batch["target"].shape == batch["y_mask"].shape == (2, 5)
+  # A missing prior removes the prior head's supervision and blanks the prior image.
+  for i in range(2):
+    if not batch["has_prior"][i]:
+      assert not batch["y_mask_prior"][i].any() and not batch["previous_image"][i].any()
+  train = pipeline.train_iterator(examples, seed=0, global_batch_size=2, process_index=0,
+                                  process_count=1)
+  assert next(train)["current_image"].shape == (2, 32, 24, 1)
