@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mammojax import tasks
+from mammojax.console import setup_console_logging
 from mammojax.evaluate import evaluate_checkpoint
 from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
@@ -65,7 +66,7 @@ def run_ablation(config, workdir: str, field: str, values: list, split: str) -> 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("mammojax").setLevel(logging.INFO)
+  setup_console_logging()
   f = flags.FLAGS
   values = [ast.literal_eval(v) for v in f.values]
   result = run_ablation(f.config, f.workdir, f.field, values, f.split)

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mammojax import tasks
+from mammojax.console import setup_console_logging
 from mammojax.data import pipeline
 from mammojax.train import checkpoint, evaluation, init_state, sharding
 from mammojax.train.step import make_predict_step
@@ -63,7 +64,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("mammojax").setLevel(logging.INFO)
+  setup_console_logging()
   f = flags.FLAGS
   config = f.config or load_run_config(f.workdir)
   out_dir = f.out or os.path.join(f.workdir, f"eval_{f.split}")

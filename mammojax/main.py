@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mammojax import tasks
+from mammojax.console import setup_console_logging
 from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
@@ -50,10 +51,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("mammojax").setLevel(logging.INFO)
-  # Orbax and absl log every checkpoint step at INFO; keep the console for the progress bar.
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  setup_console_logging()
   initialize_distributed()
   config = _CONFIG.value
   run_pretraining(config, _WORKDIR.value, show_progress=_PROGRESS.value)
