@@ -40,10 +40,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.num_steps = 9  # the seed: the network, then eight TwoStepRegistration compositions
   c.model.lmbda = 0.05
 
-  c.train.steps = 1500
+  c.train.steps = 600
   c.train.batch_size = 128
   c.eval.batch_size = 128
-  c.eval.every_steps = 500
+  c.eval.every_steps = 200
   c.eval.figure_examples = 6
   c.optim.name = "adam"
   c.optim.learning_rate = 1e-3
@@ -51,10 +51,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
   c.optim.clip_grad_norm = 0.0
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 200
   c.checkpoint.best_metric = "eval/similarity"
   c.checkpoint.best_mode = "min"
-  c.logging.every_steps = 100
+  c.logging.every_steps = 50
 
   if variant == "smoke":
     c.data.size = 16

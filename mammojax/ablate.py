@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import copy
 import json
-import logging
 import os
 
 from absl import app, flags
