@@ -10,6 +10,7 @@ from mammojax.train.task import Task
 
 # config.task -> "module:class"
 TASKS = {
+    "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
     "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
     "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
 }

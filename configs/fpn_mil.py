@@ -1,0 +1,188 @@
+r"""FPN-MIL: multi-scale attention-based MIL for lesion classification in mammograms.
+
+Images are cut into patches; EfficientNet + FPN feature-map pixels at strides 16, 32 and 128 are
+the instances of one bag per scale; per-scale instance encoders and pooling, a gated-attention
+scale aggregator and deep supervision classify the image (mass / suspicious calcification).
+
+Default: trains on the embedded synthetic mammograms (masses as blobs, calcifications as
+clusters of bright specks, with boxes) on a CPU in minutes. To fit a CPU it is NOT the paper's
+model size: 192x128 images, 64-pixel patches (6 per image), an EfficientNet of width/depth 0.25
+trained from scratch (no Mammo-CLIP weights offline), 32-wide FPN and head. The label is 'Mass'
+(--config.data.label=Suspicious_Calcification for the clusters):
+
+  python -m mammojax.main --config=configs/fpn_mil.py --workdir=/tmp/fpn_mil
+  python -m mammojax.evaluate --workdir=/tmp/fpn_mil --split=test   # + detection, overlays
+
+Variants (``--config=configs/fpn_mil.py:<variant>``):
+
+  smoke    seconds on a CPU; what the tests run.
+  calc     the reference's best calcification model (FPN + ISAB + PMA, layer norm, gated scale
+           aggregator, deep supervision, scales 16/32/128, weighted BCE) on real data.
+  mass     the reference's best mass model (FPN + MLP + gated attention).
+  offline  the default model's MIL head trained on stored features; first
+             python -m mammojax.extract_features --config=configs/fpn_mil.py \
+               --workdir=/tmp/fpn_mil --out=/tmp/fpn_mil_features
+           then
+             python -m mammojax.main --config=configs/fpn_mil.py:offline --workdir=/tmp/offline \
+               --config.data.features_dir=/tmp/fpn_mil_features
+
+calc / mass expect an ingested VinDr-style dataset (python -m mammojax.ingest mil ...) with
+1520x912 images (Mammo-CLIP's preprocessing) and the Mammo-CLIP EfficientNet-B2 converted to a
+variables directory (``--config.model.backbone_checkpoint``):
+
+  python -m mammojax.main --config=configs/fpn_mil.py:calc --workdir=RUN \
+    --config.data.dir=/data/vindr_mil --config.model.backbone_checkpoint=/ckpt/mammoclip_b2
+
+Lesion-detection analysis as in the reference uses overlapping patches, e.g.
+``--config.data.overlap=0.75`` with ``python -m mammojax.evaluate``.
+"""
+
+import ml_collections
+
+from mammojax.losses.mil import VINDR_CALCIFICATION_POS_WEIGHT, VINDR_MASS_POS_WEIGHT
+from mammojax.train.base_config import base_config
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = base_config()
+  c.name = "fpn_mil"
+  c.task = "fpn_mil"
+
+  c.data.dir = ""  # an ingested MIL dataset (python -m mammojax.ingest mil); empty = synthetic
+  c.data.features_dir = ""  # stored features (python -m mammojax.extract_features): offline mode
+  c.data.mode = "auto"  # offline iff features_dir; "offline" makes features_dir required
+  c.data.label = "Mass"  # or "Suspicious_Calcification"
+  c.data.image_size = (192, 128)  # (H, W) of every image of the dataset
+  c.data.patch_size = 64
+  c.data.overlap = 0.0
+  c.data.min_foreground = 0.0  # patches with no breast pixel are dropped
+  c.data.background_threshold = 0.05
+  c.data.channels = 1  # 3 for Mammo-CLIP weights
+  c.data.max_boxes = 8
+  c.data.thumbnail_stride = 1
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.root = ""  # cache dir for generated data; empty = $MAMMOJAX_DATA or ~/.cache
+  c.data.synthetic.num_train = 512
+  c.data.synthetic.num_val = 128
+  c.data.synthetic.num_test = 128
+  c.data.synthetic.mass_fraction = 0.4
+  c.data.synthetic.calc_fraction = 0.4
+  c.data.synthetic.mass_radius = (5.0, 9.0)
+  c.data.synthetic.mass_contrast = 0.3
+  c.data.synthetic.calc_spots = (6, 12)
+  c.data.synthetic.calc_cluster_radius = 7.0
+  c.data.synthetic.calc_contrast = 0.6
+  c.data.synthetic.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = ml_collections.ConfigDict()
+  c.model.backbone.width = 0.25  # B2: 1.1
+  c.model.backbone.depth = 0.25  # B2: 1.2
+  c.model.backbone.static_padding_size = ()  # Mammo-CLIP: (260, 260)
+  c.model.backbone.drop_connect_rate = 0.0
+  c.model.backbone_trainable = True  # no pretrained encoder for the synthetic default
+  c.model.frozen_backbone_batch_stats = False
+  c.model.backbone_checkpoint = ""  # converted Mammo-CLIP EfficientNet variables
+  c.model.fpn = ml_collections.ConfigDict({"features": 32, "top_down": True,
+                                           "group_norm": False})
+  c.model.head = ml_collections.ConfigDict({
+      "scales": (16, 32, 128), "encoder_type": "mlp", "encoder_features": 32,
+      "encoder_dropout": 0.0, "num_encoder_blocks": 2, "encoder_heads": 4,
+      "num_inducing": (),  # ISAB inducing points per scale; () = the reference's rule
+      "layer_norm": False, "pooling_type": "gated-attention", "attention_hidden": 32,
+      "attention_dropout": 0.0, "pma_heads": 1, "scale_aggregator": "gated-attention",
+      "deep_supervision": True, "classifier_dropout": 0.0})
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.pos_weight = 1.0
+  c.loss.pos_weight_from_data = True  # negatives / positives of the training split
+  c.loss.side_weight = 1.0
+
+  c.train.steps = 600
+  c.train.batch_size = 8
+  c.eval.batch_size = 16
+  c.eval.every_steps = 200
+  c.eval.threshold = 0.5
+  c.eval.num_overlays = 8
+  c.eval.detection = ml_collections.ConfigDict({
+      "quantile": 0.98, "min_value": 0.5, "min_area": 20, "max_boxes": 3, "nms_iou": 0.5,
+      "smooth_sigma": 2.0, "patch_normalization": False, "iou_thresholds": (0.1, 0.25, 0.5)})
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 30
+  c.optim.weight_decay = 1e-4
+  c.checkpoint.every_steps = 200
+  c.checkpoint.best_metric = "eval/auc"
+  c.checkpoint.best_mode = "max"
+  c.logging.every_steps = 20
+
+  if variant == "smoke":
+    c.data.image_size = (64, 48)
+    c.data.patch_size = 32
+    c.data.synthetic.num_train = 16
+    c.data.synthetic.num_val = 8
+    c.data.synthetic.num_test = 8
+    c.data.synthetic.mass_fraction = 0.5
+    c.data.synthetic.mass_radius = (3.0, 5.0)
+    c.data.synthetic.calc_cluster_radius = 4.0
+    c.model.backbone.width = 0.1
+    c.model.backbone.depth = 0.1
+    c.model.backbone_trainable = False  # the frozen-encoder path (and a faster compile)
+    c.model.fpn.features = 8
+    c.model.head.encoder_features = 8
+    c.model.head.attention_hidden = 8
+    c.train.steps = 2
+    c.train.batch_size = 8
+    c.eval.batch_size = 8
+    c.eval.every_steps = 2
+    c.eval.num_overlays = 2
+    c.eval.detection.min_area = 2
+    c.checkpoint.every_steps = 2
+    c.logging.every_steps = 1
+    c.logging.tensorboard = False
+    c.optim.warmup_steps = 1
+  elif variant == "offline":
+    c.name = "fpn_mil_offline"
+    c.data.mode = "offline"
+    c.train.steps = 400
+    c.optim.learning_rate = 1e-3
+  elif variant in ("calc", "mass"):
+    c.name = f"fpn_mil_{variant}"
+    c.data.image_size = (1520, 912)
+    c.data.patch_size = 512
+    c.data.channels = 3
+    c.data.thumbnail_stride = 4
+    c.model.backbone = ml_collections.ConfigDict({
+        "width": 1.1, "depth": 1.2, "static_padding_size": (260, 260), "drop_connect_rate": 0.2})
+    c.model.backbone_trainable = False
+    c.model.fpn.features = 256
+    c.model.head.encoder_features = 256
+    c.model.head.encoder_dropout = 0.25
+    c.model.head.attention_dropout = 0.25
+    c.model.head.attention_hidden = 128
+    c.loss.pos_weight_from_data = False
+    c.train.batch_size = 8
+    c.train.steps = 30 * 1000  # 30 epochs of ~8k training images; set to your dataset's steps
+    c.optim.learning_rate = 5e-5
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.eval.batch_size = 8
+    c.eval.every_steps = 1000
+    c.eval.detection = ml_collections.ConfigDict({
+        "quantile": 0.98, "min_value": 0.5, "min_area": 230, "max_boxes": 3, "nms_iou": 0.5,
+        "smooth_sigma": 10.0, "patch_normalization": True, "iou_thresholds": (0.1, 0.25, 0.5)})
+    c.checkpoint.every_steps = 1000
+    if variant == "calc":
+      c.data.label = "Suspicious_Calcification"
+      c.model.head.encoder_type = "isab"
+      c.model.head.layer_norm = True
+      c.model.head.pooling_type = "pma"
+      c.loss.pos_weight = VINDR_CALCIFICATION_POS_WEIGHT
+    else:
+      c.data.label = "Mass"
+      c.model.head.encoder_type = "mlp"
+      c.model.head.pooling_type = "gated-attention"
+      c.loss.pos_weight = VINDR_MASS_POS_WEIGHT
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/fpn_mil.py; use '', 'smoke', "
+                     "'calc', 'mass' or 'offline'")
+  return c
