@@ -40,13 +40,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.num_years = 5
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.root = ""  # cache dir for generated data; empty = $MAMMOJAX_DATA or ~/.cache
-  c.data.synthetic.num_train = 1024
+  c.data.synthetic.num_train = 2048
   c.data.synthetic.num_val = 256
-  c.data.synthetic.num_test = 256
+  c.data.synthetic.num_test = 512
   c.data.synthetic.positive_fraction = 0.3
   c.data.synthetic.missing_prior_fraction = 0.05
   c.data.synthetic.deformation_pixels = 4.0
-  c.data.synthetic.lesion_contrast = 0.35
+  c.data.synthetic.lesion_contrast = 0.45
   c.data.synthetic.seed = 0
 
   # Host-side augmentation of training pairs (same transform for current and prior). Mirroring
@@ -83,7 +83,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "config": os.path.join(os.path.dirname(os.path.abspath(__file__)), "mammoregnet.py"),
       "variant": "", "link": "model.registration_checkpoint"})
 
-  c.train.steps = 600
+  c.train.steps = 800
   c.train.batch_size = 16
   # The registration network (and the encoder unless finetune_all) are frozen by the task.
   c.eval.batch_size = 32

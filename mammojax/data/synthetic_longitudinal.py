@@ -92,7 +92,7 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
   prior_anatomy = anatomy
   if positive:
     # Sooner cancer -> larger lesion now; in the prior it is absent or smaller.
-    radius_now = 5.0 - 0.6 * years_to_cancer + rng.uniform(-0.5, 0.5)
+    radius_now = 6.0 - 0.9 * years_to_cancer + rng.uniform(-0.5, 0.5)
     grows = rng.random() < 0.4
     center = _point_in(rng, breast_mask)
     current_anatomy = current_anatomy + _blob(rng, breast_mask, radius_now,
