@@ -23,7 +23,7 @@ from mammojax.train.base_config import base_config
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = base_config()
   c.name = "icon_digits"
-  c.task = "mammojax.tasks.icon_digits:IconDigitsTask"
+  c.task = "icon_digits"
 
   c.data.source = "auto"  # 'auto' | 'mnist' | 'sklearn'
   c.data.tfds_data_dir = ""

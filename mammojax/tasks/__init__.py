@@ -11,6 +11,8 @@ from mammojax.train.task import Task
 # config.task -> "module:class"
 TASKS = {
     "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
+    "gradicon_unet": "mammojax.tasks.gradicon_unet:GradICONUNetTask",
+    "icon_digits": "mammojax.tasks.icon_digits:IconDigitsTask",
     "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
     "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
 }
