@@ -338,3 +338,27 @@ def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path
   train = pipeline.train_iterator(examples, seed=0, global_batch_size=2, process_index=0,
                                   process_count=1)
   assert next(train)["current_image"].shape == (2, 32, 24, 1)
+
+
+def test_sequence_pipeline_pads_to_a_fixed_length(tmp_path):
+  from mammojax.data.sequence_pipeline import sequence_dataset
+  for i in range(3):
+    write_png(str(tmp_path / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
+  rows = [dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
+          for i in range(3)]
+  _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
+  options = sequence_csv.SequenceOptions(fractions=(("train", 1.0),), preprocess=MammoPreprocessConfig(
+      height=16, width=16, orientation="none", crop=False))
+  plan = sequence_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
+  out = str(tmp_path / "out")
+  ingest.write_dataset(plan, out, fingerprint="f", records_per_shard=8)
+  examples = [sequence_dataset(out, "train", max_length=2)[i] for i in range(3)]
+  by_length = sorted(examples, key=lambda e: int(e["sequence_mask"].sum()))
+  first, _, last = by_length
+  assert first["images"].shape == (2, 16, 16, 1)
+  np.testing.assert_array_equal(first["sequence_mask"], [0, 1])  # left-padded, newest last
+  assert not first["images"][0].any()
+  # A 3-image sequence keeps its newest 2 images.
+  np.testing.assert_array_equal(last["sequence_mask"], [1, 1])
+  np.testing.assert_allclose(last["time_offsets"], [365 / 365.25, 0.0], atol=1e-6)
+  assert int(last["length"]) == 2
