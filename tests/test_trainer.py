@@ -239,3 +239,43 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer.evaluation, "to_global", original)
   _, resumed = _run(tmp_path, "term", config)
   assert resumed["step"] == 6 and resumed["stopped"] == "steps"
+
+
+@pytest.mark.parametrize("source", ["converted", "run"])
+def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, source):
+  from mammojax.convert.store import save_variables
+  trained_dir, _ = _run(tmp_path, "trained", tiny_config())
+  trained = jax.tree.map(np.asarray, _restore_params(trained_dir))
+  if source == "converted":
+    init_dir = str(tmp_path / "converted")
+    save_variables(init_dir, {"params": trained}, {"kind": "test"})
+  else:
+    init_dir = trained_dir
+  seen = {}
+  original = trainer.init_state.create_train_state
+
+  def spy(*args, **kwargs):
+    out = original(*args, **kwargs)
+    seen["params"] = jax.device_get(out.state.params)
+    return out
+
+  monkeypatch.setattr(trainer.init_state, "create_train_state", spy)
+  config = tiny_config()
+  config.init_from = init_dir
+  config.train.steps = 1
+  _run(tmp_path, "finetune", config)
+  for name in ("dense1", "head"):
+    np.testing.assert_array_equal(seen["params"][name]["kernel"], trained[name]["kernel"])
+
+
+def test_init_from_with_wrong_shapes_names_the_parameter(tmp_path):
+  from mammojax.convert.store import save_variables
+  bad = str(tmp_path / "bad")
+  save_variables(bad, {"params": {"dense1": {"kernel": np.zeros((3, 3)), "bias": np.zeros(16)},
+                                  "bn": {"scale": np.ones(16), "bias": np.zeros(16)},
+                                  "head": {"kernel": np.zeros((16, 1)), "bias": np.zeros(1)}}},
+                 {"kind": "test"})
+  config = tiny_config()
+  config.init_from = bad
+  with pytest.raises(ValueError, match=r"params/dense1/kernel has shape \(3, 3\)"):
+    _run(tmp_path, "bad", config)
