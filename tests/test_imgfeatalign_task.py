@@ -100,3 +100,31 @@ def test_help_lists_flags():
   result = _main("--help")  # absl prints the help and exits with status 1
   for flag in ("--config", "--workdir", "--coordinator_address"):
     assert flag in result.stdout
+
+
+def test_pretraining_stage_trains_once_and_links(tmp_path, monkeypatch):
+  from mammojax.train import stages
+  config = _smoke(tmp_path)
+  workdir = str(tmp_path / "run")
+  calls = []
+  original = stages.train_and_evaluate
+
+  def counting(stage_config, stage_dir, task, **kwargs):
+    stage_config.data.synthetic.root = str(tmp_path / "data")
+    calls.append(stage_dir)
+    return original(stage_config, stage_dir, task, **kwargs)
+
+  monkeypatch.setattr(stages, "train_and_evaluate", counting)
+  stages.run_pretraining(config, workdir, show_progress=False)
+  registration_dir = os.path.join(workdir, "registration")
+  assert config.model.registration_checkpoint == registration_dir
+  assert calls == [registration_dir]
+  assert os.path.isdir(os.path.join(registration_dir, "checkpoints"))
+  # A rerun (e.g. a resumed job) reuses the finished stage instead of training it again.
+  again = _smoke(tmp_path)
+  stages.run_pretraining(again, workdir, show_progress=False)
+  assert calls == [registration_dir]
+  assert again.model.registration_checkpoint == registration_dir
+  # The ImgFeatAlign task loads that run's MammoRegNet as its frozen registration network.
+  task = tasks.build_task(again)
+  assert task.pretrained_checkpoints() == {"registration": registration_dir}

@@ -9,6 +9,7 @@ default ImgFeatAlign job trains its frozen MammoRegNet before using it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 
@@ -39,11 +40,23 @@ def run_pretraining(config: ml_collections.ConfigDict, workdir: str,
       continue
     stage_config = load_config_file(stage.config, stage.get("variant", ""))
     stage_dir = os.path.join(workdir, name)
-    log.info("pretraining %s (%s) in %s", name, stage.config, stage_dir)
-    summary = train_and_evaluate(stage_config, stage_dir, tasks.build_task(stage_config),
-                                 show_progress=show_progress)
-    log.info("%s done: %s", name, summary.get("best") or summary.get("eval"))
+    if _finished(stage_dir):
+      log.info("using the finished %s run in %s", name, stage_dir)
+    else:
+      log.info("pretraining %s (%s) in %s", name, stage.config, stage_dir)
+      summary = train_and_evaluate(stage_config, stage_dir, tasks.build_task(stage_config),
+                                   show_progress=show_progress)
+      log.info("%s done: %s", name, summary.get("best") or summary.get("eval"))
     owner[field] = stage_dir
+
+
+def _finished(run_dir: str) -> bool:
+  """A run that ended by reaching its steps or by early stopping (not one that was cut off)."""
+  path = os.path.join(run_dir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("stopped") in ("steps", "early_stopping")
 
 
 def _resolve(config: ml_collections.ConfigDict, dotted: str):
