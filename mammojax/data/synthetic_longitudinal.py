@@ -26,23 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
-import shutil
-from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data import records
 from mammojax.data.survival import survival_targets
+from mammojax.data.synthetic_splits import SPLITS, SplitCounts, write_splits
 
 NO_CANCER = 100.0
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticLongitudinalSpec:
+class SyntheticLongitudinalSpec(SplitCounts):
   """What to generate. ``image_size`` is (H, W); counts are examples per split."""
   image_size: tuple[int, int] = (128, 96)
   num_train: int = 512
@@ -56,13 +51,6 @@ class SyntheticLongitudinalSpec:
   store_displacement: bool = False
   seed: int = 0
   examples_per_shard: int = 256
-
-  def count(self, split: str) -> int:
-    return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
-  def fingerprint(self) -> str:
-    body = json.dumps(dataclasses.asdict(self), sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) -> dict:
@@ -146,38 +134,8 @@ def write_dataset(directory: str, spec: SyntheticLongitudinalSpec) -> str:
 
   Reuses a finished dataset with the same spec; returns the dataset directory.
   """
-  out = os.path.join(directory, f"synthetic_longitudinal_{spec.fingerprint()}")
-  if os.path.exists(os.path.join(out, records.MANIFEST)):
-    return out
-  os.makedirs(out, exist_ok=True)
-  splits = {}
-  pixels = []
-  for split in SPLITS:
-    count = spec.count(split)
-    num_shards = max(1, -(-count // spec.examples_per_shard))
-    names = []
-    for shard, indices in enumerate(records.split_evenly(range(count), num_shards)):
-      name = records.shard_name(split, shard, num_shards)
-      examples = list(_examples(spec, split, indices))
-      if split == "train":
-        pixels.extend(e["current_image"][::4, ::4].ravel() for e in examples[:64])
-      records.write_shard(os.path.join(out, name), examples)
-      names.append(name)
-    splits[split] = {"shards": names, "count": count}
-  sample = np.concatenate(pixels).astype(np.float64)
-  config = dict(dataclasses.asdict(spec), kind="synthetic_longitudinal",
-                pixel_mean=float(sample.mean()), pixel_std=float(sample.std() + 1e-6))
-  records.write_manifest(out, splits, config)
-  return out
-
-
-def remove_dataset(directory: str) -> None:
-  shutil.rmtree(directory, ignore_errors=True)
-
-
-def _examples(spec: SyntheticLongitudinalSpec, split: str, indices) -> Iterator[dict]:
-  for i in indices:
-    yield generate_example(spec, split, int(i))
+  return write_splits(directory, "synthetic_longitudinal", spec, generate_example,
+                      image_key="current_image")
 
 
 def _breast_anatomy(rng: np.random.Generator, height: int, width: int, density: int) -> np.ndarray:

@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data import records
 from mammojax.data.synthetic_longitudinal import _acquisition_noise, _blob, _breast_anatomy, \
     _point_in, _to_uint16
+from mammojax.data.synthetic_splits import SPLITS, SplitCounts, write_splits
 
-SPLITS = ("train", "val", "test")
 LABEL_NAMES = ("Mass", "Suspicious_Calcification")
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticMILSpec:
+class SyntheticMILSpec(SplitCounts):
   """What to generate. ``image_size`` is (H, W) pixels; counts are examples per split."""
   image_size: tuple[int, int] = (256, 192)
   num_train: int = 512
@@ -51,13 +48,6 @@ class SyntheticMILSpec:
   calc_contrast: float = 0.6
   seed: int = 0
   examples_per_shard: int = 256
-
-  def count(self, split: str) -> int:
-    return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
-  def fingerprint(self) -> str:
-    body = json.dumps(dataclasses.asdict(self), sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 def generate_example(spec: SyntheticMILSpec, split: str, index: int) -> dict:
@@ -107,29 +97,8 @@ def write_dataset(directory: str, spec: SyntheticMILSpec) -> str:
 
   Reuses a finished dataset with the same spec; returns the dataset directory.
   """
-  out = os.path.join(directory, f"synthetic_mil_{spec.fingerprint()}")
-  if os.path.exists(os.path.join(out, records.MANIFEST)):
-    return out
-  os.makedirs(out, exist_ok=True)
-  splits, pixels = {}, []
-  for split in SPLITS:
-    count = spec.count(split)
-    num_shards = max(1, -(-count // spec.examples_per_shard))
-    names = []
-    for shard, indices in enumerate(records.split_evenly(range(count), num_shards)):
-      name = records.shard_name(split, shard, num_shards)
-      examples = [generate_example(spec, split, int(i)) for i in indices]
-      if split == "train":
-        pixels.extend(e["image"][::4, ::4].ravel() for e in examples[:64])
-      records.write_shard(os.path.join(out, name), examples)
-      names.append(name)
-    splits[split] = {"shards": names, "count": count}
-  sample = np.concatenate(pixels).astype(np.float64) if pixels else np.zeros(1)
-  config = dict(dataclasses.asdict(spec), kind="synthetic_mil", task="mil",
-                labels=list(LABEL_NAMES), pixel_mean=float(sample.mean()),
-                pixel_std=float(sample.std() + 1e-6))
-  records.write_manifest(out, splits, config)
-  return out
+  return write_splits(directory, "synthetic_mil", spec, generate_example, image_key="image",
+                      task="mil", labels=list(LABEL_NAMES))
 
 
 def _calcification_cluster(rng: np.random.Generator, breast: np.ndarray,
