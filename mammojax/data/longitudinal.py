@@ -219,11 +219,8 @@ def plan(csv_path: str, images_root: str, options: LongitudinalOptions,
         outcomes[exam.patient_id] = 1
     assignment = tabular.stratified_patient_split(outcomes, dict(options.fractions),
                                                   options.seed)
-  split_names = [n for n, _ in options.fractions]
-  splits: dict[str, list[PairItem]] = {}
-  for name in split_names + sorted(set(assignment.values()) - set(split_names)):
-    items = [i for p in patients if assignment[p] == name for i in items_by_patient[p]]
-    splits[name] = sorted(items, key=lambda i: i.order)
+  splits: dict[str, list[PairItem]] = tabular.items_by_split(
+      {p: items_by_patient[p] for p in patients}, assignment, options.fractions)
   config = {"task": "longitudinal", "num_years": options.num_years, "prior": options.prior,
             "min_gap_years": options.min_gap_years, "missing_prior": options.missing_prior,
             "split_seed": options.seed, "fractions": dict(options.fractions),

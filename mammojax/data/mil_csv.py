@@ -113,16 +113,8 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
     outcomes[patient] = max(outcomes.get(patient, 0), int(entry["labels"].any()))
     if "split" in table.columns:
       declared[patient].extend((l, row["split"]) for l in entry["lines"])
-  if declared:
-    assignment = tabular.split_from_column(declared, "split")
-  else:
-    assignment = tabular.stratified_patient_split(outcomes, dict(options.fractions),
-                                                  options.seed)
-  names = [n for n, _ in options.fractions]
-  names += sorted(set(assignment.values()) - set(names))
-  splits = {n: sorted((i for p, items in items_by_patient.items() if assignment[p] == n
-                       for i in items), key=lambda i: i.order)
-            for n in names}
+  assignment = tabular.assign_patients(declared, outcomes, options.fractions, options.seed)
+  splits = tabular.items_by_split(items_by_patient, assignment, options.fractions)
   config = {"task": "mil", "labels": list(options.labels),
             "preprocess": options.preprocess.to_dict(), "view_codes": VIEW_CODES,
             "split_seed": options.seed, "fractions": dict(options.fractions)}

@@ -93,15 +93,8 @@ def plan(csv_path: str, images_root: str, options: SequenceOptions,
     outcomes[key] = max(r[3] for r in rows)
     if "split" in table.columns:
       declared[key] = [(r[1], r[4]) for r in rows]
-  if declared:
-    assignment = tabular.split_from_column(declared, "split")
-  else:
-    assignment = tabular.stratified_patient_split(outcomes, dict(options.fractions),
-                                                  options.seed)
-  names = [n for n, _ in options.fractions]
-  names += sorted(set(assignment.values()) - set(names))
-  splits = {n: sorted((i for p, items in items_by_patient.items() if assignment[p] == n
-                       for i in items), key=lambda i: i.order) for n in names}
+  assignment = tabular.assign_patients(declared, outcomes, options.fractions, options.seed)
+  splits = tabular.items_by_split(items_by_patient, assignment, options.fractions)
   config = {"task": "sequence", "max_length": options.max_length,
             "preprocess": options.preprocess.to_dict(), "split_seed": options.seed,
             "fractions": dict(options.fractions)}

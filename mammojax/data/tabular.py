@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -171,6 +172,26 @@ def stratified_patient_split(outcomes: Mapping[str, int], fractions: Mapping[str
         assignment[key] = name
       start += count
   return assignment
+
+
+def assign_patients(declared: Mapping[str, Sequence[tuple[int, str]]],
+                    outcomes: Mapping[str, int], fractions: Sequence[tuple[str, float]],
+                    seed: int) -> dict[str, str]:
+  """Patient key -> split: from the CSV ``split`` column when it was given (``declared``
+  non-empty), else a seeded split of ``outcomes``' patients stratified by outcome."""
+  if declared:
+    return split_from_column(declared, "split")
+  return stratified_patient_split(outcomes, dict(fractions), seed)
+
+
+def items_by_split(items_by_key: Mapping[str, Sequence[Any]], assignment: Mapping[str, str],
+                   fractions: Sequence[tuple[str, float]]) -> dict[str, list[Any]]:
+  """Split name -> the items of its patients sorted by ``item.order``; the configured splits
+  come first (possibly empty), then any other split named in a ``split`` column."""
+  names = [n for n, _ in fractions]
+  names += sorted(set(assignment.values()) - set(names))
+  return {n: sorted((i for key, items in items_by_key.items() if assignment[key] == n
+                     for i in items), key=lambda i: i.order) for n in names}
 
 
 def split_from_column(values: Mapping[str, Sequence[tuple[int, str]]],

@@ -119,15 +119,10 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions,
                             with_mask=with_mask, size=tuple(options.size), subject_hash=key)
     if "split" in table.columns:
       declared[key].append((line, row["split"]))
-  if declared:
-    assignment = tabular.split_from_column(declared, "split")
-  else:
-    assignment = tabular.stratified_patient_split({k: 0 for k in items},
-                                                  dict(options.fractions), options.seed)
-  names = [n for n, _ in options.fractions]
-  names += sorted(set(assignment.values()) - set(names))
-  splits = {n: sorted((i for k, i in items.items() if assignment[k] == n),
-                      key=lambda i: i.order) for n in names}
+  assignment = tabular.assign_patients(declared, {k: 0 for k in items}, options.fractions,
+                                       options.seed)
+  splits = tabular.items_by_split({k: [i] for k, i in items.items()}, assignment,
+                                  options.fractions)
   config = {"task": "volume", "contrasts": list(contrasts), "size": list(options.size),
             "has_mask": with_mask, "volume_dtype": "float16", "split_seed": options.seed,
             "fractions": dict(options.fractions)}
