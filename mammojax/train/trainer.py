@@ -81,8 +81,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   data_parallel = sharding.data_parallel_size(mesh)
-  for name in ("train.batch_size", "eval.batch_size"):
-    size = config.train.batch_size if name == "train.batch_size" else config.eval.batch_size
+  for name, size in (("train.batch_size", config.train.batch_size),
+                     ("eval.batch_size", config.eval.batch_size)):
     if size % data_parallel:
       raise ValueError(f"config.{name}={size} must be divisible by the data-parallel mesh size "
                        f"{data_parallel} (config.mesh.shape={tuple(config.mesh.shape)})")
