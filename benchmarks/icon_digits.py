@@ -4,8 +4,10 @@ Both sides run the same computation: the two-hidden-layer MLP (width 50) applied
 shared weights, each step registering the moving digit warped by the composition of all earlier
 steps (ICON's ``TwoStepRegistration``: the composed transform is re-evaluated point by point
 through every step's field, bilinear with border padding), then ``2 * SSD + 0.05 * diffusion``,
-its gradient and one Adam update. JAX runs ``mammojax.models.registration.icon`` with
-``mammojax.losses.registration``; torch runs a plain implementation with ``grid_sample``.
+its gradient and one Adam update (``train_step``); ``forward`` times the registration alone (the
+composed displacement on the grid, no gradient), as at inference. JAX runs
+``mammojax.models.registration.icon`` with ``mammojax.losses.registration``; torch runs a plain
+implementation with ``grid_sample``.
 
   python -m benchmarks.icon_digits                  # batch 128, 28x28
   python -m benchmarks.icon_digits --batch=8 --repeats=3
@@ -30,7 +32,8 @@ from mammojax.models.registration.icon import digits_registration
 LMBDA = 0.05
 
 
-def jax_case(moving: np.ndarray, fixed: np.ndarray, hidden: int, num_steps: int) -> harness.Case:
+def jax_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
+              num_steps: int) -> list[harness.Case]:
   size = moving.shape[1]
   net = digits_registration((size, size), hidden=hidden, num_steps=num_steps)
   moving, fixed = jnp.asarray(moving), jnp.asarray(fixed)
@@ -59,11 +62,18 @@ def jax_case(moving: np.ndarray, fixed: np.ndarray, hidden: int, num_steps: int)
     state["params"], state["opt"], loss = compiled(state["params"], state["opt"], moving, fixed)
     loss.block_until_ready()
 
-  return harness.Case("train_step", "jax", run, compile_s=compile_s)
+  forward, forward_compile_s = harness.compile_jax(
+      jax.jit(lambda p, a, b: net.apply({"params": p}, a, b)), params, moving, fixed)
+
+  def run_forward():
+    forward(state["params"], moving, fixed).block_until_ready()
+
+  return [harness.Case("train_step", "jax", run, compile_s=compile_s),
+          harness.Case("forward", "jax", run_forward, compile_s=forward_compile_s)]
 
 
-def torch_case(moving: np.ndarray, fixed: np.ndarray, hidden: int,
-               num_steps: int) -> harness.Case:
+def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
+                num_steps: int) -> list[harness.Case]:
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
 
@@ -105,13 +115,16 @@ def torch_case(moving: np.ndarray, fixed: np.ndarray, hidden: int,
   a = torch.from_numpy(np.ascontiguousarray(moving.transpose(0, 3, 1, 2)))
   b = torch.from_numpy(np.ascontiguousarray(fixed.transpose(0, 3, 1, 2)))
 
-  def run():
-    optimizer.zero_grad(set_to_none=True)
+  def register():
     phi = field_transform(net(a, b))
     for _ in range(num_steps - 1):
       psi = field_transform(net(interpolate(a, phi(identity)), b))
       phi = compose(phi, psi)
-    coords = phi(identity)
+    return phi(identity)
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    coords = register()
     field = coords - identity
     similarity = 2.0 * torch.mean((interpolate(a, coords) - b) ** 2)
     regularity = (torch.mean((field[:, :, 1:] - field[:, :, :-1]) ** 2)
@@ -120,8 +133,13 @@ def torch_case(moving: np.ndarray, fixed: np.ndarray, hidden: int,
     loss.backward()
     optimizer.step()
 
+  def run_forward():
+    with torch.no_grad():
+      register()
+
   extra = {"torch_threads": torch.get_num_threads()}
-  return harness.Case("train_step", "torch", run, extra=extra)
+  return [harness.Case("train_step", "torch", run, extra=extra),
+          harness.Case("forward", "torch", run_forward, extra=extra)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,12 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
   shape = (args.batch, args.size, args.size, 1)
   moving = rng.random(shape, dtype=np.float32)
   fixed = rng.random(shape, dtype=np.float32)
-  cases = [jax_case(moving, fixed, args.hidden, args.num_steps)]
+  cases = jax_cases(moving, fixed, args.hidden, args.num_steps)
   if not args.no_torch:
     if args.torch_threads:
       import torch  # pylint: disable=import-outside-toplevel
       torch.set_num_threads(args.torch_threads)
-    cases.append(torch_case(moving, fixed, args.hidden, args.num_steps))
+    cases += torch_cases(moving, fixed, args.hidden, args.num_steps)
   results = harness.time_cases(cases, warmup=args.warmup, repeats=args.repeats)
   for row in results:
     row["steps_per_sec"] = 1e3 / row["median_ms"]

@@ -46,3 +46,14 @@ def test_pipeline_benchmark_reports_batches_per_second(tmp_path):
   for row in body["results"]:
     assert row["impl"] == "grain" and row["batch_size"] == 8
     assert abs(row["batches_per_s"] - 2e3 / row["median_ms"]) < 1e-6 * row["batches_per_s"]
+
+
+def test_icon_digits_benchmark_compares_jax_and_torch(tmp_path):
+  body = _run([sys.executable, "-m", "benchmarks.icon_digits", "--batch=4", "--size=8",
+               "--num_steps=3", "--repeats=2", "--warmup=1", "--torch_threads=1"], tmp_path)
+  assert body["benchmark"] == "icon_digits" and body["num_steps"] == 3
+  cases = {(r["name"], r["impl"]) for r in body["results"]}
+  assert cases == {(n, i) for n in ("train_step", "forward") for i in ("jax", "torch")}
+  assert set(body["ratios"]) == {"train_step", "forward"}
+  for row in body["results"]:
+    assert abs(row["steps_per_sec"] - 1e3 / row["median_ms"]) < 1e-6 * row["steps_per_sec"]

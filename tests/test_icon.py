@@ -165,3 +165,51 @@ def test_bad_inputs_raise():
     net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="same shape"):
     net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 27, 28, 1)))
+
+
+def _unrolled(fields, coordinates):
+  """Reference: the chain written out as nested closures over ``warp.sample``."""
+  for field in fields[::-1]:
+    coordinates = coordinates + W.sample(field, coordinates, padding="border")
+  return coordinates
+
+
+def test_displacement_chain_matches_nested_samples_values_and_gradients():
+  key = jax.random.key(11)
+  fields = 0.8 * jax.random.normal(key, (4, 2, 7, 9, 2))
+  points = jax.random.uniform(jax.random.key(12), (2, 5, 3, 2), maxval=8.0) - 1.0
+  chain = icon.compose(*[icon.displacement_transform(f) for f in fields])
+  assert isinstance(chain, icon.DisplacementChain) and chain.fields.shape == (4, 2, 7, 9, 2)
+  np.testing.assert_allclose(chain(points), _unrolled(fields, points), rtol=1e-5, atol=1e-5)
+
+  def loss(fn):
+    return lambda f, p: jnp.sum(jnp.sin(fn(f, p)))
+
+  want = jax.grad(loss(_unrolled), argnums=(0, 1))(fields, points)
+  got = jax.grad(loss(lambda f, p: icon.DisplacementChain(f)(p)), argnums=(0, 1))(fields, points)
+  for g, w in zip(got, want):
+    assert float(jnp.max(jnp.abs(w))) > 1e-3
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_displacement_chain_on_grid_equals_evaluating_the_grid():
+  fields = 1.5 * jax.random.normal(jax.random.key(13), (3, 2, 6, 5, 2))
+  chain = icon.DisplacementChain(fields)
+  grid = jnp.broadcast_to(W.identity_map((6, 5)), (2, 6, 5, 2))
+  np.testing.assert_allclose(chain.on_grid(), _unrolled(fields, grid), atol=1e-5)
+  want = jax.grad(lambda f: jnp.sum(_unrolled(f, grid) ** 2))(fields)
+  got = jax.grad(lambda f: jnp.sum(icon.DisplacementChain(f).on_grid() ** 2))(fields)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_compose_mixes_chains_and_other_transforms():
+  fields = jax.random.normal(jax.random.key(14), (2, 1, 6, 6, 2))
+  shift = lambda x: x + jnp.array([0.5, -0.25])  # noqa: E731
+  composed = icon.compose(icon.displacement_transform(fields[0]), shift,
+                          icon.displacement_transform(fields[1]))
+  assert not isinstance(composed, icon.DisplacementChain)
+  points = jax.random.uniform(jax.random.key(15), (1, 4, 2), maxval=5.0)
+  inner = points + W.sample(fields[1], points, padding="border")
+  want = shift(inner)
+  want = want + W.sample(fields[0], want, padding="border")
+  np.testing.assert_allclose(composed(points), want, atol=1e-5)

@@ -109,7 +109,7 @@ def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
     coordinate = _reflect(coordinate, size)
   if padding in ("border", "reflect"):
     # Clamping the coordinate (not the index) gives zero gradient outside, like grid_sample.
-    coordinate = jnp.clip(coordinate, 0.0, size - 1.0)
+    coordinate = _clamp(coordinate, 0.0, size - 1.0)
   if order == 0:
     # lax.round rounds ties away from zero, as jax.scipy's map_coordinates.
     indices = [(jax.lax.round(coordinate), None)]
@@ -123,6 +123,23 @@ def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
     valid = (index >= 0) & (index < size) if padding == "zeros" else None
     corners.append((jnp.clip(index, 0, size - 1), weight, valid))
   return corners
+
+
+@jax.custom_jvp
+def _clamp(x: jax.Array, low: float, high: float) -> jax.Array:
+  """``clip(x, low, high)`` with derivative 1 on the closed interval and 0 outside.
+
+  ``jnp.clip`` gives 1/2 at the bounds themselves, which is exactly where the edge pixels of an
+  identity map sit; ``grid_sample``'s border padding passes the full gradient there.
+  """
+  return jnp.clip(x, low, high)
+
+
+@_clamp.defjvp
+def _clamp_jvp(primals, tangents):
+  x, low, high = primals
+  inside = (x >= low) & (x <= high)
+  return _clamp(x, low, high), jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 
 def _sample_gather(source, coordinates, order, padding):
@@ -146,23 +163,46 @@ def _sample_gather(source, coordinates, order, padding):
         weight = jnp.where(valid, weight, 0.0)
     corner_indices.append(index.reshape(-1))
     corner_weights.append(weight.reshape(-1))
-  out = _weighted_row_gather(source.reshape(-1, channels), jnp.stack(corner_indices),
-                             jnp.stack(corner_weights))
+  out = _weighted_row_gather(source.reshape(-1, channels), tuple(corner_indices),
+                             tuple(corner_weights))
   return out.reshape(batch, *query_shape, channels)
 
 
+_ROWS = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+                                       start_index_map=(0,))
+_ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,),
+                                               inserted_window_dims=(0,),
+                                               scatter_dims_to_operand_dims=(0,))
+
+
+def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+  """``table[index]`` for ``[R, C]``, ``[N]`` -> ``[N, C]``; indices are known to be in range.
+
+  ``lax.gather`` directly: jnp indexing would add a negative-index wrap to every index.
+  """
+  return jax.lax.gather(table, index[:, None], _ROWS, (1, table.shape[1]),
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  """``table.at[index].add(rows)`` for in-range indices (see :func:`_take_rows`)."""
+  return jax.lax.scatter_add(table, index[:, None], rows, _ROW_UPDATES,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 @jax.custom_vjp
-def _weighted_row_gather(table: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
-  """``sum_k weights[k, n] * table[indices[k, n]]``: ``[R, C], [K, N], [K, N] -> [N, C]``.
+def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
+                         weights: tuple[jax.Array, ...]) -> jax.Array:
+  """``sum_k weights[k] * table[indices[k]]``: ``[R, C]``, K x ``[N]``, K x ``[N]`` -> ``[N, C]``.
 
   Indices must lie in ``[0, R)``. The custom VJP exists for speed: autodiff of the gathers
   would zero-fill and add K separate ``[R, C]`` scatters; here the K scatters accumulate into
-  one buffer, and the weight gradients are fused gather-and-reduce loops.
+  one buffer, and the weight gradients are fused gather-and-reduce loops. Corners travel as
+  tuples, not stacked arrays: XLA:CPU's concatenations of them measured slower than the gathers.
   """
-  table = jnp.asarray(table)
   out = None
   for index, weight in zip(indices, weights):
-    term = table.at[index].get(mode="promise_in_bounds") * weight[:, None].astype(table.dtype)
+    term = _take_rows(table, index) * weight[:, None].astype(table.dtype)
     out = term if out is None else out + term
   return out
 
@@ -172,15 +212,14 @@ def _weighted_row_gather_fwd(table, indices, weights):
 
 
 def _weighted_row_gather_bwd(residuals, cotangent):
-  table, indices, weights = (jnp.asarray(x) for x in residuals)
+  table, indices, weights = residuals
   table_grad = jnp.zeros_like(table)
   weight_grads = []
   for index, weight in zip(indices, weights):
-    table_grad = table_grad.at[index].add(weight[:, None].astype(table.dtype) * cotangent,
-                                          mode="promise_in_bounds")
-    rows = table.at[index].get(mode="promise_in_bounds").astype(weights.dtype)
-    weight_grads.append(_row_dot(rows, cotangent.astype(weights.dtype)))
-  return table_grad, None, jnp.stack(weight_grads)
+    table_grad = _add_rows(table_grad, index, weight[:, None].astype(table.dtype) * cotangent)
+    rows = _take_rows(table, index).astype(weight.dtype)
+    weight_grads.append(_row_dot(rows, cotangent.astype(weight.dtype)))
+  return table_grad, tuple(None for _ in indices), tuple(weight_grads)
 
 
 def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:

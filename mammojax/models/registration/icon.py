@@ -24,6 +24,7 @@ shares its parameters (the seed's eight-step digits example, :func:`digits_regis
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -41,7 +42,7 @@ Transform = Callable[[jax.Array], jax.Array]
 
 
 def displacement_transform(displacement: jax.Array, *,
-                           padding: warp_lib.Padding = "border") -> Transform:
+                           padding: warp_lib.Padding = "border") -> DisplacementChain:
   """``phi(x) = x + u(x)`` with ``u`` interpolated (bi/trilinear) at arbitrary coordinates.
 
   Args:
@@ -53,17 +54,90 @@ def displacement_transform(displacement: jax.Array, *,
   if displacement.ndim not in (4, 5) or displacement.shape[-1] != displacement.ndim - 2:
     raise ValueError(f"displacement must be [B, H, W, 2] or [B, D, H, W, 3], got "
                      f"{displacement.shape}")
+  return DisplacementChain(displacement[None], padding)
 
-  def phi(coordinates: jax.Array) -> jax.Array:
-    return coordinates + warp_lib.sample(displacement, coordinates, padding=padding)
 
-  return phi
+class DisplacementChain:
+  """``phi = phi_0 ∘ phi_1 ∘ ... ∘ phi_{K-1}`` with ``phi_j(x) = x + u_j(x)``, all on one grid.
+
+  The fields are held stacked, ``[K, B, *S, n]`` (pixels, 'ij'; ``u_{K-1}`` is applied to the
+  coordinates first), and evaluated by one ``lax.scan`` whose VJP is a reverse scan, so each
+  step's coordinates are materialised once. Written out step by step instead, XLA fused every
+  earlier step's coordinate arithmetic into each later gather: on the seed's nine-step digits
+  demo (XLA:CPU) the forward pass measured 300 ms unrolled against 20 ms scanned.
+
+  Attributes:
+    fields: ``[K, B, *S, n]``.
+    padding: how each field extends outside its grid.
+  """
+
+  def __init__(self, fields: jax.Array, padding: warp_lib.Padding = "border"):
+    self.fields = fields
+    self.padding = padding
+
+  def __call__(self, coordinates: jax.Array) -> jax.Array:
+    """``phi(coordinates)``: ``[B, *Q, n]`` pixel coordinates of the fields' grid."""
+    return _apply_fields(self.fields, coordinates, self.padding)
+
+  def on_grid(self, dtype=jnp.float32) -> jax.Array:
+    """``phi(x)`` at every grid point, ``[B, *S, n]``.
+
+    The innermost field is read directly rather than interpolated: at pixel centres bilinear
+    sampling returns the field's own values (and gradients), so the result is the same.
+    """
+    spatial = self.fields.shape[2:-1]
+    grid = warp_lib.identity_map(spatial, _coordinate_dtype(dtype))
+    coordinates = grid + self.fields[-1].astype(grid.dtype)
+    if self.fields.shape[0] == 1:
+      return coordinates
+    return _apply_fields(self.fields[:-1], coordinates, self.padding)
+
+  def can_chain(self, other: object) -> bool:
+    return (isinstance(other, DisplacementChain) and other.padding == self.padding
+            and other.fields.shape[1:] == self.fields.shape[1:]
+            and other.fields.dtype == self.fields.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _apply_fields(fields: jax.Array, coordinates: jax.Array, padding: str) -> jax.Array:
+  """``x <- x + u_j(x)`` for ``j = K-1, ..., 0``: ``[K, B, *S, n], [B, *Q, n] -> [B, *Q, n]``."""
+  return _apply_fields_fwd(fields, coordinates, padding)[0]
+
+
+def _apply_fields_fwd(fields, coordinates, padding):
+  def step(x, field):
+    return x + warp_lib.sample(field, x, padding=padding), x
+
+  out, inputs = jax.lax.scan(step, coordinates, fields, reverse=True)
+  return out, (fields, inputs)
+
+
+def _apply_fields_bwd(padding, residuals, cotangent):
+  fields, inputs = residuals
+
+  def step(grad_out, field_and_input):
+    field, x = field_and_input
+    _, vjp = jax.vjp(lambda u, y: warp_lib.sample(u, y, padding=padding), field, x)
+    field_grad, x_grad = vjp(grad_out)
+    return grad_out + x_grad, field_grad
+
+  coordinates_grad, fields_grad = jax.lax.scan(step, cotangent, (fields, inputs))
+  return fields_grad, coordinates_grad
+
+
+_apply_fields.defvjp(_apply_fields_fwd, _apply_fields_bwd)
 
 
 def compose(*transforms: Transform) -> Transform:
-  """``compose(f, g, h)(x) = f(g(h(x)))``: the last transform is applied to coordinates first."""
+  """``compose(f, g, h)(x) = f(g(h(x)))``: the last transform is applied to coordinates first.
+
+  Displacement transforms on one grid compose into a single :class:`DisplacementChain`.
+  """
   if not transforms:
     raise ValueError("compose needs at least one transform")
+  first = transforms[0]
+  if isinstance(first, DisplacementChain) and all(map(first.can_chain, transforms[1:])):
+    return DisplacementChain(jnp.concatenate([t.fields for t in transforms]), first.padding)
 
   def composed(coordinates: jax.Array) -> jax.Array:
     for transform in reversed(transforms):
@@ -73,12 +147,23 @@ def compose(*transforms: Transform) -> Transform:
   return composed
 
 
+def transform_on_grid(transform: Transform, batch: int, spatial_shape: Sequence[int],
+                      dtype=jnp.float32) -> jax.Array:
+  """``phi(x)`` at every pixel of the grid, ``[B, *S, n]`` pixel coordinates."""
+  spatial_shape = tuple(spatial_shape)
+  if (isinstance(transform, DisplacementChain) and transform.fields.shape[1] == batch
+      and transform.fields.shape[2:-1] == spatial_shape):
+    return transform.on_grid(dtype)
+  grid = jnp.broadcast_to(warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype)),
+                          (batch, *spatial_shape, len(spatial_shape)))
+  return transform(grid)
+
+
 def transform_to_displacement(transform: Transform, batch: int,
                               spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
   """Evaluates ``transform`` on the pixel grid: ``phi(x) - x``, ``[B, *S, n]`` pixels."""
-  grid = jnp.broadcast_to(warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype)),
-                          (batch, *spatial_shape, len(spatial_shape)))
-  return transform(grid) - grid
+  grid = warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype))
+  return transform_on_grid(transform, batch, spatial_shape, dtype) - grid
 
 
 def warp_by_transform(image: jax.Array, transform: Transform) -> jax.Array:
@@ -88,10 +173,8 @@ def warp_by_transform(image: jax.Array, transform: Transform) -> jax.Array:
     image: ``[B, *S, C]``.
     transform: pixel coordinates -> pixel coordinates of ``image``'s grid.
   """
-  spatial = image.shape[1:-1]
-  grid = jnp.broadcast_to(warp_lib.identity_map(spatial, _coordinate_dtype(image.dtype)),
-                          (image.shape[0], *spatial, len(spatial)))
-  return warp_lib.sample(image, transform(grid), padding="border")
+  coordinates = transform_on_grid(transform, image.shape[0], image.shape[1:-1], image.dtype)
+  return warp_lib.sample(image, coordinates, padding="border")
 
 
 def _coordinate_dtype(dtype) -> jnp.dtype:
