@@ -10,7 +10,7 @@ own PNG / DICOM images:
 
 ``pairs.csv`` has columns ``moving,fixed[,split]`` (paths relative to ``image_dir``); without it,
 random pairs are drawn within each split's share of the directory (80/10/10 by sorted name).
-Weights converted from GradICON (``python -m mammojax.convert.icon``) initialise the network with
+Weights converted from GradICON (``python -m mammojax.convert icon``) initialise the network with
 ``--config.init_from=DIR`` when the sizes match. Variants: ``smoke`` (seconds; tests).
 """
 

@@ -9,7 +9,7 @@ Inputs: PNG or DICOM (2D) or NIfTI (3D), same shape and dimensionality. Intensit
 min-max scaled to [0, 1] per image. A dense displacement ``u`` (pixels, 'ij') is optimised with
 Adam to minimise ``similarity(moving(x + u(x)), fixed(x)) + lambda * regularity(u)``, starting
 from zero or from a trained network's field (``--model``: a training run's workdir, or a
-converted checkpoint directory from ``python -m mammojax.convert.icon``).
+converted checkpoint directory from ``python -m mammojax.convert icon``).
 
 Writes to ``--out``:
 
@@ -88,41 +88,6 @@ def _unit_range(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- similarity
 
 
-def mind_loss(a, b, *, sigma: float = 0.8, eps: float = 1e-6):
-  """Mean absolute difference of MIND descriptors (Heinrich et al. 2012), a multimodal measure.
-
-  For each axis-neighbour offset ``r`` (4 in 2D, 6 in 3D), ``D_r(x) = G_sigma * (I - I(. + r))^2``;
-  the descriptor is ``exp(-D_r / V)`` with ``V`` the mean of ``D_r`` over ``r``, normalised by
-  its maximum over ``r``. Edges replicate the border.
-
-  Args:
-    a, b: ``[B, *S, 1]``.
-  Returns:
-    Scalar; 0 for images with the same local self-similarity (e.g. one an intensity inversion
-    of the other).
-  """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from mammojax.losses.registration import gaussian_blur  # pylint: disable=import-outside-toplevel
-
-  def descriptor(image):
-    num_axes = image.ndim - 2
-    pad = [(0, 0)] + [(1, 1)] * num_axes + [(0, 0)]
-    padded = jnp.pad(image, pad, mode="edge")
-    centre = tuple([slice(None)] + [slice(1, -1)] * num_axes + [slice(None)])
-    distances = []
-    for axis in range(num_axes):
-      for step in (-1, 1):
-        index = list(centre)
-        index[1 + axis] = slice(1 + step, padded.shape[1 + axis] - 1 + step)
-        distances.append(gaussian_blur((image - padded[tuple(index)]) ** 2, sigma))
-    distances = jnp.concatenate(distances, axis=-1)  # [B, *S, 2n]
-    variance = jnp.mean(distances, axis=-1, keepdims=True) + eps
-    features = jnp.exp(-distances / variance)
-    return features / jnp.max(features, axis=-1, keepdims=True)
-
-  return jnp.mean(jnp.abs(descriptor(a) - descriptor(b)))
-
-
 def similarity_fn(name: str, sigma: float) -> Callable:
   from mammojax.losses import registration as losses  # pylint: disable=import-outside-toplevel
   if name == "lncc":
@@ -132,7 +97,7 @@ def similarity_fn(name: str, sigma: float) -> Callable:
   if name == "ssd":
     return losses.ssd_loss
   if name == "mind":
-    return mind_loss
+    return losses.mind_loss
   if name == "mi":
     return losses.mutual_information_loss
   raise ValueError(f"--similarity must be one of {SIMILARITIES}, got {name!r}")
@@ -224,8 +189,9 @@ def predict_displacement(model_dir: str, fixed: np.ndarray, moving: np.ndarray) 
   """A trained network's displacement ``[*S, n]`` (pixels of the input grid) for this pair.
 
   ``model_dir`` is a training workdir (its ``config.json`` names the task; its ``best`` or
-  latest checkpoint is loaded) or a converted ICON checkpoint (``mammojax.convert.icon``). The
-  images are resized to the network's input size and the field back to theirs.
+  latest checkpoint is loaded) or a converted ICON checkpoint
+  (``python -m mammojax.convert icon``). The images are resized to the network's input size and
+  the field back to theirs.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -272,7 +238,7 @@ def _network_for(model_dir: str) -> tuple[Callable, tuple[int, ...]]:
   if os.path.exists(source_path):
     with open(source_path) as f:
       source = json.load(f)
-    if source.get("kind") == "icon_unet":
+    if source.get("kind") == "icon":
       from mammojax.convert.icon import build_icon_network  # pylint: disable=import-outside-toplevel
       network = build_icon_network(source["model_fields"])
 
@@ -281,7 +247,7 @@ def _network_for(model_dir: str) -> tuple[Callable, tuple[int, ...]]:
       return icon_field, tuple(source["input_shape"])
     raise RegistrationInputError(f"{source_path} describes a {source.get('kind')!r} checkpoint; "
                                  "--model takes registration networks (training runs of "
-                                 "registration tasks, or mammojax.convert.icon output)")
+                                 "registration tasks, or `python -m mammojax.convert icon` output)")
   raise RegistrationInputError(f"--model {model_dir} has neither config.json (a training run) "
                                "nor source.json (a converted checkpoint)")
 

@@ -155,7 +155,7 @@ def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
   state = _fake_unet_state("", rng)
   converted = tmp_path / "converted"
   save_variables(str(converted), icon_convert.import_icon_registration(state),
-                 {"kind": "icon_unet", "model_fields": icon_convert.describe_icon_tree(state),
+                 {"kind": "icon", "model_fields": icon_convert.describe_icon_tree(state),
                   "input_shape": [16, 16]})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
@@ -174,3 +174,27 @@ def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
   assert np.isfinite(summary["eval"]["eval/lncc"])
   batch = task.dataset("val")[0]
   assert batch["moving"].shape == (16, 16, 1) and 0.0 <= batch["moving"].min()
+
+
+def test_convert_cli_icon_kind_feeds_the_register_command(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  from mammojax import register
+  from mammojax.convert.__main__ import main as convert_main
+
+  rng = np.random.default_rng(1)
+  state = {k: torch.from_numpy(np.asarray(v, np.float32))
+           for k, v in _fake_unet_state("regis_net.net.", rng).items()}
+  path = tmp_path / "icon.pth"
+  torch.save(state, path)
+  out = tmp_path / "converted"
+  assert convert_main(["icon", str(path), f"--out={out}"]) == 1
+  assert "--input_shape is required" in capsys.readouterr().err
+  assert convert_main(["icon", str(path), f"--out={out}", "--input_shape=16,16"]) == 0
+
+  fixed, moving = rng.random((2, 16, 16)).astype(np.float32)
+  field = register.predict_displacement(str(out), fixed, moving)
+  module = icon_convert.build_icon_registration({k: v.numpy() for k, v in state.items()})
+  variables = icon_convert.import_icon_registration({k: v.numpy() for k, v in state.items()})
+  want = module.apply(variables, moving[None, ..., None], fixed[None, ..., None])[0]
+  assert float(np.max(np.abs(want))) > 1e-4
+  np.testing.assert_allclose(field, want, atol=1e-4)

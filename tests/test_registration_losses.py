@@ -172,3 +172,12 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="regularizer"):
     L.regularized_loss(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 4, 1)),
                        jnp.zeros((1, 4, 4, 2)), lmbda=1.0, regularizer="tv")
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 18, 1), (1, 10, 9, 8, 1)])
+def test_mind_is_invariant_to_affine_intensity_changes(shape):
+  image = jax.random.uniform(jax.random.key(0), shape)
+  image = L.gaussian_blur(image, 1.0)  # smooth structure, so shifts change the descriptors
+  assert float(L.mind_loss(image, 1.0 - image)) < 1e-4
+  assert float(L.mind_loss(image, 3.0 * image + 0.5)) < 1e-4
+  assert float(L.mind_loss(image, jnp.roll(image, 3, axis=1))) > 1e-2

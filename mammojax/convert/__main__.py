@@ -17,6 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 KINDS_HELP = """kinds:
+  icon          ICON / GradICON / uniGradICON registration network (state dict of a
+                TwoStep/Downsample/FunctionFromVectorField tree of UNet2s, optionally under a
+                loss wrapper's 'regis_net.'). Flag: --input_shape (required: the grid it was
+                trained on, e.g. 175,175,175). `python -m mammojax.register --model DIR` uses it.
   imgfeatalign  BCRBench ImgFeatAlign checkpoint (model.state_dict(), optionally inside
                 {'model': ...}, 'module.' prefixes allowed): Mirai encoder (encoder.0-8),
                 MammoRegNet (mammo_reg_net.*) and the attention risk model. Flags: --num_heads
@@ -57,6 +61,15 @@ def _convert_imgfeatalign(state_dict: dict, args: argparse.Namespace) -> tuple[d
                      "registration_hparams": args.registration_hparams}
 
 
+def _convert_icon(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+  from mammojax.convert.icon import describe_icon_tree, import_icon_registration
+  if not args.input_shape:
+    raise ValueError("--input_shape is required for icon checkpoints (the grid the network was "
+                     "trained on, e.g. --input_shape=175,175,175)")
+  return import_icon_registration(state_dict), {"model_fields": describe_icon_tree(state_dict),
+                                                "input_shape": list(args.input_shape)}
+
+
 def _convert_mammoregnet(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   from mammojax.convert.mammoregnet import import_mammoregnet
   variables = import_mammoregnet(state_dict, **args.registration_hparams)
@@ -82,6 +95,7 @@ def _convert_mammoclip(state_dict: dict, args: argparse.Namespace) -> tuple[dict
 
 
 CONVERTERS: dict[str, Callable[[dict, argparse.Namespace], tuple[dict, dict]]] = {
+    "icon": _convert_icon,
     "imgfeatalign": _convert_imgfeatalign,
     "mammoclip": _convert_mammoclip,
     "mammoregnet": _convert_mammoregnet,
@@ -99,6 +113,16 @@ def _json_object(text: str) -> dict[str, Any]:
   return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) not in (2, 3) or min(shape) < 1:
+    raise argparse.ArgumentTypeError(f"expected H,W or D,H,W positive integers, got {text!r}")
+  return shape
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m mammojax.convert", description=__doc__, epilog=KINDS_HELP,
@@ -113,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--registration_hparams", type=_json_object, default={},
                       help="imgfeatalign/mammoregnet: JSON object of MammoRegNet sizes passed to "
                            "import_mammoregnet (default: the reference sizes)")
+  parser.add_argument("--input_shape", type=_shape, default=None,
+                      help="icon: spatial size the network was trained on, e.g. 175,175,175")
   return parser
 
 

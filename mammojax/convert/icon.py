@@ -11,7 +11,7 @@ weights; skipped). :func:`build_icon_registration` rebuilds the same tree from
 ``second``) with :class:`~mammojax.models.registration.icon_unet.ICONUNet2` leaves, and
 :func:`import_icon_registration` maps the weights onto it.
 
-  python -m mammojax.convert.icon unigradicon.pth --out=/tmp/unigradicon --input_shape=175,175,175
+  python -m mammojax.convert icon unigradicon.pth --out=/tmp/unigradicon --input_shape=175,175,175
   python -m mammojax.register --fixed a.nii.gz --moving b.nii.gz --out /tmp/r --model /tmp/unigradicon
 
 Layout conversions: conv kernels ``[out, in, *k]`` -> ``[*k, in, out]``; transposed-conv kernels
@@ -21,7 +21,6 @@ BatchNorm ``weight/bias`` -> ``scale/bias`` params and ``running_mean/var`` -> `
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -163,28 +162,3 @@ def _strip_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def _is_buffer(key: str) -> bool:
   """Non-weight entries ICON modules register: identity maps and BatchNorm step counters."""
   return bool(re.search(r"(^|\.)identity_map$|\.num_batches_tracked$", key))
-
-
-def main(argv: list[str] | None = None) -> None:
-  """``python -m mammojax.convert.icon FILE --out DIR --input_shape H,W[,D]``."""
-  from mammojax.convert.store import save_variables  # pylint: disable=import-outside-toplevel
-  from mammojax.convert.torch_files import load_torch_state_dict  # pylint: disable=import-outside-toplevel
-
-  parser = argparse.ArgumentParser(prog="python -m mammojax.convert.icon",
-                                   description="ICON / uniGradICON state dict -> Flax variables")
-  parser.add_argument("checkpoint")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--input_shape", required=True,
-                      help="the spatial size the network was trained at, e.g. 175,175,175")
-  args = parser.parse_args(argv)
-  state_dict = load_torch_state_dict(args.checkpoint)
-  variables = import_icon_registration(state_dict)
-  tree = describe_icon_tree(state_dict)
-  input_shape = [int(s) for s in args.input_shape.split(",")]
-  save_variables(args.out, variables, {"kind": "icon_unet", "file": args.checkpoint,
-                                       "model_fields": tree, "input_shape": input_shape})
-  print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-  main()

@@ -1,7 +1,7 @@
 """GradICON-style 2D U-Net registration as a trainer task, for synthetic or your own images.
 
 The network is ICON's ``tallUNet2`` (:class:`~mammojax.models.registration.icon_unet.ICONUNet2`,
-so GradICON / uniGradICON-shaped weights can initialise it through ``mammojax.convert.icon``)
+so GradICON / uniGradICON-shaped weights can initialise it through ``python -m mammojax.convert icon``)
 wrapped as a transform, optionally followed by further U-Net steps
 (``TwoStepRegistration``). The loss is GradICON's: ``LNCC(A ∘ phi_AB, B) + LNCC(B ∘ phi_BA, A)
 + lmbda * |grad(phi_AB ∘ phi_BA - id)|^2`` (``mammojax.losses.registration.gradicon_loss``).
