@@ -1,1 +1,2 @@
-"""Evaluation metrics (numpy only): risk C-index, per-year AUC, bootstrap, calibration."""
+"""Evaluation metrics (numpy only): risk C-index, per-year AUC, bootstrap, calibration, and
+binary classification at a decision threshold."""
