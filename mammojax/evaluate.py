@@ -7,12 +7,21 @@
 Uses the run's own config (WORKDIR/config.json) unless --config is given; --config.x=y overrides
 either. For risk models the report has the C-index and per-year AUCs with bootstrap 95% CIs,
 per-subgroup metrics, ROC curves per year and a calibration plot.
+
+Classifiers with a decision threshold (``eval.threshold``, e.g. FPN-MIL) take ``--threshold``: a
+number, or ``youden:SPLIT`` for the threshold maximising Youden's J on another split of the same
+checkpoint, so a threshold chosen on validation is applied to the test split:
+
+  python -m mammojax.evaluate --workdir=/tmp/fpn_mil --split=test --threshold=youden:val
+
+The report says which threshold it used and where it came from.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -25,8 +34,10 @@ from mammojax.console import setup_console_logging
 from mammojax.data import pipeline
 from mammojax.train import checkpoint, evaluation, init_state, sharding
 from mammojax.train.step import make_predict_step
+from mammojax.train.task import Task
 from mammojax.train.trainer import COMPUTE_DTYPES
 
+YOUDEN_PREFIX = "youden:"
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -37,9 +48,41 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def parse_threshold(spec: str) -> float | str:
+  """``--threshold``: a number, or the split ``youden:SPLIT`` names."""
+  if spec.startswith(YOUDEN_PREFIX) and len(spec) > len(YOUDEN_PREFIX):
+    return spec[len(YOUDEN_PREFIX):]
+  try:
+    return float(spec)
+  except ValueError:
+    raise ValueError(f"--threshold must be a number or {YOUDEN_PREFIX}SPLIT (e.g. "
+                     f"{YOUDEN_PREFIX}val), got {spec!r}") from None
+
+
+def youden_threshold_of(task: Task, predictions: dict, split: str) -> float:
+  """The ``youden_threshold`` the task's evaluation reports for one split's predictions."""
+  value = task.evaluate(predictions).get("youden_threshold")
+  if value is None:
+    raise ValueError(f"task {task.config.task!r} reports no youden_threshold; pass a number "
+                     "as --threshold")
+  if not math.isfinite(value):
+    raise ValueError(f"the {split} split has labels of one class only, so it has no Youden "
+                     "threshold; choose another split or pass a number as --threshold")
+  return value
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str, split: str,
-                        out_dir: str) -> dict:
-  """Restores the ``best`` or ``latest`` state of a run and writes the task's report."""
+                        out_dir: str, threshold: str | None = None) -> dict:
+  """Restores the ``best`` or ``latest`` state of a run and writes the task's report.
+
+  ``threshold`` (see :func:`parse_threshold`) replaces ``eval.threshold`` of a copy of ``config``
+  and records its origin in ``eval.threshold_source``, both read by the task's report.
+  """
+  requested = parse_threshold(threshold) if threshold else None
+  if requested is not None:
+    if "threshold" not in config.eval:
+      raise ValueError(f"--threshold: task {config.task!r} has no eval.threshold to set")
+    config = config.copy_and_resolve_references()
   task = tasks.build_task(config)
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   examples = task.dataset(split)
@@ -53,8 +96,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
   state, step = checkpoint.restore_state_only(directory, abstract)
   predict = jax.jit(make_predict_step(task, COMPUTE_DTYPES[config.train.compute_dtype]),
                     in_shardings=(init.shardings, sharding.batch_sharding(mesh)))
-  predictions = evaluation.collect_predictions(predict, state, examples, config.eval.batch_size,
-                                               sharding.batch_sharding(mesh))
+
+  def predictions_of(split_examples):
+    return evaluation.collect_predictions(predict, state, split_examples, config.eval.batch_size,
+                                          sharding.batch_sharding(mesh))
+
+  if isinstance(requested, str):
+    config.eval.threshold = youden_threshold_of(task, predictions_of(task.dataset(requested)),
+                                                requested)
+    config.eval.threshold_source = (f"maximises Youden's J on the {requested} split "
+                                    f"({which} checkpoint, step {step})")
+  elif requested is not None:
+    config.eval.threshold, config.eval.threshold_source = requested, "--threshold"
+  # The task reads eval.threshold (and threshold_source) from this config when it reports.
+  predictions = predictions_of(examples)
   report = task.write_report(predictions, out_dir) if jax.process_index() == 0 else {}
   logging.getLogger("mammojax").info("evaluated %s step %d on %s (%d examples): %s", which, step,
                                      split, len(examples), out_dir)
@@ -68,7 +123,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   config = f.config or load_run_config(f.workdir)
   out_dir = f.out or os.path.join(f.workdir, f"eval_{f.split}")
-  result = evaluate_checkpoint(config, f.workdir, f.checkpoint, f.split, out_dir)
+  result = evaluate_checkpoint(config, f.workdir, f.checkpoint, f.split, out_dir, f.threshold)
   print(json.dumps({"step": result["step"], "split": result["split"], "out": out_dir}))
 
 
@@ -82,6 +137,10 @@ def define_flags() -> None:
                     "Which checkpoint of the run to evaluate.")
   flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
   flags.DEFINE_string("out", None, "Report directory (default WORKDIR/eval_<split>).")
+  flags.DEFINE_string(
+      "threshold", None, "Decision threshold of a classifier's report: a number, or "
+      f"{YOUDEN_PREFIX}SPLIT for the one maximising Youden's J on SPLIT (e.g. "
+      f"{YOUDEN_PREFIX}val). Default: the config's eval.threshold.")
   flags.mark_flag_as_required("workdir")
 
 

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from mammojax.data import patching, records, synthetic_mil
-from mammojax.evaluate import evaluate_checkpoint
+from mammojax.evaluate import evaluate_checkpoint, parse_threshold
 from mammojax.extract_features import encoder_variables, extract_features, make_pyramid_fn
 from mammojax.interpret import heatmaps
 from mammojax.losses.mil import deep_supervision_loss
-from mammojax.tasks.fpn_mil import FPNMILTask, classification_metrics, \
-    masked_deep_supervision_loss
+from mammojax.tasks.fpn_mil import FPNMILTask, detection_scalars, masked_deep_supervision_loss
 from mammojax.train import trainer
 from mammojax.train.metric_writer import read_metrics
 
@@ -148,18 +147,13 @@ def test_detection_report_by_hand():
   report = heatmaps.detection_report(predicted, truth, (0.25, 0.75))
   assert report["num_images"] == 2 and report["num_truth"] == 3 and report["num_predicted"] == 3
   assert report["mean_iou"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
-  assert report["recall@0.25"] == pytest.approx(2 / 3)
-  assert report["recall@0.75"] == pytest.approx(1 / 3)
-  assert report["precision@0.25"] == pytest.approx(2 / 3)
-  assert report["precision@0.75"] == pytest.approx(1 / 3)
+  assert report["recall_iou0.25"] == pytest.approx(2 / 3)
+  assert report["recall_iou0.75"] == pytest.approx(1 / 3)
+  assert report["precision_iou0.25"] == pytest.approx(2 / 3)
+  assert report["precision_iou0.75"] == pytest.approx(1 / 3)
 
 
-def test_classification_metrics_and_masked_loss():
-  m = classification_metrics(np.array([0.9, 0.8, 0.3, 0.6, 0.1]), np.array([1, 1, 1, 0, 0]))
-  assert m["auc"] == pytest.approx(5 / 6)
-  assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
-  assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-  assert np.isnan(classification_metrics(np.array([0.2, 0.4]), np.array([1, 1]))["auc"])
+def test_masked_deep_supervision_loss():
   logits, sides = jnp.array([0.3, -1.0, 2.0]), jnp.array([[0.1, 0.2], [-0.3, 0.4], [1.0, 0.0]])
   labels = jnp.array([1.0, 0.0, 1.0])
   total, _ = masked_deep_supervision_loss(logits, sides, labels, jnp.ones(3), 2.5, 1.0)
@@ -171,6 +165,53 @@ def test_classification_metrics_and_masked_loss():
   np.testing.assert_allclose(padded, total, rtol=1e-6)
 
 
+def _fake_predictions(task: FPNMILTask, num_examples: int) -> dict[str, np.ndarray]:
+  """Evaluation outputs of ``num_examples`` positives with a box in the top-left corner and
+  attention on the top-left instance of the first patch at every scale."""
+  rows = patching.patch_starts(task.image_size[0], task.patch_size, 0.0)
+  cols = patching.patch_starts(task.image_size[1], task.patch_size, 0.0)
+  coords = np.array([(r, c) for r in rows for c in cols])
+  n, p = num_examples, len(coords)
+  predictions = {"prob": np.full(n, 0.9), "label": np.ones(n),
+                 "patch_coords": np.stack([coords] * n), "patch_mask": np.ones((n, p), bool),
+                 "scale_weights": np.ones((n, 3)) / 3, "num_boxes": np.ones(n),
+                 "boxes": np.tile([[0.0, 0.0, 8.0, 8.0]], (n, 2, 1))}
+  for s in task.scales:
+    side = -(-task.patch_size // s)
+    attention = np.zeros((n, p, side, side))
+    attention[:, 0, 0, 0] = 1.0
+    predictions[f"attention_{s}"] = attention
+  return predictions
+
+
+def test_periodic_evaluation_scores_detection_of_a_capped_number_of_examples(tmp_path):
+  config = _smoke(tmp_path)
+  config.eval.detection.max_examples = 2
+  task = FPNMILTask(config)
+  predictions = _fake_predictions(task, 3)
+  metrics = task.evaluate(predictions)
+  capped = task.detection(predictions, max_examples=2)
+  assert capped["aggregated"]["num_images"] == 2
+  assert task.detection(predictions)["aggregated"]["num_images"] == 3
+  detection = {k: v for k, v in metrics.items() if k.startswith("detection_")}
+  np.testing.assert_equal(detection, detection_scalars(capped))  # NaN where no box was found
+  assert {"detection_aggregated_mean_iou", "detection_16_recall_iou0.1",
+          "detection_32_precision_iou0.5"} <= set(detection)
+  # The attention peak is the box's corner: the stride-16 heatmap finds it.
+  assert detection["detection_16_recall_iou0.1"] == 1.0
+  assert all(isinstance(v, float) for v in detection.values())
+  config.eval.detection.in_periodic_eval = False
+  assert not any(k.startswith("detection_") for k in task.evaluate(predictions))
+
+
+def test_threshold_flag_parsing():
+  assert parse_threshold("0.3") == 0.3
+  assert parse_threshold("youden:val") == "val"
+  for bad in ("youden:", "val", "youden"):
+    with pytest.raises(ValueError, match="youden:SPLIT"):
+      parse_threshold(bad)
+
+
 # -- the task through the trainer ------------------------------------------------------------------
 
 
@@ -180,7 +221,11 @@ def test_smoke_training_logs_classification_metrics(smoke_run):
   rows = read_metrics(workdir)
   evals = [r for r in rows if "eval/auc" in r]
   assert evals and evals[-1]["step"] == config.train.steps
-  for key in ("eval/auc", "eval/balanced_accuracy", "eval/f1"):
+  for key in ("eval/auc", "eval/balanced_accuracy", "eval/f1", "eval/sensitivity",
+              "eval/specificity", "eval/youden_threshold", "eval/balanced_accuracy_youden",
+              "eval/f1_youden", "eval/sensitivity_youden", "eval/specificity_youden",
+              "eval/detection_aggregated_mean_iou", "eval/detection_16_recall_iou0.25",
+              "eval/detection_128_precision_iou0.5"):
     assert key in evals[-1]
   assert 0.0 <= evals[-1]["eval/balanced_accuracy"] <= 1.0
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -239,7 +284,8 @@ def test_offline_variant_needs_features():
 def test_evaluate_report_has_detection_and_overlays(smoke_run, tmp_path):
   config, workdir, _, _ = smoke_run
   out = str(tmp_path / "report")
-  result = evaluate_checkpoint(config, workdir, "latest", "test", out)
+  result = evaluate_checkpoint(config, workdir, "latest", "test", out, threshold="0.3")
+
   def no_nan(token):
     raise AssertionError(f"report.json holds {token}; it must be strict JSON")
 
@@ -247,11 +293,25 @@ def test_evaluate_report_has_detection_and_overlays(smoke_run, tmp_path):
     report = json.load(f, parse_constant=no_nan)
   assert report["num_examples"] == result["report"]["num_examples"]
   assert report["num_examples"] == config.data.synthetic.num_test
-  assert {"auc", "balanced_accuracy", "f1"} <= set(report["classification"])
+  assert {"auc", "balanced_accuracy", "f1", "youden_threshold"} <= set(report["classification"])
+  assert report["threshold"] == {"value": 0.3, "source": "--threshold"}
+  assert config.eval.threshold == 0.5  # the caller's config is left alone
   assert set(report["detection"]) == {"16", "32", "128", "aggregated"}
-  assert "recall@0.5" in report["detection"]["aggregated"]
+  assert "recall_iou0.5" in report["detection"]["aggregated"]
   overlays = sorted(os.listdir(os.path.join(out, "overlays")))
   assert overlays and os.path.getsize(os.path.join(out, "overlays", overlays[0])) > 1000
+
+
+def test_evaluate_applies_the_youden_threshold_of_another_split(smoke_run, tmp_path):
+  config, workdir, _, _ = smoke_run
+  # Chosen on val and applied to val: the metrics at the threshold are the Youden ones.
+  report = evaluate_checkpoint(config, workdir, "latest", "val", str(tmp_path / "report"),
+                               threshold="youden:val")["report"]
+  classification = report["classification"]
+  assert report["threshold"]["value"] == pytest.approx(classification["youden_threshold"])
+  assert "Youden" in report["threshold"]["source"] and "val" in report["threshold"]["source"]
+  for name in ("balanced_accuracy", "f1", "sensitivity", "specificity"):
+    assert classification[name] == pytest.approx(classification[f"{name}_youden"])
 
 
 def test_extract_features_round_trip_and_offline_training(smoke_run):

@@ -177,9 +177,9 @@ def detection_report(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray
     iou_thresholds: thresholds of the recall / precision entries.
 
   Returns:
-    ``recall@t``: fraction of ground-truth boxes some prediction overlaps with IoU >= t;
-    ``precision@t``: fraction of predicted boxes (on images with ground truth) that overlap some
-    ground-truth box with IoU >= t; ``mean_iou``: best IoU of each ground-truth box, averaged;
+    ``recall_iou<t>``: fraction of ground-truth boxes some prediction overlaps with IoU >= t;
+    ``precision_iou<t>``: fraction of predicted boxes (on images with ground truth) that overlap
+    some ground-truth box with IoU >= t; ``mean_iou``: best IoU of each ground-truth box, averaged;
     ``num_images``, ``num_truth``, ``num_predicted``.
   """
   if len(predicted) != len(truth):
@@ -201,8 +201,8 @@ def detection_report(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray
       "num_truth": float(truth_iou.size), "num_predicted": float(pred_iou.size),
       "mean_iou": float(truth_iou.mean()) if truth_iou.size else float("nan")}
   for t in iou_thresholds:
-    report[f"recall@{t:g}"] = float((truth_iou >= t).mean()) if truth_iou.size else float("nan")
-    report[f"precision@{t:g}"] = float((pred_iou >= t).mean()) if pred_iou.size else float("nan")
+    report[f"recall_iou{t:g}"] = float((truth_iou >= t).mean()) if truth_iou.size else float("nan")
+    report[f"precision_iou{t:g}"] = float((pred_iou >= t).mean()) if pred_iou.size else float("nan")
   return report
 
 

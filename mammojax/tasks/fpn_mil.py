@@ -10,9 +10,13 @@ Two input modes, chosen by ``config.data.features_dir``:
   the instances; only the MIL head trains.
 
 The loss is FPN-MIL's deep supervision (bag BCE plus ``loss.side_weight`` x each scale's side
-BCE) with a positive-class weight. Evaluation reports AUC, balanced accuracy and F1 (at
-``eval.threshold``); the report adds per-scale AUCs, lesion detection from attention heatmaps
-(recall / precision at IoU thresholds, mean IoU) and overlay pictures.
+BCE) with a positive-class weight. Evaluation reports the AUC (also per scale), balanced accuracy,
+F1, sensitivity and specificity at ``eval.threshold`` and at the split's Youden threshold, and,
+when the model has instance attention and the split has boxes, lesion detection from attention
+heatmaps (recall / precision at IoU thresholds, mean IoU per heatmap; in the periodic evaluations
+over at most ``eval.detection.max_examples`` positive examples). The report of ``python -m
+mammojax.evaluate`` scores every positive example, names the threshold it used, and adds overlay
+pictures.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 
 from mammojax.data import mil_pipeline, records
 from mammojax.interpret import heatmaps
-from mammojax.metrics.risk import roc_curve
+from mammojax.metrics.classification import classification_metrics, roc_auc
 from mammojax.models.mil.fpn_mil import FPNMIL, MultiScaleMILHead
 from mammojax.nn.efficientnet import EfficientNet
 from mammojax.nn.fpn import FPN
@@ -58,34 +62,6 @@ def build_backbone(model: ml_collections.ConfigDict) -> EfficientNet:
 def build_fpn(model: ml_collections.ConfigDict) -> FPN:
   return FPN(features=model.fpn.features, top_down=model.fpn.top_down,
              group_norm=model.fpn.group_norm)
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5
-                           ) -> dict[str, float]:
-  """AUC (NaN with one class), balanced accuracy and F1 of the positive class at ``threshold``.
-
-  Args:
-    probs: [N] predicted probabilities; labels: [N] binary.
-  """
-  probs = np.asarray(probs, np.float64).reshape(-1)
-  labels = np.asarray(labels).reshape(-1) > 0.5
-  if probs.shape != labels.shape:
-    raise ValueError(f"probs {probs.shape} and labels {labels.shape} must have the same length")
-  predicted = probs >= threshold
-  tp = float(np.sum(predicted & labels))
-  fp = float(np.sum(predicted & ~labels))
-  fn = float(np.sum(~predicted & labels))
-  tn = float(np.sum(~predicted & ~labels))
-  sensitivity = tp / (tp + fn) if tp + fn else float("nan")
-  specificity = tn / (tn + fp) if tn + fp else float("nan")
-  if labels.all() or not labels.any():
-    auc = float("nan")
-  else:
-    fpr, tpr, _ = roc_curve(probs, labels)
-    auc = float(np.trapezoid(tpr, fpr))
-  return {"auc": auc, "balanced_accuracy": float(np.nanmean([sensitivity, specificity])),
-          "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-          "sensitivity": sensitivity, "specificity": specificity}
 
 
 def masked_deep_supervision_loss(logits: jax.Array, scale_logits: jax.Array | None,
@@ -264,13 +240,25 @@ class FPNMILTask(Task):
     return PASSTHROUGH
 
   def evaluate(self, predictions):
-    threshold = self.config.eval.get("threshold", 0.5)
-    metrics = classification_metrics(predictions["prob"], predictions["label"], threshold)
+    """Classification metrics; with ``eval.detection.in_periodic_eval`` also the detection
+    metrics (``detection_<heatmap>_<metric>``) of the first ``eval.detection.max_examples``
+    positive examples with boxes."""
+    metrics = self.classification(predictions)
+    d = self.config.eval.detection
+    if d.in_periodic_eval and has_detection_targets(predictions):
+      metrics.update(detection_scalars(self.detection(predictions,
+                                                      max_examples=d.max_examples)))
+    return metrics
+
+  def classification(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC, metrics at ``eval.threshold`` and at the split's Youden threshold, per-scale AUCs
+    and the positive rate."""
+    labels = predictions["label"]
+    metrics = classification_metrics(predictions["prob"], labels, self.config.eval.threshold)
     if "scale_prob" in predictions:
       for i, s in enumerate(self.scales):
-        metrics[f"auc_scale_{s}"] = classification_metrics(
-            predictions["scale_prob"][:, i], predictions["label"], threshold)["auc"]
-    metrics["positive_rate"] = float(np.mean(predictions["label"] > 0.5))
+        metrics[f"auc_scale_{s}"] = roc_auc(predictions["scale_prob"][:, i], labels)
+    metrics["positive_rate"] = float(np.mean(labels > 0.5))
     return metrics
 
   # -- report -----------------------------------------------------------------------------------
@@ -294,14 +282,17 @@ class FPNMILTask(Task):
     maps["aggregated"] = heatmaps.aggregate_heatmaps(maps, weights)
     return maps
 
-  def detection(self, predictions: dict[str, np.ndarray], out_dir: str | None = None
-                ) -> dict[str, dict[str, float]]:
-    """Detection metrics per heatmap over the positive examples with boxes; with ``out_dir``
-    also overlay PNGs of the first ``eval.num_overlays`` of them."""
+  def detection(self, predictions: dict[str, np.ndarray], out_dir: str | None = None,
+                max_examples: int = 0) -> dict[str, dict[str, float]]:
+    """Detection metrics per heatmap (:func:`heatmaps.detection_report`) over the positive
+    examples with boxes, the first ``max_examples`` of them (0 = all); with ``out_dir`` also
+    overlay PNGs of the first ``eval.num_overlays``."""
     d = self.config.eval.detection
     box_args = dict(quantile=d.quantile, min_value=d.min_value, min_area=d.min_area,
                     max_boxes=d.max_boxes, nms_iou=d.nms_iou)
     chosen = np.flatnonzero((predictions["label"] > 0.5) & (predictions["num_boxes"] > 0))
+    if max_examples:
+      chosen = chosen[:max_examples]
     found: dict[Any, list[np.ndarray]] = {}
     truth = []
     if out_dir:
@@ -325,10 +316,14 @@ class FPNMILTask(Task):
             for name, boxes in found.items()}
 
   def write_report(self, predictions, out_dir):
-    """``report.json`` (classification metrics, detection per heatmap) and ``overlays/*.png``."""
-    report: dict[str, Any] = {"classification": self.evaluate(predictions),
-                              "num_examples": int(len(predictions["prob"]))}
-    if any(k.startswith("attention_") for k in predictions):
+    """``report.json`` (the decision threshold and where it came from, classification metrics,
+    detection per heatmap over all positive examples with boxes) and ``overlays/*.png``."""
+    source = self.config.eval.get("threshold_source", "eval.threshold of the config")
+    report: dict[str, Any] = {
+        "num_examples": int(len(predictions["prob"])),
+        "threshold": {"value": float(self.config.eval.threshold), "source": source},
+        "classification": self.classification(predictions)}
+    if has_detection_targets(predictions):
       report["detection"] = self.detection(predictions, os.path.join(out_dir, "overlays"))
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, ".report.json.tmp")
@@ -336,6 +331,19 @@ class FPNMILTask(Task):
       json.dump(_finite(report), f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "report.json"))
     return report
+
+
+def has_detection_targets(predictions: dict[str, np.ndarray]) -> bool:
+  """Whether the model has instance attention and some positive example has boxes."""
+  return (any(k.startswith("attention_") for k in predictions) and "num_boxes" in predictions
+          and bool(np.any((predictions["label"] > 0.5) & (predictions["num_boxes"] > 0))))
+
+
+def detection_scalars(reports: dict[str, dict[str, float]]) -> dict[str, float]:
+  """``{heatmap: detection_report}`` -> flat ``detection_<heatmap>_<metric>`` of the mean IoU,
+  recalls and precisions (the counts are left out)."""
+  return {f"detection_{name}_{metric}": value for name, report in reports.items()
+          for metric, value in report.items() if not metric.startswith("num_")}
 
 
 def _finite(value: Any) -> Any:
