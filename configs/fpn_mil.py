@@ -80,6 +80,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.backbone.depth = 0.25  # B2: 1.2
   c.model.backbone.static_padding_size = ()  # Mammo-CLIP: (260, 260)
   c.model.backbone.drop_connect_rate = 0.0
+  # Running averages that keep up with a from-scratch encoder (Mammo-CLIP: 0.99).
+  c.model.backbone.batch_norm_momentum = 0.9
   c.model.backbone_trainable = True  # no pretrained encoder for the synthetic default
   c.model.frozen_backbone_batch_stats = False
   c.model.backbone_checkpoint = ""  # converted Mammo-CLIP EfficientNet variables
@@ -101,7 +103,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train.steps = 600
   c.train.batch_size = 8
   c.eval.batch_size = 16
-  c.eval.every_steps = 200
+  c.eval.every_steps = 100
   c.eval.threshold = 0.5  # also reported: the split's Youden threshold and metrics at it
   c.eval.num_overlays = 8
   c.eval.detection = ml_collections.ConfigDict({
@@ -155,7 +157,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.channels = 3
     c.data.thumbnail_stride = 4
     c.model.backbone = ml_collections.ConfigDict({
-        "width": 1.1, "depth": 1.2, "static_padding_size": (260, 260), "drop_connect_rate": 0.2})
+        "width": 1.1, "depth": 1.2, "static_padding_size": (260, 260), "drop_connect_rate": 0.2,
+        "batch_norm_momentum": 0.99})
     c.model.backbone_trainable = False
     c.model.fpn.features = 256
     c.model.head.encoder_features = 256

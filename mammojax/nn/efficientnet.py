@@ -2,8 +2,8 @@
 
 The layer layout (stem, 23 MBConv blocks for B2, optional 1x1 head) and the parameter names follow
 the efficientnet_pytorch layout that Mammo-CLIP checkpoints use, so `mammojax.convert.mammoclip`
-can import them one to one. Batch norm uses epsilon 1e-3 and a running-average momentum of 0.99
-(torch momentum 0.01).
+can import them one to one. Batch norm uses epsilon 1e-3 and, by default, a running-average
+momentum of 0.99 (torch momentum 0.01).
 
 "Same" padding comes in two flavours:
 
@@ -120,8 +120,8 @@ def _depthwise_kernel_init() -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, None, 'mlp'))
 
 
-def _batch_norm(train: bool, name: str, dtype: jnp.dtype) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+def _batch_norm(train: bool, name: str, dtype: jnp.dtype, momentum: float) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
                       dtype=dtype, name=name)
 
 
@@ -132,10 +132,12 @@ class MBConvBlock(nn.Module):
     spec: kernel, stride, expansion and channel counts of the block.
     drop_connect_rate: probability of dropping the residual branch per sample in training.
     static_input_size: (h, w) the block's static paddings are computed for; None for dynamic.
+    batch_norm_momentum: decay of the batch-norm running averages.
   """
   spec: BlockSpec
   drop_connect_rate: float = 0.0
   static_input_size: tuple[int, int] | None = None
+  batch_norm_momentum: float = BN_MOMENTUM
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -147,13 +149,13 @@ class MBConvBlock(nn.Module):
     if spec.expand != 1:
       x = nn.Conv(expanded, (1, 1), use_bias=False, dtype=self.dtype,
                   kernel_init=_conv_kernel_init(), name='expand_conv')(x)
-      x = nn.swish(_batch_norm(train, 'bn0', self.dtype)(x))
+      x = nn.swish(_batch_norm(train, 'bn0', self.dtype, self.batch_norm_momentum)(x))
     size = self.static_input_size or (x.shape[1], x.shape[2])
     x = nn.Conv(expanded, (spec.kernel, spec.kernel), strides=spec.stride,
                 padding=_padding_2d(size, spec.kernel, spec.stride), feature_group_count=expanded,
                 use_bias=False, dtype=self.dtype, kernel_init=_depthwise_kernel_init(),
                 name='depthwise_conv')(x)
-    x = nn.swish(_batch_norm(train, 'bn1', self.dtype)(x))
+    x = nn.swish(_batch_norm(train, 'bn1', self.dtype, self.batch_norm_momentum)(x))
     if 0 < spec.se_ratio <= 1:
       squeezed = max(1, int(spec.in_filters * spec.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -164,7 +166,7 @@ class MBConvBlock(nn.Module):
       x = x * nn.sigmoid(s)
     x = nn.Conv(spec.out_filters, (1, 1), use_bias=False, dtype=self.dtype,
                 kernel_init=_conv_kernel_init(), name='project_conv')(x)
-    x = _batch_norm(train, 'bn2', self.dtype)(x)
+    x = _batch_norm(train, 'bn2', self.dtype, self.batch_norm_momentum)(x)
     if spec.stride == 1 and spec.in_filters == spec.out_filters:
       if train and self.drop_connect_rate > 0:
         keep = 1.0 - self.drop_connect_rate
@@ -186,12 +188,16 @@ class EfficientNet(nn.Module):
     drop_connect_rate: stochastic-depth rate; block i drops with ``rate * i / num_blocks``.
     include_head: also compute the 1x1 head conv + BN + swish (1408 channels for B2) that
       Mammo-CLIP uses for its global image embedding.
+    batch_norm_momentum: decay of the batch-norm running averages: 0.99 as Mammo-CLIP; a network
+      trained from scratch for a few hundred steps needs a shorter memory (0.9, torch's default)
+      or its running averages lag its weights and the evaluation-mode outputs are off.
   """
   width: float = 1.1
   depth: float = 1.2
   static_padding_size: tuple[int, int] | None = None
   drop_connect_rate: float = 0.2
   include_head: bool = False
+  batch_norm_momentum: float = BN_MOMENTUM
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -235,13 +241,14 @@ class EfficientNet(nn.Module):
     x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding=_padding_2d(size, 3, 2),
                 use_bias=False, dtype=self.dtype, kernel_init=_conv_kernel_init(),
                 name='conv_stem')(images)
-    x = nn.swish(_batch_norm(train, 'bn0', self.dtype)(x))
+    x = nn.swish(_batch_norm(train, 'bn0', self.dtype, self.batch_norm_momentum)(x))
     size = (-(-size[0] // 2), -(-size[1] // 2))
     blocks = self.blocks
     features = {}
     for i, spec in enumerate(blocks):
       x = MBConvBlock(spec, drop_connect_rate=self.drop_connect_rate * i / len(blocks),
-                      static_input_size=size if static else None, dtype=self.dtype,
+                      static_input_size=size if static else None,
+                      batch_norm_momentum=self.batch_norm_momentum, dtype=self.dtype,
                       name=f'blocks_{i}')(x, train)
       size = (-(-size[0] // spec.stride), -(-size[1] // spec.stride))
       if i == self.stride16_index:
@@ -250,5 +257,6 @@ class EfficientNet(nn.Module):
     if self.include_head:
       h = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, dtype=self.dtype,
                   kernel_init=_conv_kernel_init(), name='conv_head')(x)
-      features['head'] = nn.swish(_batch_norm(train, 'bn1', self.dtype)(h))
+      features['head'] = nn.swish(
+          _batch_norm(train, 'bn1', self.dtype, self.batch_norm_momentum)(h))
     return features
