@@ -11,7 +11,27 @@ trained from scratch (no Mammo-CLIP weights offline), 32-wide FPN and head. The 
 (--config.data.label=Suspicious_Calcification for the clusters):
 
   python -m mammojax.main --config=configs/fpn_mil.py --workdir=/tmp/fpn_mil
-  python -m mammojax.evaluate --workdir=/tmp/fpn_mil --split=test   # + detection, overlays
+  python -m mammojax.evaluate --workdir=/tmp/fpn_mil --split=test --threshold=youden:val
+
+Every evaluation (val, every 100 steps) logs the AUC (also per scale); balanced accuracy, F1,
+sensitivity and specificity at ``eval.threshold`` (0.5) and at the split's Youden threshold
+(``eval/youden_threshold``, ``eval/<metric>_youden``); and lesion detection from the attention
+heatmaps, ``eval/detection_<16|32|128|aggregated>_<mean_iou|recall_iou<t>|precision_iou<t>>``
+over at most ``eval.detection.max_examples`` positive examples
+(``--config.eval.detection.in_periodic_eval=False`` skips it). The evaluate command above applies
+val's Youden threshold to the test split; its report.json names the threshold it used and scores
+detection on every positive example, with overlay pictures.
+
+Measured on a 2-core CPU (600 steps, about 4 minutes wall, seed 0): val AUC 0.92 at step 200,
+then a plateau at 0.96-0.97 from step 400 (0.962 at step 600); at step 600 balanced accuracy 0.91
+at 0.5 (sensitivity 0.83, specificity 0.99) and 0.91 at the Youden threshold (sensitivity 0.91,
+specificity 0.92); detection (aggregated heatmap) recall 0.09 at IoU 0.25, mean IoU 0.05. Seed 1
+plateaus lower (AUC 0.88-0.91 from step 200, 0.90 at step 600; balanced accuracy 0.85 at 0.5).
+The attention picks the patch that holds the lesion (89% of val positives at step 400; chance
+17%) but not the lesion within the 64-pixel patch, hence the low IoUs. The encoder's batch norm
+uses momentum 0.9: with Mammo-CLIP's 0.99 its running averages lag the from-scratch weights and
+the evaluation-mode AUC stays near chance until the learning rate has decayed (0.54 at step 400,
+0.94 at step 600).
 
 Variants (``--config=configs/fpn_mil.py:<variant>``):
 
