@@ -27,6 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mammojax.nn.depthwise_conv import DepthwiseConv
+from mammojax.nn.depthwise_conv import Impl as DepthwiseImpl
+
 # The image size efficientnet_pytorch assigns to B2; Mammo-CLIP's static paddings come from it.
 MAMMOCLIP_STATIC_SIZE = (260, 260)
 
@@ -133,11 +136,13 @@ class MBConvBlock(nn.Module):
     drop_connect_rate: probability of dropping the residual branch per sample in training.
     static_input_size: (h, w) the block's static paddings are computed for; None for dynamic.
     batch_norm_momentum: decay of the batch-norm running averages.
+    depthwise_impl: lowering of the depthwise convolution (``mammojax.nn.depthwise_conv``).
   """
   spec: BlockSpec
   drop_connect_rate: float = 0.0
   static_input_size: tuple[int, int] | None = None
   batch_norm_momentum: float = BN_MOMENTUM
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -151,10 +156,10 @@ class MBConvBlock(nn.Module):
                   kernel_init=_conv_kernel_init(), name='expand_conv')(x)
       x = nn.swish(_batch_norm(train, 'bn0', self.dtype, self.batch_norm_momentum)(x))
     size = self.static_input_size or (x.shape[1], x.shape[2])
-    x = nn.Conv(expanded, (spec.kernel, spec.kernel), strides=spec.stride,
-                padding=_padding_2d(size, spec.kernel, spec.stride), feature_group_count=expanded,
-                use_bias=False, dtype=self.dtype, kernel_init=_depthwise_kernel_init(),
-                name='depthwise_conv')(x)
+    x = DepthwiseConv((spec.kernel, spec.kernel), strides=(spec.stride, spec.stride),
+                      padding=_padding_2d(size, spec.kernel, spec.stride),
+                      impl=self.depthwise_impl, dtype=self.dtype,
+                      kernel_init=_depthwise_kernel_init(), name='depthwise_conv')(x)
     x = nn.swish(_batch_norm(train, 'bn1', self.dtype, self.batch_norm_momentum)(x))
     if 0 < spec.se_ratio <= 1:
       squeezed = max(1, int(spec.in_filters * spec.se_ratio))
@@ -191,6 +196,8 @@ class EfficientNet(nn.Module):
     batch_norm_momentum: decay of the batch-norm running averages: 0.99 as Mammo-CLIP; a network
       trained from scratch for a few hundred steps needs a shorter memory (0.9, torch's default)
       or its running averages lag its weights and the evaluation-mode outputs are off.
+    depthwise_impl: 'auto' (shifted multiply-adds on CPU, the native grouped convolution
+      elsewhere), 'conv' or 'taps'; same parameters and outputs (``mammojax.nn.depthwise_conv``).
   """
   width: float = 1.1
   depth: float = 1.2
@@ -198,6 +205,7 @@ class EfficientNet(nn.Module):
   drop_connect_rate: float = 0.2
   include_head: bool = False
   batch_norm_momentum: float = BN_MOMENTUM
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -248,7 +256,8 @@ class EfficientNet(nn.Module):
     for i, spec in enumerate(blocks):
       x = MBConvBlock(spec, drop_connect_rate=self.drop_connect_rate * i / len(blocks),
                       static_input_size=size if static else None,
-                      batch_norm_momentum=self.batch_norm_momentum, dtype=self.dtype,
+                      batch_norm_momentum=self.batch_norm_momentum,
+                      depthwise_impl=self.depthwise_impl, dtype=self.dtype,
                       name=f'blocks_{i}')(x, train)
       size = (-(-size[0] // spec.stride), -(-size[1] // spec.stride))
       if i == self.stride16_index:

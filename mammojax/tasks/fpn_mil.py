@@ -57,7 +57,8 @@ def build_backbone(model: ml_collections.ConfigDict) -> EfficientNet:
   return EfficientNet(width=b.width, depth=b.depth,
                       static_padding_size=tuple(b.static_padding_size) or None,
                       drop_connect_rate=b.drop_connect_rate,
-                      batch_norm_momentum=b.batch_norm_momentum)
+                      batch_norm_momentum=b.batch_norm_momentum,
+                      depthwise_impl=b.depthwise_impl)
 
 
 def build_fpn(model: ml_collections.ConfigDict) -> FPN:
