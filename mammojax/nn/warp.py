@@ -144,7 +144,29 @@ def _clamp_jvp(primals, tangents):
 
 def _sample_gather(source, coordinates, order, padding):
   batch, *spatial, channels = source.shape
-  query_shape = coordinates.shape[1:-1]
+  indices, weights = interpolation_corners(spatial, coordinates, order=order, padding=padding)
+  out = _weighted_row_gather(source.reshape(-1, channels), indices, weights)
+  return out.reshape(batch, *coordinates.shape[1:-1], channels)
+
+
+def interpolation_corners(spatial_shape: Sequence[int], coordinates: jax.Array, *,
+                          order: int = 1, padding: Padding = "zeros"
+                          ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """Rows and weights of the interpolation corners of every query point.
+
+  Args:
+    spatial_shape: the source grid ``S`` (2 or 3 axes).
+    coordinates: ``[B, *Q, n]`` pixels, 'ij'.
+    order, padding: as :func:`sample`.
+  Returns:
+    ``(indices, weights)``: per corner (``2**n`` for ``order=1``, one for ``order=0``) a
+    ``[B * prod(Q)]`` int32 row of the source flattened to ``[B * prod(S), C]`` and a
+    ``[B * prod(Q)]`` weight, so that ``sample(source, coordinates)`` is
+    ``sum_k weights[k][:, None] * rows[indices[k]]``. The weights are differentiable in the
+    coordinates; corners outside the grid under zero padding get weight 0.
+  """
+  spatial = [int(n) for n in spatial_shape]
+  batch = coordinates.shape[0]
   coordinates = coordinates.reshape(batch, -1, len(spatial))
   strides = np.cumprod([1] + spatial[::-1][:-1])[::-1]
   per_axis = [_axis_corners(coordinates[..., axis], size, order, padding)
@@ -163,9 +185,7 @@ def _sample_gather(source, coordinates, order, padding):
         weight = jnp.where(valid, weight, 0.0)
     corner_indices.append(index.reshape(-1))
     corner_weights.append(weight.reshape(-1))
-  out = _weighted_row_gather(source.reshape(-1, channels), tuple(corner_indices),
-                             tuple(corner_weights))
-  return out.reshape(batch, *query_shape, channels)
+  return tuple(corner_indices), tuple(corner_weights)
 
 
 _ROWS = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
@@ -175,7 +195,7 @@ _ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,),
                                                scatter_dims_to_operand_dims=(0,))
 
 
-def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+def take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
   """``table[index]`` for ``[R, C]``, ``[N]`` -> ``[N, C]``; indices are known to be in range.
 
   ``lax.gather`` directly: jnp indexing would add a negative-index wrap to every index.
@@ -184,8 +204,8 @@ def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
-  """``table.at[index].add(rows)`` for in-range indices (see :func:`_take_rows`)."""
+def add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  """``table.at[index].add(rows)`` for in-range indices (see :func:`take_rows`)."""
   return jax.lax.scatter_add(table, index[:, None], rows, _ROW_UPDATES,
                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -202,7 +222,7 @@ def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
   """
   out = None
   for index, weight in zip(indices, weights):
-    term = _take_rows(table, index) * weight[:, None].astype(table.dtype)
+    term = take_rows(table, index) * weight[:, None].astype(table.dtype)
     out = term if out is None else out + term
   return out
 
@@ -216,8 +236,8 @@ def _weighted_row_gather_bwd(residuals, cotangent):
   table_grad = jnp.zeros_like(table)
   weight_grads = []
   for index, weight in zip(indices, weights):
-    table_grad = _add_rows(table_grad, index, weight[:, None].astype(table.dtype) * cotangent)
-    rows = _take_rows(table, index).astype(weight.dtype)
+    table_grad = add_rows(table_grad, index, weight[:, None].astype(table.dtype) * cotangent)
+    rows = take_rows(table, index).astype(weight.dtype)
     weight_grads.append(_row_dot(rows, cotangent.astype(weight.dtype)))
   return table_grad, tuple(None for _ in indices), tuple(weight_grads)
 
