@@ -30,19 +30,21 @@ def _off_ties(coords):
   return np.where(np.abs(frac - 0.5) < 0.02, coords + 0.1, coords)
 
 
+# 3 channels: the two last-axis corners are gathered as one two-row slice; 6: one row per corner.
+@pytest.mark.parametrize("channels", [3, 6])
 @pytest.mark.parametrize("spatial", [(5, 6), (4, 5, 3)])
 @pytest.mark.parametrize("order", [0, 1])
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflect"])
 @pytest.mark.parametrize("impl", ["gather", "map_coordinates"])
-def test_sample_matches_scipy(spatial, order, padding, impl):
+def test_sample_matches_scipy(spatial, order, padding, impl, channels):
   rng = np.random.default_rng(0)
-  source = rng.normal(size=(2, *spatial, 3)).astype(np.float32)
+  source = rng.normal(size=(2, *spatial, channels)).astype(np.float32)
   coords = rng.uniform(-4, max(spatial) + 3, size=(2, 4, 5, len(spatial))).astype(np.float32)
   coords = _off_ties(coords)
   expected = _scipy_sample(source, coords, order, padding)
   got = W.sample(jnp.asarray(source), jnp.asarray(coords), order=order, padding=padding,
                  impl=impl)
-  assert got.shape == (2, 4, 5, 3)
+  assert got.shape == (2, 4, 5, channels)
   np.testing.assert_allclose(np.asarray(got), expected, atol=2e-6)
 
 
@@ -68,12 +70,16 @@ def test_rotation_by_90_degrees():
   np.testing.assert_allclose(out[0, 1, 3], source[0, 3, n - 2], atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 4, 6])
+@pytest.mark.parametrize("spatial", [(6, 7), (4, 5, 6)])
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflect"])
-def test_gather_equals_map_coordinates_values_and_gradients(padding):
+def test_gather_equals_map_coordinates_values_and_gradients(padding, spatial, channels):
   keys = jax.random.split(jax.random.key(2), 3)
-  source = jax.random.normal(keys[0], (2, 6, 7, 4))
-  displacement = 2.5 * jax.random.normal(keys[1], (2, 6, 7, 2))
-  cotangent = jax.random.normal(keys[2], (2, 6, 7, 4))
+  source = jax.random.normal(keys[0], (2, *spatial, channels))
+  displacement = 2.5 * jax.random.normal(keys[1], (2, *spatial, len(spatial)))
+  # Some points exactly on pixel centres, the first and last included (identity map at init).
+  displacement = displacement.at[:, 0].set(0.0).at[:, -1].set(0.0)
+  cotangent = jax.random.normal(keys[2], (2, *spatial, channels))
 
   def loss(impl):
     return lambda s, d: jnp.sum(W.warp(s, d, impl, padding=padding) * cotangent)

@@ -16,7 +16,9 @@ Conventions (DESIGN.md, "Coordinates"):
 Two implementations give the same values and gradients (tested):
 
 * ``'gather'``: gathers whole ``C``-vectors per interpolation corner from a
-  ``[B * prod(S), C]`` table, contiguous in memory; the fast path for feature maps.
+  ``[B * prod(S), C]`` table, contiguous in memory (with few channels, both corners along the
+  last axis in one two-row slice), from indices materialised before the gathers; the fast
+  path for feature maps, displacement fields and images.
 * ``'map_coordinates'``: ``jax.scipy.ndimage.map_coordinates`` per channel; the reference.
 
 Other unit systems, converted only at boundaries:
@@ -37,6 +39,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mammojax.nn.fusion_barrier import fusion_barrier
 
 Padding = Literal["zeros", "border", "reflect"]
 Impl = Literal["gather", "map_coordinates"]
@@ -103,26 +107,13 @@ def _reflect(coordinate: jax.Array, size: int) -> jax.Array:
   return jnp.where(folded > size, period - folded, folded) - 0.5
 
 
-def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
-  """Per-axis interpolation corners: list of (int32 index, weight, in-range mask or None)."""
+def _prepare_axis_coordinate(coordinate: jax.Array, size: int, padding: str) -> jax.Array:
   if padding == "reflect":
     coordinate = _reflect(coordinate, size)
   if padding in ("border", "reflect"):
     # Clamping the coordinate (not the index) gives zero gradient outside, like grid_sample.
     coordinate = _clamp(coordinate, 0.0, size - 1.0)
-  if order == 0:
-    # lax.round rounds ties away from zero, as jax.scipy's map_coordinates.
-    indices = [(jax.lax.round(coordinate), None)]
-  else:
-    lower = jnp.floor(coordinate)
-    upper_weight = coordinate - lower
-    indices = [(lower, 1.0 - upper_weight), (lower + 1.0, upper_weight)]
-  corners = []
-  for index, weight in indices:
-    index = index.astype(jnp.int32)
-    valid = (index >= 0) & (index < size) if padding == "zeros" else None
-    corners.append((jnp.clip(index, 0, size - 1), weight, valid))
-  return corners
+  return coordinate
 
 
 @jax.custom_jvp
@@ -142,70 +133,128 @@ def _clamp_jvp(primals, tangents):
   return _clamp(x, low, high), jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 
+def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
+  """Corners along one axis: list of (int32 index in ``[0, size)``, weight or None, in-range mask
+  or None); out-of-range corners (zero padding) have their index clipped and mask False."""
+  coordinate = _prepare_axis_coordinate(coordinate, size, padding)
+  if order == 0:
+    # lax.round rounds ties away from zero, as jax.scipy's map_coordinates.
+    indices = [(jax.lax.round(coordinate), None)]
+  else:
+    lower = jnp.floor(coordinate)
+    upper_weight = coordinate - lower
+    indices = [(lower, 1.0 - upper_weight), (lower + 1.0, upper_weight)]
+  corners = []
+  for index, weight in indices:
+    index = index.astype(jnp.int32)
+    valid = (index >= 0) & (index < size) if padding == "zeros" else None
+    corners.append((jnp.clip(index, 0, size - 1), weight, valid))
+  return corners
+
+
+def _last_axis_pair(coordinate: jax.Array, size: int, padding: str):
+  """Both linear corners along the last axis as one pair: (int32 index of the lower corner in the
+  axis padded by :func:`_pad_last_axis`, (weight of the lower corner, of the upper corner))."""
+  coordinate = _prepare_axis_coordinate(coordinate, size, padding)
+  lower = jnp.floor(coordinate)
+  upper_weight = coordinate - lower
+  lower_weight = 1.0 - upper_weight
+  if padding == "zeros":
+    # One zero on each side: lower corners -1 .. size-1 read zeros where they fall outside;
+    # beyond that both corners are outside and both weights are zero.
+    inside = (lower >= -1.0) & (lower <= size - 1.0)
+    lower_weight = jnp.where(inside, lower_weight, 0.0)
+    upper_weight = jnp.where(inside, upper_weight, 0.0)
+    index = jnp.clip(lower, -1.0, size - 1.0) + 1.0
+  else:
+    # Clamped into [0, size-1]; the upper corner of size-1 is the edge pixel repeated.
+    index = lower
+  return index.astype(jnp.int32), (lower_weight, upper_weight)
+
+
+def _pad_last_axis(source: jax.Array, padding: str) -> jax.Array:
+  """Pads the last spatial axis of ``[B, *S, C]`` as :func:`_last_axis_pair` expects."""
+  def pad_last_axis(array, before, after):
+    widths = [(0, 0, 0)] * (array.ndim - 2) + [(before, after, 0), (0, 0, 0)]
+    return jax.lax.pad(array, jnp.zeros((), array.dtype), widths)
+
+  if padding == "zeros":
+    return pad_last_axis(source, 1, 1)
+  # The edge repeated, as a sum of two zero-pads: jnp.pad's 'edge' mode concatenates, which
+  # XLA:CPU runs several times slower than this fused loop.
+  size = source.shape[-2]
+  return pad_last_axis(source, 0, 1) + pad_last_axis(source[..., size - 1:, :], size, 0)
+
+
+# XLA:CPU gathers a slice of a few rows for about the cost of one row (measured on a
+# [100352, 2] table: two rows 0.25 ms, one row 0.16 ms, four separate rows 0.7 ms).
+_PAIRED_MAX_CHANNELS = 4
+
+
 def _sample_gather(source, coordinates, order, padding):
-  batch, *spatial, channels = source.shape
-  indices, weights = interpolation_corners(spatial, coordinates, order=order, padding=padding)
-  out = _weighted_row_gather(source.reshape(-1, channels), indices, weights)
-  return out.reshape(batch, *coordinates.shape[1:-1], channels)
+  """Weighted row gathers from ``source`` viewed as a ``[B * prod(S), C]`` table.
 
-
-def interpolation_corners(spatial_shape: Sequence[int], coordinates: jax.Array, *,
-                          order: int = 1, padding: Padding = "zeros"
-                          ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-  """Rows and weights of the interpolation corners of every query point.
-
-  Args:
-    spatial_shape: the source grid ``S`` (2 or 3 axes).
-    coordinates: ``[B, *Q, n]`` pixels, 'ij'.
-    order, padding: as :func:`sample`.
-  Returns:
-    ``(indices, weights)``: per corner (``2**n`` for ``order=1``, one for ``order=0``) a
-    ``[B * prod(Q)]`` int32 row of the source flattened to ``[B * prod(S), C]`` and a
-    ``[B * prod(Q)]`` weight, so that ``sample(source, coordinates)`` is
-    ``sum_k weights[k][:, None] * rows[indices[k]]``. The weights are differentiable in the
-    coordinates; corners outside the grid under zero padding get weight 0.
+  With few channels (displacement fields, images) and linear interpolation, the two corners
+  along the last axis are neighbouring rows, so one gather of a two-row slice fetches both:
+  ``2**(n-1)`` gathers instead of ``2**n`` (the last axis padded by one pixel for that). With
+  many channels (feature maps) every corner is its own row gather and the source is not copied.
   """
-  spatial = [int(n) for n in spatial_shape]
-  batch = coordinates.shape[0]
-  coordinates = coordinates.reshape(batch, -1, len(spatial))
-  strides = np.cumprod([1] + spatial[::-1][:-1])[::-1]
-  per_axis = [_axis_corners(coordinates[..., axis], size, order, padding)
-              for axis, size in enumerate(spatial)]
-  batch_offset = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(spatial)))[:, None]
+  batch, *spatial, channels = source.shape
+  num_axes = len(spatial)
+  points = coordinates.reshape(batch, -1, num_axes)
+  paired = order == 1 and channels <= _PAIRED_MAX_CHANNELS
+  table = _pad_last_axis(source, padding) if paired else source
+  table_spatial = table.shape[1:-1]
+  strides = np.cumprod([1] + list(table_spatial[::-1][:-1]))[::-1]
+  index = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(table_spatial)))[:, None]
+  pair_weights = None
+  looked_up = num_axes
+  if paired:
+    looked_up -= 1
+    last_index, pair_weights = _last_axis_pair(points[..., -1], spatial[-1], padding)
+    index = index + last_index  # stride 1
+  per_axis = [_axis_corners(points[..., axis], spatial[axis], order, padding)
+              for axis in range(looked_up)]
 
   corner_indices, corner_weights = [], []
   for combo in itertools.product(*per_axis):
-    index = batch_offset
-    weight = jnp.ones(coordinates.shape[:-1], coordinates.dtype)
-    for (axis_index, axis_weight, valid), stride in zip(combo, strides):
-      index = index + axis_index * int(stride)
+    corner_index, scale = index, None
+    for axis, (axis_index, axis_weight, valid) in enumerate(combo):
+      corner_index = corner_index + axis_index * int(strides[axis])
       if axis_weight is not None:
-        weight = weight * axis_weight
+        scale = axis_weight if scale is None else scale * axis_weight
       if valid is not None:
-        weight = jnp.where(valid, weight, 0.0)
-    corner_indices.append(index.reshape(-1))
-    corner_weights.append(weight.reshape(-1))
-  return tuple(corner_indices), tuple(corner_weights)
+        scale = jnp.where(valid, 1.0 if scale is None else scale, 0.0)
+    if pair_weights is None:
+      weights = (jnp.ones(points.shape[:-1], points.dtype) if scale is None else scale,)
+    else:
+      weights = tuple(w if scale is None else w * scale for w in pair_weights)
+    corner_indices.append(corner_index.reshape(-1))
+    corner_weights.append(tuple(w.reshape(-1) for w in weights))
+  out = _weighted_row_gather(table.reshape(-1, channels), tuple(corner_indices),
+                             tuple(corner_weights))
+  return out.reshape(batch, *coordinates.shape[1:-1], channels)
 
 
-_ROWS = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
-                                       start_index_map=(0,))
-_ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,),
-                                               inserted_window_dims=(0,),
+_ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2),
+                                               inserted_window_dims=(),
                                                scatter_dims_to_operand_dims=(0,))
+_ROW_SLICES = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(),
+                                             start_index_map=(0,))
 
 
-def take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
-  """``table[index]`` for ``[R, C]``, ``[N]`` -> ``[N, C]``; indices are known to be in range.
+def _take_rows(table: jax.Array, index: jax.Array, count: int) -> jax.Array:
+  """``table[index + k]`` for ``k < count``: ``[R, C]``, ``[N]`` -> ``[N, count, C]``; indices
+  are known to be in range.
 
   ``lax.gather`` directly: jnp indexing would add a negative-index wrap to every index.
   """
-  return jax.lax.gather(table, index[:, None], _ROWS, (1, table.shape[1]),
+  return jax.lax.gather(table, index[:, None], _ROW_SLICES, (count, table.shape[1]),
                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
-  """``table.at[index].add(rows)`` for in-range indices (see :func:`take_rows`)."""
+def _add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  """``table[index + k] += rows[:, k]`` for ``rows [N, count, C]`` (see :func:`_take_rows`)."""
   return jax.lax.scatter_add(table, index[:, None], rows, _ROW_UPDATES,
                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -213,33 +262,66 @@ def add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
                          weights: tuple[jax.Array, ...]) -> jax.Array:
-  """``sum_k weights[k] * table[indices[k]]``: ``[R, C]``, K x ``[N]``, K x ``[N]`` -> ``[N, C]``.
+  """``sum_g sum_k weights[g][k] * table[indices[g] + k]``.
 
-  Indices must lie in ``[0, R)``. The custom VJP exists for speed: autodiff of the gathers
-  would zero-fill and add K separate ``[R, C]`` scatters; here the K scatters accumulate into
-  one buffer, and the weight gradients are fused gather-and-reduce loops. Corners travel as
-  tuples, not stacked arrays: XLA:CPU's concatenations of them measured slower than the gathers.
+  Shapes: table ``[R, C]``, ``G`` x ``[N]`` indices (``indices[g] + k`` in ``[0, R)``), ``G`` x
+  ``K`` x ``[N]`` weights -> ``[N, C]``.
+
+  The custom VJP exists for speed: autodiff of the gathers would zero-fill and add G separate
+  ``[R, C]`` scatters; here they accumulate into one buffer, and the weight gradients are
+  fused gather-and-reduce loops. Corners travel as tuples, not stacked arrays: XLA:CPU's
+  concatenations of them measured slower than the gathers.
   """
+  return _gathered_sum(table, fusion_barrier(*indices), weights)
+
+
+def _gathered_sum(table, indices, weights):
   out = None
-  for index, weight in zip(indices, weights):
-    term = take_rows(table, index) * weight[:, None].astype(table.dtype)
-    out = term if out is None else out + term
+  for index, row_weights in zip(indices, weights):
+    rows = _take_rows(table, index, len(row_weights))
+    for k, weight in enumerate(row_weights):
+      term = rows[:, k] * weight[:, None].astype(table.dtype)
+      out = term if out is None else out + term
   return out
 
 
 def _weighted_row_gather_fwd(table, indices, weights):
-  return _weighted_row_gather(table, indices, weights), (table, indices, weights)
+  # Materialised once here, the residuals are not recomputed inside the backward's gathers.
+  indices, weights = _materialised(indices, weights)
+  return _gathered_sum(table, indices, weights), (table, indices, weights)
 
 
 def _weighted_row_gather_bwd(residuals, cotangent):
   table, indices, weights = residuals
   table_grad = jnp.zeros_like(table)
   weight_grads = []
-  for index, weight in zip(indices, weights):
-    table_grad = add_rows(table_grad, index, weight[:, None].astype(table.dtype) * cotangent)
-    rows = take_rows(table, index).astype(weight.dtype)
-    weight_grads.append(_row_dot(rows, cotangent.astype(weight.dtype)))
+  for index, row_weights in zip(indices, weights):
+    table_grad = _add_rows(table_grad, index, _outer_rows(row_weights, cotangent))
+    rows = _take_rows(table, index, len(row_weights))
+    weight_grads.append(tuple(
+        _row_dot(rows[:, k].astype(w.dtype), cotangent.astype(w.dtype))
+        for k, w in enumerate(row_weights)))
   return table_grad, tuple(None for _ in indices), tuple(weight_grads)
+
+
+def _materialised(indices, weights):
+  """Indices and weights behind a fusion barrier: fused into a gather, their arithmetic is
+  redone per gathered element in scalar code (measured 3-4x slower gathers on XLA:CPU)."""
+  flat_weights = [w for row_weights in weights for w in row_weights]
+  values = fusion_barrier(*flat_weights, *indices)
+  flat_weights, indices = values[:len(flat_weights)], values[len(flat_weights):]
+  sizes = np.cumsum([0] + [len(row_weights) for row_weights in weights])
+  return indices, tuple(tuple(flat_weights[a:b]) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def _outer_rows(row_weights: tuple[jax.Array, ...], cotangent: jax.Array) -> jax.Array:
+  """``[N, K, C]`` with ``[:, k] = row_weights[k][:, None] * cotangent``, built by selects:
+  XLA:CPU's concatenation (``jnp.stack``) of the K terms measured 1 ms against 0.2 ms."""
+  position = jax.lax.broadcasted_iota(jnp.int32, (1, len(row_weights), 1), 1)
+  weight = row_weights[-1][:, None, None]
+  for k in reversed(range(len(row_weights) - 1)):
+    weight = jnp.where(position == k, row_weights[k][:, None, None], weight)
+  return weight.astype(cotangent.dtype) * cotangent[:, None, :]
 
 
 def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
