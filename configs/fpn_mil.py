@@ -25,8 +25,11 @@ detection on every positive example, with overlay pictures.
 Measured on a 2-core CPU (600 steps, seed 0): 107 s wall; val AUC 0.96 at step 200, then
 0.97-0.98 (0.972 at step 600); at step 600 balanced accuracy 0.92 at 0.5 (sensitivity 0.89) and
 0.94 at the Youden threshold; detection (aggregated heatmap) recall 0.04 at IoU 0.25, mean IoU
-0.03. An earlier measurement with the native depthwise convolution took about 4 minutes (same
-plateau, 0.96-0.97); seed 1 plateaued lower there (AUC 0.88-0.91, balanced accuracy 0.85).
+0.03. A later run of the same command on a slower 2-core machine (where the whole test suite
+also took 2.5x longer) took 248 s wall: val AUC 0.953 at steps 200-300, 0.99 at 400-600;
+balanced accuracy 0.95 at 0.5 and at the Youden threshold; detection recall 0.02 at IoU 0.25,
+mean IoU 0.03. An earlier measurement with the native depthwise convolution took about 4 minutes
+(same plateau, 0.96-0.97); seed 1 plateaued lower there (AUC 0.88-0.91, balanced accuracy 0.85).
 The attention picks the patch that holds the lesion (89% of val positives at step 400; chance
 17%) but not the lesion within the 64-pixel patch, hence the low IoUs. The encoder's batch norm
 uses momentum 0.9: with Mammo-CLIP's 0.99 its running averages lag the from-scratch weights and
