@@ -212,7 +212,7 @@ def _sample_gather(source, coordinates, order, padding):
     if weight is None:
       weight = jnp.ones(points.shape[:-1], points.dtype)
     corner_indices.append(corner_index.reshape(-1))
-    corner_weights.append((weight.reshape(-1),))
+    corner_weights.append(weight.reshape(-1))
   out = _weighted_row_gather(source.reshape(-1, channels), tuple(corner_indices),
                              tuple(corner_weights))
   return out.reshape(batch, *coordinates.shape[1:-1], channels)
@@ -244,12 +244,10 @@ def _add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
                          weights: tuple[jax.Array, ...]) -> jax.Array:
-  """``sum_g sum_k weights[g][k] * table[indices[g] + k]``.
+  """``sum_k weights[k][:, None] * table[indices[k]]``: ``[R, C]``, K x ``[N]`` (in ``[0, R)``),
+  K x ``[N]`` -> ``[N, C]``.
 
-  Shapes: table ``[R, C]``, ``G`` x ``[N]`` indices (``indices[g] + k`` in ``[0, R)``), ``G`` x
-  ``K`` x ``[N]`` weights -> ``[N, C]``.
-
-  The custom VJP exists for speed: autodiff of the gathers would zero-fill and add G separate
+  The custom VJP exists for speed: autodiff of the gathers would zero-fill and add K separate
   ``[R, C]`` scatters; here they accumulate into one buffer, and the weight gradients are
   fused gather-and-reduce loops. Corners travel as tuples, not stacked arrays: XLA:CPU's
   concatenations of them measured slower than the gathers.
@@ -260,17 +258,14 @@ def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
 
 def _gathered_sum(table, indices, weights):
   out = None
-  for index, row_weights in zip(indices, weights):
-    rows = _take_rows(table, index, len(row_weights))
-    for k, weight in enumerate(row_weights):
-      term = rows[:, k] * weight[:, None].astype(table.dtype)
-      out = term if out is None else out + term
+  for index, weight in zip(indices, weights):
+    term = _take_rows(table, index, 1)[:, 0] * weight[:, None].astype(table.dtype)
+    out = term if out is None else out + term
   return out
 
 
 def _weighted_row_gather_fwd(table, indices, weights):
-  # Materialised once here, the residuals are not recomputed inside the backward's gathers.
-  indices, weights = _materialised(indices, weights)
+  indices, weights = _materialised((indices, weights))
   return _gathered_sum(table, indices, weights), (table, indices, weights)
 
 
@@ -278,23 +273,19 @@ def _weighted_row_gather_bwd(residuals, cotangent):
   table, indices, weights = residuals
   table_grad = jnp.zeros_like(table)
   weight_grads = []
-  for index, row_weights in zip(indices, weights):
-    table_grad = _add_rows(table_grad, index, _outer_rows(row_weights, cotangent))
-    rows = _take_rows(table, index, len(row_weights))
-    weight_grads.append(tuple(
-        _row_dot(rows[:, k].astype(w.dtype), cotangent.astype(w.dtype))
-        for k, w in enumerate(row_weights)))
+  for index, weight in zip(indices, weights):
+    table_grad = _add_rows(table_grad, index, _outer_rows((weight,), cotangent))
+    rows = _take_rows(table, index, 1)[:, 0].astype(weight.dtype)
+    weight_grads.append(_row_dot(rows, cotangent.astype(weight.dtype)))
   return table_grad, tuple(None for _ in indices), tuple(weight_grads)
 
 
-def _materialised(indices, weights):
-  """Indices and weights behind a fusion barrier: fused into a gather, their arithmetic is
-  redone per gathered element in scalar code (measured 3-4x slower gathers on XLA:CPU)."""
-  flat_weights = [w for row_weights in weights for w in row_weights]
-  values = fusion_barrier(*flat_weights, *indices)
-  flat_weights, indices = values[:len(flat_weights)], values[len(flat_weights):]
-  sizes = np.cumsum([0] + [len(row_weights) for row_weights in weights])
-  return indices, tuple(tuple(flat_weights[a:b]) for a, b in zip(sizes[:-1], sizes[1:]))
+def _materialised(tree):
+  """Every array of ``tree`` behind one fusion barrier, for the residuals of a forward pass:
+  fused into a gather, index and weight arithmetic is redone per gathered element in scalar
+  code (measured 3-4x slower gathers on XLA:CPU), and the backward would re-derive it."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, fusion_barrier(*leaves))
 
 
 def _outer_rows(row_weights: tuple[jax.Array, ...], cotangent: jax.Array) -> jax.Array:
@@ -425,11 +416,7 @@ def _paired_sum(table, rows, weights):
 
 
 def _paired_interpolation_fwd(table, coordinates, layout):
-  rows, weights, slopes = _paired_corners(coordinates, layout)
-  # Materialised once: the backward reads them instead of re-deriving them in its gathers.
-  tree = (rows, weights, slopes)
-  leaves, treedef = jax.tree.flatten(tree)
-  rows, weights, slopes = jax.tree.unflatten(treedef, fusion_barrier(*leaves))
+  rows, weights, slopes = _materialised(_paired_corners(coordinates, layout))
   return _paired_sum(table, rows, weights), (table, rows, weights, slopes)
 
 
