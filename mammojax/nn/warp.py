@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mammojax.nn.fusion_barrier import fusion_barrier
+from mammojax.nn.fusion_barrier import computed_apart
 
 Padding = Literal["zeros", "border", "reflect"]
 Impl = Literal["gather", "map_coordinates"]
@@ -156,16 +156,8 @@ def _axis_corners(coordinate: jax.Array, size: int, order: int, padding: str):
 def _pad_last_axis(source: jax.Array, padding: str) -> jax.Array:
   """Pads the last spatial axis of ``[B, *S, C]`` as :func:`_paired_corners` expects: one zero
   on each side (zero padding) or the edge repeated once at the end (border, reflect)."""
-  def pad_last_axis(array, before, after):
-    widths = [(0, 0, 0)] * (array.ndim - 2) + [(before, after, 0), (0, 0, 0)]
-    return jax.lax.pad(array, jnp.zeros((), array.dtype), widths)
-
-  if padding == "zeros":
-    return pad_last_axis(source, 1, 1)
-  # The edge repeated, as a sum of two zero-pads: jnp.pad's 'edge' mode concatenates, which
-  # XLA:CPU runs several times slower than this fused loop.
-  size = source.shape[-2]
-  return pad_last_axis(source, 0, 1) + pad_last_axis(source[..., size - 1:, :], size, 0)
+  widths = [(0, 0)] * (source.ndim - 2) + [(1, 1) if padding == "zeros" else (0, 1), (0, 0)]
+  return jnp.pad(source, widths, mode="constant" if padding == "zeros" else "edge")
 
 
 # XLA:CPU gathers a slice of a few rows for about the cost of one row (measured on a
@@ -186,17 +178,30 @@ def _sample_gather(source, coordinates, order, padding):
   num_axes = len(spatial)
   points = coordinates.reshape(batch, -1, num_axes)
   if order == 1 and channels <= _PAIRED_MAX_CHANNELS:
-    table = _pad_last_axis(source, padding)
-    table_spatial = table.shape[1:-1]
+    table_spatial = (*spatial[:-1], spatial[-1] + (2 if padding == "zeros" else 1))
+    # Padded in a region of its own: fused into the gathers, the pad's selects were redone per
+    # gathered element (XLA:CPU: 0.2 ms against 0.02 ms per pad of a [128, 28, 28, 2] field).
+    table = computed_apart(lambda s: _pad_last_axis(s, padding).reshape(-1, channels), source)
     layout = _PairedLayout(
         tuple(spatial), tuple(int(n) for n in np.cumprod([1, *table_spatial[::-1][:-1]])[::-1]),
         padding, points.shape[1], int(np.prod(table_spatial)))
     prepared = tuple(_prepare_axis_coordinate(points[..., axis], spatial[axis], padding).reshape(-1)
                      for axis in range(num_axes))
-    out = _paired_interpolation(table.reshape(-1, channels), prepared, layout)
+    out = _paired_interpolation(table, prepared, layout)
     return out.reshape(batch, *coordinates.shape[1:-1], channels)
 
-  strides = np.cumprod([1] + spatial[::-1][:-1])[::-1]
+  corner_indices, corner_weights = computed_apart(
+      lambda p: _corner_rows(p, tuple(spatial), order, padding), points)
+  out = _weighted_row_gather(source.reshape(-1, channels), corner_indices, corner_weights)
+  return out.reshape(batch, *coordinates.shape[1:-1], channels)
+
+
+def _corner_rows(points: jax.Array, spatial: tuple[int, ...], order: int, padding: str):
+  """Per interpolation corner, the ``[N]`` row of ``[B * prod(S), C]`` it reads and its ``[N]``
+  weight, for ``points [B, P, n]`` (``N = B * P``); zero padding zeroes the weight of corners
+  outside the grid."""
+  batch, num_points, num_axes = points.shape
+  strides = np.cumprod([1] + list(spatial[::-1][:-1]))[::-1]
   index = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(spatial)))[:, None]
   per_axis = [_axis_corners(points[..., axis], spatial[axis], order, padding)
               for axis in range(num_axes)]
@@ -210,12 +215,10 @@ def _sample_gather(source, coordinates, order, padding):
       if valid is not None:
         weight = jnp.where(valid, 1.0 if weight is None else weight, 0.0)
     if weight is None:
-      weight = jnp.ones(points.shape[:-1], points.dtype)
+      weight = jnp.ones((batch, num_points), points.dtype)
     corner_indices.append(corner_index.reshape(-1))
     corner_weights.append(weight.reshape(-1))
-  out = _weighted_row_gather(source.reshape(-1, channels), tuple(corner_indices),
-                             tuple(corner_weights))
-  return out.reshape(batch, *coordinates.shape[1:-1], channels)
+  return tuple(corner_indices), tuple(corner_weights)
 
 
 _ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2),
@@ -252,8 +255,7 @@ def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
   fused gather-and-reduce loops. Corners travel as tuples, not stacked arrays: XLA:CPU's
   concatenations of them measured slower than the gathers.
   """
-  # Without a gradient only the indices are materialised; the weights fuse cheaply into the sum.
-  return _gathered_sum(table, fusion_barrier(*indices), weights)
+  return _gathered_sum(table, indices, weights)
 
 
 def _gathered_sum(table, indices, weights):
@@ -265,13 +267,12 @@ def _gathered_sum(table, indices, weights):
 
 
 def _weighted_row_gather_fwd(table, indices, weights):
-  indices, weights = _materialised((indices, weights))
   return _gathered_sum(table, indices, weights), (table, indices, weights)
 
 
 def _weighted_row_gather_bwd(residuals, cotangent):
   table, indices, weights = residuals
-  table_grad = jnp.zeros_like(table)
+  table_grad = _zeros_for_scatter(table, cotangent)
   weight_grads = []
   for index, weight in zip(indices, weights):
     table_grad = _add_rows(table_grad, index, _outer_rows((weight,), cotangent))
@@ -280,12 +281,14 @@ def _weighted_row_gather_bwd(residuals, cotangent):
   return table_grad, tuple(None for _ in indices), tuple(weight_grads)
 
 
-def _materialised(tree):
-  """Every array of ``tree`` behind one fusion barrier, for the residuals of a forward pass:
-  fused into a gather, index and weight arithmetic is redone per gathered element in scalar
-  code (measured 3-4x slower gathers on XLA:CPU), and the backward would re-derive it."""
-  leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, fusion_barrier(*leaves))
+def _zeros_for_scatter(like: jax.Array, cotangent: jax.Array) -> jax.Array:
+  """Zeros shaped like ``like`` for one scatter to accumulate into, in a buffer of its own.
+
+  ``jnp.zeros_like`` is one constant that XLA shares between every scatter of the program and
+  then copies once per scatter (measured 0.47 ms per copy of a [103936, 2] table on XLA:CPU);
+  computed apart from this call's ``cotangent``, each scatter gets a fresh zero-filled buffer.
+  """
+  return computed_apart(lambda _: jnp.zeros(like.shape, like.dtype), cotangent)
 
 
 def _outer_rows(row_weights: tuple[jax.Array, ...], cotangent: jax.Array) -> jax.Array:
@@ -364,8 +367,12 @@ def _paired_corners(coordinates, layout):
     last_row = lower.astype(jnp.int32)
     slopes.append(None)
   weights.append((lower_weight, upper_weight))
-  example = jax.lax.iota(jnp.int32, last.shape[0]) // layout.points_per_example
-  last_row = last_row + example * layout.rows_per_example
+  batch = last.shape[0] // layout.points_per_example
+  # Each example's first table row, broadcast rather than derived by an integer division per
+  # point (iota // points_per_example), which costs more than the rest of this function.
+  first_rows = jnp.arange(batch, dtype=jnp.int32)[:, None] * layout.rows_per_example
+  first_rows = jnp.broadcast_to(first_rows, (batch, layout.points_per_example)).reshape(-1)
+  last_row = last_row + first_rows
   rows = tuple(sum(combo, last_row) for combo in itertools.product(*rows_by_axis))
   return rows, tuple(weights), tuple(slopes)
 
@@ -400,8 +407,8 @@ def _paired_interpolation(table: jax.Array, coordinates: tuple[jax.Array, ...],
   instead of autodiff through every corner weight: on XLA:CPU each of those elementwise passes
   over the points costs about as much as a gather.
   """
-  rows, weights, _ = _paired_corners(coordinates, layout)
-  return _paired_sum(table, fusion_barrier(*rows), weights)
+  rows, weights = computed_apart(lambda c: _paired_corners(c, layout)[:2], coordinates)
+  return _paired_sum(table, rows, weights)
 
 
 def _paired_sum(table, rows, weights):
@@ -416,7 +423,7 @@ def _paired_sum(table, rows, weights):
 
 
 def _paired_interpolation_fwd(table, coordinates, layout):
-  rows, weights, slopes = _materialised(_paired_corners(coordinates, layout))
+  rows, weights, slopes = computed_apart(lambda c: _paired_corners(c, layout), coordinates)
   return _paired_sum(table, rows, weights), (table, rows, weights, slopes)
 
 
@@ -425,7 +432,7 @@ def _paired_interpolation_bwd(layout, residuals, cotangent):
   table, rows, weights, slopes = residuals
   lower, upper = weights[-1]
   lower_slope, upper_slope = slopes[-1] or (-1.0, 1.0)
-  table_grad = jnp.zeros_like(table)
+  table_grad = _zeros_for_scatter(table, cotangent)
   grads = [None] * len(weights)
 
   def accumulate(axis, value):
