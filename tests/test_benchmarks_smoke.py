@@ -57,3 +57,12 @@ def test_icon_digits_benchmark_compares_jax_and_torch(tmp_path):
   assert set(body["ratios"]) == {"train_step", "forward"}
   for row in body["results"]:
     assert abs(row["steps_per_sec"] - 1e3 / row["median_ms"]) < 1e-6 * row["steps_per_sec"]
+
+
+def test_warp_benchmark_compares_gather_map_coordinates_and_torch(tmp_path):
+  body = _run([sys.executable, "-m", "benchmarks.warp", "--small", "--repeats=2"], tmp_path)
+  assert body["benchmark"] == "warp"
+  impls = {r["impl"] for r in body["results"]}
+  assert {"jax-gather", "jax-map_coordinates", "torch"} <= impls, impls
+  for row in body["results"]:
+    assert row["effective_gb_s"] > 0 and row["bytes"] > 0, row
