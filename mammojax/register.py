@@ -15,7 +15,8 @@ Writes to ``--out``:
 
 * ``displacement.npy``: ``[H, W, 2]`` or ``[D, H, W, 3]`` float32, pixels, 'ij' order, such that
   ``warped(x) = moving(x + u(x))``; volumes also get ``displacement.nii.gz`` (the same field on
-  the NIfTI's (x, y, z) voxel axes, components (x, y, z) in voxels, RAS+ canonical orientation);
+  the NIfTI's (x, y, z) voxel axes, components (x, y, z) in voxels, RAS+ canonical orientation,
+  with the fixed volume's affine so it overlays the input in world coordinates);
 * ``warped.npy`` and ``warped.png`` (2D) or ``warped.nii.gz`` (3D), in [0, 1] units;
 * ``grid.png``: moving, fixed, warped and the deformed grid (the middle slice of a volume).
 
@@ -74,7 +75,12 @@ def _read_any(path: str, flag: str) -> tuple[np.ndarray, dict]:
   try:
     if path.lower().endswith(readers.NIFTI_SUFFIXES):
       volume = readers.read_nifti(path)
-      return volume.voxels, {"spacing": volume.spacing}
+      if min(volume.voxels.shape) < 2:
+        raise RegistrationInputError(
+            f"{flag} {path}: NIfTI volume of shape {volume.voxels.shape} (z, y, x) has a single "
+            "slice; register it as a 2D image (save the slice as PNG) or give a volume with at "
+            "least 2 voxels along every axis")
+      return volume.voxels, {"spacing": volume.spacing, "affine": volume.affine}
     return readers.read_image(path).pixels, {}
   except readers.ImageReadError as e:
     raise RegistrationInputError(f"{flag}: {e}") from None
@@ -272,19 +278,23 @@ def write_outputs(out_dir: str, result: dict[str, Any], fixed: np.ndarray, movin
     save_registration_figure(os.path.join(out_dir, "grid.png"), moving, fixed, warped,
                              displacement)
     return
-  _write_nifti(os.path.join(out_dir, "warped.nii.gz"), warped, geometry["spacing"])
+  _write_nifti(os.path.join(out_dir, "warped.nii.gz"), warped, geometry)
   # (z, y, x) arrays and 'ij' components -> NIfTI (x, y, z) axes and (x, y, z) components.
-  _write_nifti(os.path.join(out_dir, "displacement.nii.gz"), displacement[..., ::-1],
-               geometry["spacing"])
+  _write_nifti(os.path.join(out_dir, "displacement.nii.gz"), displacement[..., ::-1], geometry)
   middle = fixed.shape[0] // 2
   save_registration_figure(os.path.join(out_dir, "grid.png"), moving[middle], fixed[middle],
                            warped[middle], displacement[middle, :, :, 1:])
 
 
-def _write_nifti(path: str, array_zyx: np.ndarray, spacing_zyx) -> None:
+def _write_nifti(path: str, array_zyx: np.ndarray, geometry: dict) -> None:
+  """Writes a (z, y, x) array on the fixed volume's canonical grid, with the fixed volume's
+  affine, so the output overlays the input in world coordinates."""
   import nibabel as nib  # pylint: disable=import-outside-toplevel
   data = np.ascontiguousarray(np.moveaxis(array_zyx, (0, 1, 2), (2, 1, 0)))
-  affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+  affine = geometry.get("affine")
+  if affine is None:
+    spacing_zyx = geometry["spacing"]
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
   nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
 
 

@@ -52,7 +52,8 @@ def test_png_translation_is_recovered_with_outputs(tmp_path, capsys):
 def test_nifti_volume_registration_writes_nifti(tmp_path, similarity):
   fixed = _blobs((10, 12, 11))
   moving = ndimage.shift(fixed, (1.0, 0.0, -1.0), order=1, mode="nearest")
-  affine = np.diag([1.0, 1.0, 2.0, 1.0])
+  # A world origin other than 0: the outputs must keep it to overlay the inputs.
+  affine = np.array([[1.0, 0, 0, -40.5], [0, 1.0, 0, 12.0], [0, 0, 2.0, 7.25], [0, 0, 0, 1]])
   for name, volume in (("fixed", fixed), ("moving", moving)):
     # read_nifti returns (z, y, x); store (x, y, z) so the arrays round-trip.
     nib.save(nib.Nifti1Image(np.moveaxis(volume, (0, 1, 2), (2, 1, 0)).astype(np.float32),
@@ -69,6 +70,8 @@ def test_nifti_volume_registration_writes_nifti(tmp_path, similarity):
   np.testing.assert_allclose(np.asarray(field.dataobj)[..., 0],
                              np.moveaxis(displacement[..., 2], (0, 1, 2), (2, 1, 0)))
   assert nib.load(out / "warped.nii.gz").shape == (11, 12, 10)
+  for name in ("warped.nii.gz", "displacement.nii.gz"):
+    np.testing.assert_allclose(nib.load(out / name).affine, affine)
 
 
 def test_bad_inputs_give_clear_messages(tmp_path, capsys):
@@ -76,6 +79,7 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
   _write_png(tmp_path / "small.png", _blobs((10, 20)))
   nib.save(nib.Nifti1Image(_blobs((6, 6, 6)).astype(np.float32), np.eye(4)), tmp_path / "v.nii")
   (tmp_path / "broken.png").write_bytes(b"not a png")
+  nib.save(nib.Nifti1Image(_blobs((6, 6, 1)).astype(np.float32), np.eye(4)), tmp_path / "s.nii")
   cases = {"v.nii": "2D", "small.png": "resample", "broken.png": "cannot decode PNG",
            "missing.png": "does not exist"}
   for moving, message in cases.items():
@@ -84,6 +88,12 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
                      "--out", str(tmp_path / "out"), "--no_progress"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    register.main(["--fixed", str(tmp_path / "s.nii"), "--moving", str(tmp_path / "s.nii"),
+                   "--out", str(tmp_path / "out"), "--no_progress"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "s.nii" in err and "single slice" in err
   with pytest.raises(SystemExit):
     register.main(["--fixed", str(tmp_path / "a.png"), "--moving", str(tmp_path / "a.png"),
                    "--out", str(tmp_path / "out"), "--model", str(tmp_path)])

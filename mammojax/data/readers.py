@@ -56,9 +56,12 @@ class Volume:
     voxels: ``[D, H, W]`` float32 in the closest canonical (RAS+) orientation, axes ordered
       (superior, anterior, right) reversed to (z, y, x) so that D indexes axial slices.
     spacing: ``(dz, dy, dx)`` voxel size in millimetres.
+    affine: ``[4, 4]`` voxel-to-world (RAS+ mm) matrix of the canonical image, whose voxel axes
+      are (x, y, z), i.e. ``voxels`` transposed; None when the source had none.
   """
   voxels: np.ndarray
   spacing: tuple[float, float, float]
+  affine: np.ndarray | None = None
 
 
 def read_image(path: str) -> Image2D:
@@ -153,7 +156,7 @@ def read_nifti(path: str) -> Volume:
   zooms = [float(z) for z in img.header.get_zooms()[:3]]
   # RAS+ array axes are (x, y, z); store (z, y, x) so axial slices lead.
   return Volume(voxels=np.ascontiguousarray(data.transpose(2, 1, 0)),
-                spacing=(zooms[2], zooms[1], zooms[0]))
+                spacing=(zooms[2], zooms[1], zooms[0]), affine=np.asarray(img.affine))
 
 
 def _check_exists(path: str) -> None:
