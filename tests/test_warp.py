@@ -92,16 +92,30 @@ def test_gather_equals_map_coordinates_values_and_gradients(padding, spatial, ch
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_gather_gradients_match_finite_differences_2d_and_3d():
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflect"])
+@pytest.mark.parametrize("channels", [2, 6])  # the paired (<= 4 channels) and per-corner paths
+def test_gather_gradients_match_finite_differences_2d_and_3d(padding, channels):
   for spatial in [(4, 5), (3, 4, 3)]:
     keys = jax.random.split(jax.random.key(len(spatial)), 2)
-    source = jax.random.normal(keys[0], (1, *spatial, 2))
-    # Keep coordinates off integer grid lines, where bilinear interpolation has kinks.
-    displacement = jnp.full((1, *spatial, len(spatial)), 0.37) + 0.2 * jax.random.uniform(
+    source = jax.random.normal(keys[0], (1, *spatial, channels))
+    # Keep coordinates off integer grid lines and off reflect's fold at N - 0.5, where the
+    # interpolation has kinks.
+    displacement = jnp.full((1, *spatial, len(spatial)), 0.17) + 0.2 * jax.random.uniform(
         keys[1], (1, *spatial, len(spatial)))
-    fn = lambda s, d: W.warp(s, d, "gather", padding="zeros")  # noqa: E731
+    fn = lambda s, d: W.warp(s, d, "gather", padding=padding)  # noqa: E731
     check_grads(fn, (source, displacement), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
                 rtol=2e-2)
+
+
+def test_compose_and_jacobian_gradients_match_finite_differences():
+  keys = jax.random.split(jax.random.key(7), 2)
+  outer = 0.3 * jax.random.normal(keys[0], (1, 5, 4, 2))
+  inner = jnp.full((1, 5, 4, 2), 0.23) + 0.1 * jax.random.uniform(keys[1], (1, 5, 4, 2))
+  check_grads(W.compose_displacements, (outer, inner), order=1, modes=["rev"], eps=1e-3,
+              atol=2e-2, rtol=2e-2)
+  for method in ("central", "forward"):
+    check_grads(lambda u: W.jacobian_determinant(u, method=method), (outer,), order=1,
+                modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
 
 
 def test_3d_trilinear_matches_linear_function():
