@@ -11,6 +11,7 @@ so a ratio compares like with like on a machine whose load drifts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -20,6 +21,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from mammojax import host_memory
 
 
 @dataclasses.dataclass
@@ -34,7 +37,8 @@ class Case:
 
 def machine_info() -> dict[str, Any]:
   info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                          "cpu_count": os.cpu_count()}
+                          "cpu_count": os.cpu_count(),
+                          "host_memory_kept": host_memory.freed_host_memory_is_kept()}
   try:
     import jax
     info["jax"] = jax.__version__
@@ -47,6 +51,21 @@ def machine_info() -> dict[str, Any]:
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
   return info
+
+
+def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      "--release_host_memory", action="store_true",
+      help="leave glibc returning freed memory to the kernel (its default); XLA:CPU then "
+      "page-faults its per-call buffers on every call (mammojax/host_memory.py)")
+
+
+def setup_host_memory(release: bool = False) -> None:
+  """Keeps freed host memory in the process (as ``python -m mammojax.main`` does) unless
+  ``release``; call before JAX starts its backend. It applies to torch in the same process too,
+  so the two sides run on the same allocator."""
+  if not release:
+    host_memory.keep_freed_host_memory()
 
 
 def time_cases(cases: list[Case], warmup: int = 2, repeats: int = 10) -> list[dict[str, Any]]:

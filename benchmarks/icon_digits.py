@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="torch intra-op threads (0: torch's default); on a loaded machine "
                       "torch's OpenMP threads can stall, so compare 1 as well")
+  harness.add_host_memory_flag(parser)
   args = parser.parse_args(argv)
+  harness.setup_host_memory(args.release_host_memory)
 
   rng = np.random.default_rng(0)
   shape = (args.batch, args.size, args.size, 1)

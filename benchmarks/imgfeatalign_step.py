@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--small", action="store_true",
                       help="64x64, batch 2 and tiny widths: runs in seconds (tests, CI)")
   parser.add_argument("--no_torch", action="store_true", help="time the JAX side only")
+  harness.add_host_memory_flag(parser)
   args = parser.parse_args(argv)
+  harness.setup_host_memory(args.release_host_memory)
   if unknown := sorted(set(args.modes) - set(MODES)):
     parser.error(f"--modes: unknown {unknown}; choose from {MODES}")
   if args.batch < 1:

@@ -44,6 +44,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  harness.setup_host_memory()  # as python -m mammojax.main does
   config = _CONFIG.value
   task = tasks.build_task(config)
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)

@@ -106,7 +106,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--sizes", type=_parse_sizes, help="comma-separated BxHxWxC")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--no-torch", action="store_true", help="skip torch.grid_sample")
+  harness.add_host_memory_flag(parser)
   args = parser.parse_args(argv)
+  harness.setup_host_memory(args.release_host_memory)
   sizes = args.sizes or (SMALL_SIZES if args.small else FULL_SIZES)
   with_torch = not args.no_torch
   if with_torch:

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from mammojax import tasks
 from mammojax.console import setup_console_logging
+from mammojax.host_memory import keep_freed_host_memory
 from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
@@ -34,6 +35,10 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
     "distributed_auto", False, "Call jax.distributed.initialize() with cluster auto-detection "
     "(TPU pods, SLURM).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_freed_host_memory", True, "Keep freed host memory in the process instead of returning "
+    "it to the kernel (glibc), so XLA:CPU reuses its per-step buffers instead of page-faulting "
+    "them in again every step (mammojax/host_memory.py; 1.7x on the ICON digits step).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +57,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_console_logging()
+  if _KEEP_HOST_MEMORY.value:
+    keep_freed_host_memory()  # before JAX starts its backend threads
   initialize_distributed()
   config = _CONFIG.value
   run_pretraining(config, _WORKDIR.value, show_progress=_PROGRESS.value)
