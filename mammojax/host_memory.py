@@ -9,7 +9,9 @@ digits train step, which made that step 1.7x slower than with the memory kept (m
 to serve large blocks from its main heap and not to give freed memory back, which is what
 tcmalloc or jemalloc do by default.
 
-The cost: the process keeps its peak host memory until it exits, as a training job does anyway.
+On a contended CPU a few calls out of ten still got a fresh buffer (presumably those that
+started before the runtime had freed the previous call's). The cost: the process keeps its peak
+host memory until it exits, as a training job does anyway.
 Call it once, early, before JAX starts its backend (its threads create their own allocator
 arenas on first use). Elsewhere than Linux with glibc it does nothing.
 """

@@ -30,14 +30,18 @@ def step(x):
 x = jnp.ones((2048,), jnp.float32)
 for _ in range(5):
   step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The fewest: on a contended CPU some calls still get a fresh buffer, kept memory or not
+# (presumably those that start before the runtime has freed the previous call's).
+print(min(faults))
 """
 
 
-def _faults_per_call(mode):
+def _fewest_faults_per_call(mode):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   env.pop("XLA_FLAGS", None)
   result = subprocess.run([sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True,
@@ -49,8 +53,8 @@ def _faults_per_call(mode):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_kept_memory_is_not_page_faulted_again_on_every_call():
-  released = _faults_per_call("release")
-  kept = _faults_per_call("keep")
-  # 32 MiB is 8,192 pages: with glibc's defaults each call faults most of the buffer in again.
+  released = _fewest_faults_per_call("release")
+  kept = _fewest_faults_per_call("keep")
+  # 32 MiB is 8,192 pages: with glibc's defaults every call faults most of the buffer in again.
   assert released > 4000, released
   assert kept < released / 20, (kept, released)
