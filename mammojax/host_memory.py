@@ -12,6 +12,7 @@ tcmalloc or jemalloc do by default.
 On a contended CPU a few calls out of ten still got a fresh buffer (presumably those that
 started before the runtime had freed the previous call's). The cost: the process keeps its peak
 host memory until it exits, as a training job does anyway.
+
 Call it once, early, before JAX starts its backend (its threads create their own allocator
 arenas on first use). Elsewhere than Linux with glibc it does nothing.
 """

@@ -291,11 +291,7 @@ def _write_nifti(path: str, array_zyx: np.ndarray, geometry: dict) -> None:
   affine, so the output overlays the input in world coordinates."""
   import nibabel as nib  # pylint: disable=import-outside-toplevel
   data = np.ascontiguousarray(np.moveaxis(array_zyx, (0, 1, 2), (2, 1, 0)))
-  affine = geometry.get("affine")
-  if affine is None:
-    spacing_zyx = geometry["spacing"]
-    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
-  nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
+  nib.save(nib.Nifti1Image(data.astype(np.float32), geometry["affine"]), path)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -57,11 +57,11 @@ class Volume:
       (superior, anterior, right) reversed to (z, y, x) so that D indexes axial slices.
     spacing: ``(dz, dy, dx)`` voxel size in millimetres.
     affine: ``[4, 4]`` voxel-to-world (RAS+ mm) matrix of the canonical image, whose voxel axes
-      are (x, y, z), i.e. ``voxels`` transposed; None when the source had none.
+      are (x, y, z), i.e. ``voxels`` transposed.
   """
   voxels: np.ndarray
   spacing: tuple[float, float, float]
-  affine: np.ndarray | None = None
+  affine: np.ndarray
 
 
 def read_image(path: str) -> Image2D:
