@@ -28,6 +28,7 @@ from mammojax import host_memory
 @dataclasses.dataclass
 class Case:
   """One timed callable. ``fn`` must block until its work is done (``block_until_ready``)."""
+
   name: str
   impl: str
   fn: Callable[[], Any]
@@ -36,11 +37,15 @@ class Case:
 
 
 def machine_info() -> dict[str, Any]:
-  info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                          "cpu_count": os.cpu_count(),
-                          "host_memory_kept": host_memory.freed_host_memory_is_kept()}
+  info: dict[str, Any] = {
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "host_memory_kept": host_memory.freed_host_memory_is_kept(),
+  }
   try:
     import jax
+
     info["jax"] = jax.__version__
     info["jax_backend"] = jax.default_backend()
     info["devices"] = [str(d.device_kind) for d in jax.devices()]
@@ -55,9 +60,11 @@ def machine_info() -> dict[str, Any]:
 
 def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
-      "--release_host_memory", action="store_true",
-      help="leave glibc returning freed memory to the kernel (its default); XLA:CPU then "
-      "page-faults its per-call buffers on every call (mammojax/host_memory.py)")
+    "--release_host_memory",
+    action="store_true",
+    help="leave glibc returning freed memory to the kernel (its default); XLA:CPU then "
+    "page-faults its per-call buffers on every call (mammojax/host_memory.py)",
+  )
 
 
 def setup_host_memory(release: bool = False) -> None:
@@ -81,9 +88,14 @@ def time_cases(cases: list[Case], warmup: int = 2, repeats: int = 10) -> list[di
       samples[i].append((time.perf_counter() - start) * 1e3)
   results = []
   for i, case in enumerate(cases):
-    row = {"name": case.name, "impl": case.impl,
-           "median_ms": statistics.median(samples[i]),
-           "min_ms": min(samples[i]), "max_ms": max(samples[i]), "repeats": repeats}
+    row = {
+      "name": case.name,
+      "impl": case.impl,
+      "median_ms": statistics.median(samples[i]),
+      "min_ms": min(samples[i]),
+      "max_ms": max(samples[i]),
+      "repeats": repeats,
+    }
     if case.compile_s is not None:
       row["compile_s"] = case.compile_s
     row.update(case.extra)
@@ -108,8 +120,13 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
 
 def report(benchmark: str, results: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
   """Prints the benchmark's JSON object on stdout and returns it."""
-  body = {"benchmark": benchmark, "machine": machine_info(), "results": results,
-          "ratios": ratios(results), **extra}
+  body = {
+    "benchmark": benchmark,
+    "machine": machine_info(),
+    "results": results,
+    "ratios": ratios(results),
+    **extra,
+  }
   print(json.dumps(body, indent=2, default=float))
   return body
 
@@ -135,8 +152,12 @@ def compiled_stats(compiled: Any) -> dict[str, Any]:
   try:
     mem = compiled.memory_analysis()
     if mem is not None:
-      for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                    "generated_code_size_in_bytes"):
+      for field in (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+      ):
         stats[field] = int(getattr(mem, field))
   except Exception:  # Likewise for memory analysis.
     pass

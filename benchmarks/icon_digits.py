@@ -32,21 +32,22 @@ from mammojax.models.registration.icon import digits_registration
 LMBDA = 0.05
 
 
-def jax_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
-              num_steps: int) -> list[harness.Case]:
+def jax_cases(
+  moving: np.ndarray, fixed: np.ndarray, hidden: int, num_steps: int
+) -> list[harness.Case]:
   size = moving.shape[1]
   net = digits_registration((size, size), hidden=hidden, num_steps=num_steps)
   moving, fixed = jnp.asarray(moving), jnp.asarray(fixed)
   params = nn.meta.unbox(net.init(jax.random.key(0), moving, fixed))["params"]
   # Small non-zero last layer so every step moves and the warps do real interpolation.
-  params = jax.tree.map(lambda p: p + 1e-3 * jax.random.normal(jax.random.key(1), p.shape),
-                        params)
+  params = jax.tree.map(lambda p: p + 1e-3 * jax.random.normal(jax.random.key(1), p.shape), params)
   tx = optax.adam(1e-3)
 
   def loss_fn(params, moving, fixed):
     displacement = net.apply({"params": params}, moving, fixed)
-    return regularized_loss(moving, fixed, displacement, lmbda=LMBDA, similarity=ssd_loss,
-                            regularizer="diffusion")["loss"]
+    return regularized_loss(
+      moving, fixed, displacement, lmbda=LMBDA, similarity=ssd_loss, regularizer="diffusion"
+    )["loss"]
 
   @jax.jit
   def train_step(params, opt_state, moving, fixed):
@@ -63,17 +64,21 @@ def jax_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
     loss.block_until_ready()
 
   forward, forward_compile_s = harness.compile_jax(
-      jax.jit(lambda p, a, b: net.apply({"params": p}, a, b)), params, moving, fixed)
+    jax.jit(lambda p, a, b: net.apply({"params": p}, a, b)), params, moving, fixed
+  )
 
   def run_forward():
     forward(state["params"], moving, fixed).block_until_ready()
 
-  return [harness.Case("train_step", "jax", run, compile_s=compile_s),
-          harness.Case("forward", "jax", run_forward, compile_s=forward_compile_s)]
+  return [
+    harness.Case("train_step", "jax", run, compile_s=compile_s),
+    harness.Case("forward", "jax", run_forward, compile_s=forward_compile_s),
+  ]
 
 
-def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
-                num_steps: int) -> list[harness.Case]:
+def torch_cases(
+  moving: np.ndarray, fixed: np.ndarray, hidden: int, num_steps: int
+) -> list[harness.Case]:
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
 
@@ -98,8 +103,7 @@ def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
   def interpolate(values, coords):
     """values ``[B, C, H, W]`` at unit coordinates ``[B, 2, H, W]`` ('ij'), border padding."""
     grid = (2.0 * coords - 1.0).permute(0, 2, 3, 1).flip(-1)
-    return F.grid_sample(values, grid, mode="bilinear", padding_mode="border",
-                         align_corners=True)
+    return F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
   def field_transform(field):
     return lambda coords: coords + interpolate(field, coords)
@@ -111,7 +115,8 @@ def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
   axis = torch.linspace(0.0, 1.0, size)
   identity = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None].expand(
-      moving.shape[0], -1, -1, -1)
+    moving.shape[0], -1, -1, -1
+  )
   a = torch.from_numpy(np.ascontiguousarray(moving.transpose(0, 3, 1, 2)))
   b = torch.from_numpy(np.ascontiguousarray(fixed.transpose(0, 3, 1, 2)))
 
@@ -127,8 +132,10 @@ def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
     coords = register()
     field = coords - identity
     similarity = 2.0 * torch.mean((interpolate(a, coords) - b) ** 2)
-    regularity = (torch.mean((field[:, :, 1:] - field[:, :, :-1]) ** 2)
-                  + torch.mean((field[:, :, :, 1:] - field[:, :, :, :-1]) ** 2)) * size ** 2
+    regularity = (
+      torch.mean((field[:, :, 1:] - field[:, :, :-1]) ** 2)
+      + torch.mean((field[:, :, :, 1:] - field[:, :, :, :-1]) ** 2)
+    ) * size**2
     loss = similarity + LMBDA * regularity
     loss.backward()
     optimizer.step()
@@ -138,8 +145,10 @@ def torch_cases(moving: np.ndarray, fixed: np.ndarray, hidden: int,
       register()
 
   extra = {"torch_threads": torch.get_num_threads()}
-  return [harness.Case("train_step", "torch", run, extra=extra),
-          harness.Case("forward", "torch", run_forward, extra=extra)]
+  return [
+    harness.Case("train_step", "torch", run, extra=extra),
+    harness.Case("forward", "torch", run_forward, extra=extra),
+  ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,14 +156,19 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--size", type=int, default=28)
   parser.add_argument("--hidden", type=int, default=50)
-  parser.add_argument("--num_steps", type=int, default=9,
-                      help="network applications (the seed: 1 + 8 compositions)")
+  parser.add_argument(
+    "--num_steps", type=int, default=9, help="network applications (the seed: 1 + 8 compositions)"
+  )
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--no_torch", action="store_true")
-  parser.add_argument("--torch_threads", type=int, default=0,
-                      help="torch intra-op threads (0: torch's default); on a loaded machine "
-                      "torch's OpenMP threads can stall, so compare 1 as well")
+  parser.add_argument(
+    "--torch_threads",
+    type=int,
+    default=0,
+    help="torch intra-op threads (0: torch's default); on a loaded machine "
+    "torch's OpenMP threads can stall, so compare 1 as well",
+  )
   harness.add_host_memory_flag(parser)
   args = parser.parse_args(argv)
   harness.setup_host_memory(args.release_host_memory)
@@ -167,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
   if not args.no_torch:
     if args.torch_threads:
       import torch  # pylint: disable=import-outside-toplevel
+
       torch.set_num_threads(args.torch_threads)
     cases += torch_cases(moving, fixed, args.hidden, args.num_steps)
   results = harness.time_cases(cases, warmup=args.warmup, repeats=args.repeats)

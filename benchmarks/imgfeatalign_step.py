@@ -54,12 +54,16 @@ NUM_YEARS = 5
 LEARNING_RATE, WEIGHT_DECAY = 5e-5, 1e-4  # configs/imgfeatalign.py:paper
 MODES = ("frozen", "finetune")
 # configs/imgfeatalign.py:paper (Mirai ResNet-18, reference MammoRegNet) and a tiny one for --small.
-PAPER_ARCH = {"encoder_width": 64, "num_heads": 8,
-              "registration": {"enc_channels": 8, "dec_channels": 16, "num_layers": 4,
-                               "window_size": (5, 5)}}
-SMALL_ARCH = {"encoder_width": 8, "num_heads": 2,
-              "registration": {"enc_channels": 4, "dec_channels": 8, "num_layers": 1,
-                               "window_size": (5, 5)}}
+PAPER_ARCH = {
+  "encoder_width": 64,
+  "num_heads": 8,
+  "registration": {"enc_channels": 8, "dec_channels": 16, "num_layers": 4, "window_size": (5, 5)},
+}
+SMALL_ARCH = {
+  "encoder_width": 8,
+  "num_heads": 2,
+  "registration": {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)},
+}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -69,8 +73,10 @@ def parse_size(text: str) -> tuple[int, int]:
   except ValueError as e:
     raise argparse.ArgumentTypeError(f"--sizes entry {text!r} must be HxW, e.g. 512x416") from e
   if height <= 0 or width <= 0 or height % 16 or width % 16:
-    raise argparse.ArgumentTypeError(f"--sizes entry {text!r}: H and W must be positive "
-                                     "multiples of 16 (MammoRegNet pools four times)")
+    raise argparse.ArgumentTypeError(
+      f"--sizes entry {text!r}: H and W must be positive "
+      "multiples of 16 (MammoRegNet pools four times)"
+    )
   return height, width
 
 
@@ -80,26 +86,39 @@ def make_inputs(batch: int, size: tuple[int, int], seed: int = 0) -> dict[str, n
   rng = np.random.default_rng(seed)
   current = rng.normal(size=(batch, *size, 1)).astype(np.float32)
   prior = (np.roll(current, 3, axis=1) + 0.3 * rng.normal(size=current.shape)).astype(np.float32)
-  return {"current_image": current, "previous_image": prior,
-          "time_gap": rng.uniform(0.5, 4.5, size=batch).astype(np.float32),
-          "target": (rng.uniform(size=(batch, NUM_YEARS)) < 0.3).astype(np.float32),
-          "y_mask": np.ones((batch, NUM_YEARS), np.float32),
-          "target_prior": (rng.uniform(size=(batch, NUM_YEARS)) < 0.3).astype(np.float32),
-          "y_mask_prior": np.ones((batch, NUM_YEARS), np.float32)}
+  return {
+    "current_image": current,
+    "previous_image": prior,
+    "time_gap": rng.uniform(0.5, 4.5, size=batch).astype(np.float32),
+    "target": (rng.uniform(size=(batch, NUM_YEARS)) < 0.3).astype(np.float32),
+    "y_mask": np.ones((batch, NUM_YEARS), np.float32),
+    "target_prior": (rng.uniform(size=(batch, NUM_YEARS)) < 0.3).astype(np.float32),
+    "y_mask_prior": np.ones((batch, NUM_YEARS), np.float32),
+  }
 
 
 def jax_model(arch: dict[str, Any], finetune_all: bool) -> ImgFeatAlign:
-  return ImgFeatAlign(registration=MammoRegNet(**arch["registration"]), num_years=NUM_YEARS,
-                      encoder_width=arch["encoder_width"], num_heads=arch["num_heads"],
-                      finetune_all=finetune_all, bcrbench_flow_compat=True)
+  return ImgFeatAlign(
+    registration=MammoRegNet(**arch["registration"]),
+    num_years=NUM_YEARS,
+    encoder_width=arch["encoder_width"],
+    num_heads=arch["num_heads"],
+    finetune_all=finetune_all,
+    bcrbench_flow_compat=True,
+  )
 
 
 def trainable_keys(finetune_all: bool) -> tuple[str, ...]:
   return ("encoder", "risk_model") if finetune_all else ("risk_model",)
 
 
-def jax_case(name: str, arch: dict[str, Any], variables: dict[str, Any],
-             inputs: dict[str, np.ndarray], finetune_all: bool) -> harness.Case:
+def jax_case(
+  name: str,
+  arch: dict[str, Any],
+  variables: dict[str, Any],
+  inputs: dict[str, np.ndarray],
+  finetune_all: bool,
+) -> harness.Case:
   """Compiles the donated train step; the case runs it on one fixed device-resident batch."""
   model = jax_model(arch, finetune_all)
   tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -107,9 +126,12 @@ def jax_case(name: str, arch: dict[str, Any], variables: dict[str, Any],
   params = variables["params"]
   trainable = jax.device_put({k: v for k, v in params.items() if k in keys})
   frozen = jax.device_put({k: v for k, v in params.items() if k not in keys})
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
-           "batch_stats": jax.device_put(variables["batch_stats"]),
-           "opt_state": tx.init(trainable)}
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": trainable,
+    "batch_stats": jax.device_put(variables["batch_stats"]),
+    "opt_state": tx.init(trainable),
+  }
   batch = jax.device_put(inputs)
   dropout_key = jax.random.key(1)
 
@@ -120,8 +142,9 @@ def jax_case(name: str, arch: dict[str, Any], variables: dict[str, Any],
       variables = {"params": {**frozen, **trainable}, "batch_stats": state["batch_stats"]}
       args = (batch["current_image"], batch["previous_image"], batch["time_gap"])
       if finetune_all:
-        outputs, updated = model.apply(variables, *args, train=True, rngs={"dropout": rng},
-                                       mutable=["batch_stats"])
+        outputs, updated = model.apply(
+          variables, *args, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+        )
         batch_stats = updated["batch_stats"]
       else:
         outputs = model.apply(variables, *args, train=True, rngs={"dropout": rng})
@@ -131,12 +154,17 @@ def jax_case(name: str, arch: dict[str, Any], variables: dict[str, Any],
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "batch_stats": batch_stats, "opt_state": opt_state}
+    new_state = {
+      "step": state["step"] + 1,
+      "params": optax.apply_updates(state["params"], updates),
+      "batch_stats": batch_stats,
+      "opt_state": opt_state,
+    }
     return new_state, loss
 
-  compiled, compile_s = harness.compile_jax(jax.jit(train_step, donate_argnums=0), state, frozen,
-                                            batch)
+  compiled, compile_s = harness.compile_jax(
+    jax.jit(train_step, donate_argnums=0), state, frozen, batch
+  )
 
   def run() -> None:
     nonlocal state
@@ -154,9 +182,12 @@ def torch_model(arch: dict[str, Any]):
   from torch_refs.resnet_torch import randomize_batch_norm
 
   torch.manual_seed(0)
-  model = ImgFeatAlignTorch(MammoRegNetTorch(**arch["registration"]),
-                            width=arch["encoder_width"], heads=arch["num_heads"],
-                            years=NUM_YEARS)
+  model = ImgFeatAlignTorch(
+    MammoRegNetTorch(**arch["registration"]),
+    width=arch["encoder_width"],
+    heads=arch["num_heads"],
+    years=NUM_YEARS,
+  )
   randomize_batch_norm(model, torch.Generator().manual_seed(0))
   return model
 
@@ -167,32 +198,47 @@ def torch_state(model) -> dict[str, np.ndarray]:
 
 def to_nchw(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
   import torch
-  return {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
-          for k, v in inputs.items()}
+
+  return {
+    k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
+    for k, v in inputs.items()
+  }
 
 
-def forward_check(arch: dict[str, Any], model_t, variables: dict[str, Any],
-                  inputs: dict[str, np.ndarray]) -> dict[str, float]:
+def forward_check(
+  arch: dict[str, Any], model_t, variables: dict[str, Any], inputs: dict[str, np.ndarray]
+) -> dict[str, float]:
   """Max abs differences of eval-mode outputs (risk logits; aligned prior features)."""
   import torch
+
   model_t.eval()
   with torch.no_grad():
     t_in = to_nchw(inputs)
     expected = model_t(t_in["current_image"], t_in["previous_image"], t_in["time_gap"])
   forward = jax.jit(lambda v, c, p, g: jax_model(arch, False).apply(v, c, p, g, train=False))
   ours = forward(variables, inputs["current_image"], inputs["previous_image"], inputs["time_gap"])
-  risk_diff = max(float(np.max(np.abs(np.asarray(ours["risk_prediction"][k]) - v.numpy())))
-                  for k, v in expected["risk_prediction"].items())
-  aligned_diff = float(np.max(np.abs(np.asarray(ours["aligned_prior_feature"])
-                                     - expected["aligned_prior_feature"].numpy()
-                                     .transpose(0, 2, 3, 1))))
-  return {"risk_logits_max_abs_diff": risk_diff,
-          "aligned_prior_feature_max_abs_diff": aligned_diff,
-          "max_abs_flow_pixels": float(np.max(np.abs(expected["deformation_field"].numpy())))}
+  risk_diff = max(
+    float(np.max(np.abs(np.asarray(ours["risk_prediction"][k]) - v.numpy())))
+    for k, v in expected["risk_prediction"].items()
+  )
+  aligned_diff = float(
+    np.max(
+      np.abs(
+        np.asarray(ours["aligned_prior_feature"])
+        - expected["aligned_prior_feature"].numpy().transpose(0, 2, 3, 1)
+      )
+    )
+  )
+  return {
+    "risk_logits_max_abs_diff": risk_diff,
+    "aligned_prior_feature_max_abs_diff": aligned_diff,
+    "max_abs_flow_pixels": float(np.max(np.abs(expected["deformation_field"].numpy()))),
+  }
 
 
-def torch_case(name: str, model_t, inputs: dict[str, np.ndarray],
-               finetune_all: bool) -> harness.Case:
+def torch_case(
+  name: str, model_t, inputs: dict[str, np.ndarray], finetune_all: bool
+) -> harness.Case:
   """The same step in torch: frozen parts in eval() under no_grad, AdamW on the trainable ones."""
   import torch
   import torch.nn.functional as F
@@ -225,10 +271,11 @@ def torch_case(name: str, model_t, inputs: dict[str, np.ndarray],
     aligned = bcrbench_warp(f_pri, bcrbench_resize_flow(flow, f_cur.shape[2:], current.shape[2:]))
     out = risk(f_cur, f_pri, aligned, (f_cur - aligned).abs(), gap)
     weights = DEFAULT_HEAD_WEIGHTS
-    loss = (weights["fused"] * masked_bce(out["pred_fused"], t_in["target"], t_in["y_mask"])
-            + weights["cur"] * masked_bce(out["pred_cur"], t_in["target"], t_in["y_mask"])
-            + weights["pri"] * masked_bce(out["pred_pri"], t_in["target_prior"],
-                                          t_in["y_mask_prior"]))
+    loss = (
+      weights["fused"] * masked_bce(out["pred_fused"], t_in["target"], t_in["y_mask"])
+      + weights["cur"] * masked_bce(out["pred_cur"], t_in["target"], t_in["y_mask"])
+      + weights["pri"] * masked_bce(out["pred_pri"], t_in["target_prior"], t_in["y_mask_prior"])
+    )
     loss.backward()
     optimizer.step()
 
@@ -236,23 +283,36 @@ def torch_case(name: str, model_t, inputs: dict[str, np.ndarray],
 
 
 def jax_only_variables(arch: dict[str, Any], inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-  init = jax.jit(lambda c, p, g: jax_model(arch, False).init(jax.random.key(0), c, p, g,
-                                                             train=False))
-  return nn.meta.unbox(init(inputs["current_image"][:1], inputs["previous_image"][:1],
-                            inputs["time_gap"][:1]))
+  init = jax.jit(
+    lambda c, p, g: jax_model(arch, False).init(jax.random.key(0), c, p, g, train=False)
+  )
+  return nn.meta.unbox(
+    init(inputs["current_image"][:1], inputs["previous_image"][:1], inputs["time_gap"][:1])
+  )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",") if x],
-                      default=[(512, 416), (1024, 832)], help="H x W list, e.g. 512x416,1024x832")
+  parser.add_argument(
+    "--sizes",
+    type=lambda s: [parse_size(x) for x in s.split(",") if x],
+    default=[(512, 416), (1024, 832)],
+    help="H x W list, e.g. 512x416,1024x832",
+  )
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
-                      help=f"comma-separated subset of {MODES}")
+  parser.add_argument(
+    "--modes",
+    type=lambda s: s.split(","),
+    default=list(MODES),
+    help=f"comma-separated subset of {MODES}",
+  )
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--small", action="store_true",
-                      help="64x64, batch 2 and tiny widths: runs in seconds (tests, CI)")
+  parser.add_argument(
+    "--small",
+    action="store_true",
+    help="64x64, batch 2 and tiny widths: runs in seconds (tests, CI)",
+  )
   parser.add_argument("--no_torch", action="store_true", help="time the JAX side only")
   harness.add_host_memory_flag(parser)
   args = parser.parse_args(argv)
@@ -280,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   model_t = None
   if use_torch:
     model_t = torch_model(arch)
-    variables = import_imgfeatalign(torch_state(model_t), num_heads=arch["num_heads"],
-                                    registration_hparams=arch["registration"])
+    variables = import_imgfeatalign(
+      torch_state(model_t), num_heads=arch["num_heads"], registration_hparams=arch["registration"]
+    )
   else:
     variables = jax_only_variables(arch, make_inputs(1, sizes[0]))
 
@@ -299,12 +360,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # A fresh torch model per case: AdamW state and trained weights do not leak between modes.
         fresh = torch_model(arch)
         cases.append(torch_case(name, fresh, inputs, finetune_all))
-      print(f"{name}: jax compiled in {cases[0].compile_s:.1f} s; timing", file=sys.stderr,
-            flush=True)  # progress on stderr: stdout carries only the JSON
+      print(
+        f"{name}: jax compiled in {cases[0].compile_s:.1f} s; timing", file=sys.stderr, flush=True
+      )  # progress on stderr: stdout carries only the JSON
       rows = harness.time_cases(cases, warmup=args.warmup, repeats=args.repeats)
       for row in rows:
-        row.update(batch_size=batch, image_size=list(size), mode=mode,
-                   examples_per_s=batch / (row["median_ms"] / 1e3))
+        row.update(
+          batch_size=batch,
+          image_size=list(size),
+          mode=mode,
+          examples_per_s=batch / (row["median_ms"] / 1e3),
+        )
         if "flops" in row:
           row["gflops_per_s"] = row["flops"] / (row["median_ms"] / 1e3) / 1e9
       results.extend(rows)
@@ -312,10 +378,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   max_diff = max((c["risk_logits_max_abs_diff"] for c in checks.values()), default=None)
   return harness.report(
-      "imgfeatalign_step", results,
-      architecture={**arch, "bcrbench_flow_compat": True, "num_years": NUM_YEARS},
-      optimizer={"name": "adamw", "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY},
-      torch=torch_note or "timed", forward_check=checks, forward_max_abs_diff=max_diff)
+    "imgfeatalign_step",
+    results,
+    architecture={**arch, "bcrbench_flow_compat": True, "num_years": NUM_YEARS},
+    optimizer={"name": "adamw", "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY},
+    torch=torch_note or "timed",
+    forward_check=checks,
+    forward_max_abs_diff=max_diff,
+  )
 
 
 if __name__ == "__main__":

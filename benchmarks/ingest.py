@@ -30,20 +30,28 @@ def _phantom(height: int, width: int) -> np.ndarray:
   inside = ((yy - height / 2) / (0.42 * height)) ** 2 + (xx / (0.7 * width)) ** 2 <= 1.0
   texture = 20000 + 12000 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
   image = np.where(inside, texture + rng.normal(0, 800, inside.shape), 150.0)
-  image[height // 40:height // 12, -width // 6:-width // 40] = 60000.0
+  image[height // 40 : height // 12, -width // 6 : -width // 40] = 60000.0
   return np.clip(image, 0, 65535).astype(np.uint16)
 
 
 def _write_files(directory: str, image: np.ndarray) -> dict[str, str]:
   from PIL import Image
   from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import (DigitalMammographyXRayImageStorageForPresentation,
-                           ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid)
+  from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+  )
 
   paths = {"png16": os.path.join(directory, "image.png")}
   Image.fromarray(image).save(paths["png16"])
-  for name, syntax in (("dicom", None), ("dicom_rle", RLELossless),
-                       ("dicom_jpeg2000", JPEG2000Lossless)):
+  for name, syntax in (
+    ("dicom", None),
+    ("dicom_rle", RLELossless),
+    ("dicom_jpeg2000", JPEG2000Lossless),
+  ):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -78,10 +86,10 @@ def main(argv: list[str]) -> None:
     paths = _write_files(directory, _phantom(*source))
     cases = []
     for name, path in paths.items():
-      cases.append(harness.Case(f"{name}/full", "numpy",
-                                lambda p=path: load_mammogram(p, "L", config)))
-      cases.append(harness.Case(f"{name}/decode", "numpy",
-                                lambda p=path: readers.read_image(p)))
+      cases.append(
+        harness.Case(f"{name}/full", "numpy", lambda p=path: load_mammogram(p, "L", config))
+      )
+      cases.append(harness.Case(f"{name}/decode", "numpy", lambda p=path: readers.read_image(p)))
     results = harness.time_cases(cases, warmup=1, repeats=args.repeats)
   for row in results:
     row["images_per_s_per_worker"] = 1000.0 / row["median_ms"]

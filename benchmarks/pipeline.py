@@ -35,9 +35,12 @@ from mammojax.tasks.imgfeatalign import ImgFeatAlignTask  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "imgfeatalign.py"),
-    "A longitudinal (ImgFeatAlign) config file, optionally with a variant; override fields with "
-    "--config.a.b=value.", lock_config=True)
+  "config",
+  os.path.join(_REPO, "configs", "imgfeatalign.py"),
+  "A longitudinal (ImgFeatAlign) config file, optionally with a variant; override fields with "
+  "--config.a.b=value.",
+  lock_config=True,
+)
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker counts to time.")
 _BATCHES = flags.DEFINE_integer("batches", 8, "Batches pulled per timed sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed samples per case.")
@@ -45,24 +48,46 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed samples per case (after the
 _AUGMENT = flags.DEFINE_bool("augment", False, "Also time each worker count with augmentations.")
 
 
-def time_pipeline(examples: grain.MapDataset, name: str, workers: int, seed: int,
-                  batch_size: int, batches: int, warmup: int, repeats: int) -> dict:
+def time_pipeline(
+  examples: grain.MapDataset,
+  name: str,
+  workers: int,
+  seed: int,
+  batch_size: int,
+  batches: int,
+  warmup: int,
+  repeats: int,
+) -> dict:
   """One case: ``train_iterator`` over ``examples`` with ``workers`` worker processes."""
   start = time.perf_counter()
-  iterator = pipeline.train_iterator(examples, seed=seed, global_batch_size=batch_size,
-                                     process_index=0, process_count=1, workers=workers)
+  iterator = pipeline.train_iterator(
+    examples,
+    seed=seed,
+    global_batch_size=batch_size,
+    process_index=0,
+    process_count=1,
+    workers=workers,
+  )
   next(iterator)
   startup_s = time.perf_counter() - start
 
   def pull() -> None:
     for _ in range(batches):
-      next(iterator)
+      next(iterator)  # noqa: F821 (bound above; the del below only ends the case)
 
-  case = harness.Case(name=name, impl="grain", fn=pull,
-                      extra={"workers": workers, "batch_size": batch_size,
-                             "batches_per_sample": batches, "startup_s": startup_s})
+  case = harness.Case(
+    name=name,
+    impl="grain",
+    fn=pull,
+    extra={
+      "workers": workers,
+      "batch_size": batch_size,
+      "batches_per_sample": batches,
+      "startup_s": startup_s,
+    },
+  )
   [row] = harness.time_cases([case], warmup=warmup, repeats=repeats)
-  del iterator, case, pull
+  del iterator, case, pull  # frees the worker processes before the next case
   gc.collect()  # Stops this case's worker processes before the next case starts.
   row["batches_per_s"] = batches / (row["median_ms"] / 1e3)
   row["examples_per_s"] = row["batches_per_s"] * batch_size
@@ -83,13 +108,25 @@ def main(argv: list[str]) -> None:
   results = []
   for suffix, dataset in variants.items():
     for workers in (int(w) for w in _WORKERS.value):
-      results.append(time_pipeline(dataset, f"workers={workers}{suffix}", workers, config.seed,
-                                   config.train.batch_size, _BATCHES.value, _WARMUP.value,
-                                   _REPEATS.value))
-  harness.report("pipeline", results,
-                 config=config_flags.get_config_filename(flags.FLAGS["config"]),
-                 image_size=list(config.data.image_size),
-                 num_train=len(examples))
+      results.append(
+        time_pipeline(
+          dataset,
+          f"workers={workers}{suffix}",
+          workers,
+          config.seed,
+          config.train.batch_size,
+          _BATCHES.value,
+          _WARMUP.value,
+          _REPEATS.value,
+        )
+      )
+  harness.report(
+    "pipeline",
+    results,
+    config=config_flags.get_config_filename(flags.FLAGS["config"]),
+    image_size=list(config.data.image_size),
+    num_train=len(examples),
+  )
 
 
 if __name__ == "__main__":

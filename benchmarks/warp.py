@@ -50,14 +50,19 @@ def _jax_cases(size, impl, source, displacement, cotangent):
   cases = []
   # Every array is an argument, never a closed-over constant that XLA would try to fold.
   for label, fn, args, moved in [
-      ("fwd", forward, (source, displacement), nbytes + source.nbytes),
-      ("fwd+bwd", forward_backward, (source, displacement, cotangent),
-       2 * nbytes + cotangent.nbytes)]:
+    ("fwd", forward, (source, displacement), nbytes + source.nbytes),
+    ("fwd+bwd", forward_backward, (source, displacement, cotangent), 2 * nbytes + cotangent.nbytes),
+  ]:
     compiled, compile_s = harness.compile_jax(jax.jit(fn), *args)
-    cases.append(harness.Case(
-        name=f"{label} {name}", impl=f"jax-{impl}",
+    cases.append(
+      harness.Case(
+        name=f"{label} {name}",
+        impl=f"jax-{impl}",
         fn=lambda c=compiled, a=args: jax.block_until_ready(c(*a)),
-        compile_s=compile_s, extra={"bytes": moved, **harness.compiled_stats(compiled)}))
+        compile_s=compile_s,
+        extra={"bytes": moved, **harness.compiled_stats(compiled)},
+      )
+    )
   return cases
 
 
@@ -73,21 +78,30 @@ def _torch_cases(size, source, displacement, cotangent):
 
   def forward():
     with torch.no_grad():
-      return torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
-                                             align_corners=True)
+      return torch.nn.functional.grid_sample(
+        src, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+      )
 
   src_g = src.clone().requires_grad_(True)
   grid_g = grid.clone().requires_grad_(True)
 
   def forward_backward():
-    out = torch.nn.functional.grid_sample(src_g, grid_g, mode="bilinear", padding_mode="zeros",
-                                          align_corners=True)
+    out = torch.nn.functional.grid_sample(
+      src_g, grid_g, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
     return torch.autograd.grad(out, (src_g, grid_g), cot)
 
-  return [harness.Case(name=f"fwd {name}", impl="torch", fn=forward,
-                       extra={"bytes": nbytes + source.nbytes}),
-          harness.Case(name=f"fwd+bwd {name}", impl="torch", fn=forward_backward,
-                       extra={"bytes": 2 * nbytes + cotangent.nbytes})]
+  return [
+    harness.Case(
+      name=f"fwd {name}", impl="torch", fn=forward, extra={"bytes": nbytes + source.nbytes}
+    ),
+    harness.Case(
+      name=f"fwd+bwd {name}",
+      impl="torch",
+      fn=forward_backward,
+      extra={"bytes": 2 * nbytes + cotangent.nbytes},
+    ),
+  ]
 
 
 def _check_agreement(size, source, displacement):
@@ -140,8 +154,9 @@ def main(argv=None) -> dict:
     for row in rows:
       row["effective_gb_s"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
     results += rows
-  return harness.report("warp", results, max_abs_difference_to_gather=agreement,
-                        sizes=[list(s) for s in sizes])
+  return harness.report(
+    "warp", results, max_abs_difference_to_gather=agreement, sizes=[list(s) for s in sizes]
+  )
 
 
 if __name__ == "__main__":

@@ -110,15 +110,26 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.backbone_trainable = True  # no pretrained encoder for the synthetic default
   c.model.frozen_backbone_batch_stats = False
   c.model.backbone_checkpoint = ""  # converted Mammo-CLIP EfficientNet variables
-  c.model.fpn = ml_collections.ConfigDict({"features": 32, "top_down": True,
-                                           "group_norm": False})
-  c.model.head = ml_collections.ConfigDict({
-      "scales": (16, 32, 128), "encoder_type": "mlp", "encoder_features": 32,
-      "encoder_dropout": 0.0, "num_encoder_blocks": 2, "encoder_heads": 4,
+  c.model.fpn = ml_collections.ConfigDict({"features": 32, "top_down": True, "group_norm": False})
+  c.model.head = ml_collections.ConfigDict(
+    {
+      "scales": (16, 32, 128),
+      "encoder_type": "mlp",
+      "encoder_features": 32,
+      "encoder_dropout": 0.0,
+      "num_encoder_blocks": 2,
+      "encoder_heads": 4,
       "num_inducing": (),  # ISAB inducing points per scale; () = the reference's rule
-      "layer_norm": False, "pooling_type": "gated-attention", "attention_hidden": 32,
-      "attention_dropout": 0.0, "pma_heads": 1, "scale_aggregator": "gated-attention",
-      "deep_supervision": True, "classifier_dropout": 0.0})
+      "layer_norm": False,
+      "pooling_type": "gated-attention",
+      "attention_hidden": 32,
+      "attention_dropout": 0.0,
+      "pma_heads": 1,
+      "scale_aggregator": "gated-attention",
+      "deep_supervision": True,
+      "classifier_dropout": 0.0,
+    }
+  )
 
   c.loss = ml_collections.ConfigDict()
   c.loss.pos_weight = 1.0
@@ -131,12 +142,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.every_steps = 100
   c.eval.threshold = 0.5  # also reported: the split's Youden threshold and metrics at it
   c.eval.num_overlays = 8
-  c.eval.detection = ml_collections.ConfigDict({
-      "quantile": 0.98, "min_value": 0.5, "min_area": 20, "max_boxes": 3, "nms_iou": 0.5,
-      "smooth_sigma": 2.0, "patch_normalization": False, "iou_thresholds": (0.1, 0.25, 0.5),
+  c.eval.detection = ml_collections.ConfigDict(
+    {
+      "quantile": 0.98,
+      "min_value": 0.5,
+      "min_area": 20,
+      "max_boxes": 3,
+      "nms_iou": 0.5,
+      "smooth_sigma": 2.0,
+      "patch_normalization": False,
+      "iou_thresholds": (0.1, 0.25, 0.5),
       # Detection metrics in the periodic evaluations too, over at most max_examples positive
       # examples with boxes (0 = all); the report of python -m mammojax.evaluate scores all.
-      "in_periodic_eval": True, "max_examples": 64})
+      "in_periodic_eval": True,
+      "max_examples": 64,
+    }
+  )
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 1e-4
@@ -181,9 +202,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.patch_size = 512
     c.data.channels = 3
     c.data.thumbnail_stride = 4
-    c.model.backbone = ml_collections.ConfigDict({
-        "width": 1.1, "depth": 1.2, "static_padding_size": (260, 260), "drop_connect_rate": 0.2,
-        "batch_norm_momentum": 0.99})
+    c.model.backbone = ml_collections.ConfigDict(
+      {
+        "width": 1.1,
+        "depth": 1.2,
+        "static_padding_size": (260, 260),
+        "drop_connect_rate": 0.2,
+        "batch_norm_momentum": 0.99,
+      }
+    )
     c.model.backbone_trainable = False
     c.model.fpn.features = 256
     c.model.head.encoder_features = 256
@@ -212,6 +239,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       c.model.head.pooling_type = "gated-attention"
       c.loss.pos_weight = VINDR_MASS_POS_WEIGHT
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/fpn_mil.py; use '', 'smoke', "
-                     "'calc', 'mass' or 'offline'")
+    raise ValueError(
+      f"unknown variant {variant!r} of configs/fpn_mil.py; use '', 'smoke', "
+      "'calc', 'mass' or 'offline'"
+    )
   return c

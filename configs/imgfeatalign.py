@@ -51,9 +51,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # Host-side augmentation of training pairs (same transform for current and prior). Mirroring
   # is off by default: ingestion puts every chest wall on the left.
-  c.data.augment = ml_collections.ConfigDict({
-      "enabled": True, "flip_p": 0.0, "rotation_deg": 3.0, "scale": 0.03, "shift": 0.02,
-      "contrast": 0.1, "brightness": 0.1})
+  c.data.augment = ml_collections.ConfigDict(
+    {
+      "enabled": True,
+      "flip_p": 0.0,
+      "rotation_deg": 3.0,
+      "scale": 0.03,
+      "shift": 0.02,
+      "contrast": 0.1,
+      "brightness": 0.1,
+    }
+  )
 
   c.model = ml_collections.ConfigDict()
   # Mirai's ResNet-18 is 64/128/256/512 wide (``:paper``); a quarter of that keeps the synthetic
@@ -73,15 +81,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.head_weights = {"fused": 1.0, "cur": 0.2, "pri": 0.2}
   # Must match the MammoRegNet that is loaded (configs/mammoregnet.py trains this one).
   c.model.registration = ml_collections.ConfigDict(
-      {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)})
+    {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)}
+  )
   # A converted MammoRegNet (python -m mammojax.convert mammoregnet ...) or a configs/mammoregnet.py
   # run directory. Empty: python -m mammojax.main first trains configs/mammoregnet.py into
   # WORKDIR/registration (see c.pretrain) and uses that.
   c.model.registration_checkpoint = ""
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.registration = ml_collections.ConfigDict({
+  c.pretrain.registration = ml_collections.ConfigDict(
+    {
       "config": os.path.join(os.path.dirname(os.path.abspath(__file__)), "mammoregnet.py"),
-      "variant": "", "link": "model.registration_checkpoint"})
+      "variant": "",
+      "link": "model.registration_checkpoint",
+    }
+  )
 
   c.train.steps = 800
   c.train.batch_size = 16
@@ -105,7 +118,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.encoder_width = 8
     c.model.num_heads = 2
     c.model.registration = ml_collections.ConfigDict(
-        {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)})
+      {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)}
+    )
     c.train.steps = 4
     c.train.batch_size = 8
     c.eval.batch_size = 8
@@ -136,6 +150,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval.early_stopping_patience = 5
     c.checkpoint.every_steps = 1000
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/imgfeatalign.py; use '', 'smoke' "
-                     "or 'paper'")
+    raise ValueError(
+      f"unknown variant {variant!r} of configs/imgfeatalign.py; use '', 'smoke' or 'paper'"
+    )
   return c

@@ -45,7 +45,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # The reference widths; one Swin block per stage instead of its four keeps the default run to
   # CPU minutes (``:paper`` has the reference's four).
   c.model.registration = ml_collections.ConfigDict(
-      {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)})
+    {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)}
+  )
   c.model.regularity_weight = 1.0
   c.model.jacobian_weight = 1e-5
 
@@ -67,7 +68,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.synthetic.num_val = 8
     c.data.synthetic.num_test = 8
     c.model.registration = ml_collections.ConfigDict(
-        {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)})
+      {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)}
+    )
     c.train.steps = 3
     c.train.batch_size = 8
     c.eval.batch_size = 8
@@ -85,6 +87,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval.every_steps = 1000
     c.checkpoint.every_steps = 1000
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/mammoregnet.py; use '', 'smoke' "
-                     "or 'paper'")
+    raise ValueError(
+      f"unknown variant {variant!r} of configs/mammoregnet.py; use '', 'smoke' or 'paper'"
+    )
   return c

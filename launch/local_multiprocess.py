@@ -51,10 +51,15 @@ def process_env(devices_per_process: int, env: Mapping[str, str] | None = None) 
   return child
 
 
-def launch(num_processes: int, main_args: Sequence[str], devices_per_process: int = 1,
-           env: Mapping[str, str] | None = None, timeout: float | None = None,
-           command: Sequence[str] = MAIN_COMMAND,
-           echo: bool = False) -> list[subprocess.CompletedProcess]:
+def launch(
+  num_processes: int,
+  main_args: Sequence[str],
+  devices_per_process: int = 1,
+  env: Mapping[str, str] | None = None,
+  timeout: float | None = None,
+  command: Sequence[str] = MAIN_COMMAND,
+  echo: bool = False,
+) -> list[subprocess.CompletedProcess]:
   """Starts ``num_processes`` processes of ``command + main_args + distributed flags`` and waits.
 
   Args:
@@ -70,13 +75,22 @@ def launch(num_processes: int, main_args: Sequence[str], devices_per_process: in
     If a process fails, the others are terminated (their return codes show it).
   """
   if num_processes < 1 or devices_per_process < 1:
-    raise ValueError(f"num_processes={num_processes} and devices_per_process="
-                     f"{devices_per_process} must both be >= 1")
+    raise ValueError(
+      f"num_processes={num_processes} and devices_per_process="
+      f"{devices_per_process} must both be >= 1"
+    )
   address = f"127.0.0.1:{free_port()}"
   child_env = process_env(devices_per_process, env)
-  argvs = [[*command, *main_args, f"--coordinator_address={address}",
-            f"--num_processes={num_processes}", f"--process_id={i}"]
-           for i in range(num_processes)]
+  argvs = [
+    [
+      *command,
+      *main_args,
+      f"--coordinator_address={address}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+    ]
+    for i in range(num_processes)
+  ]
   print_lock = threading.Lock()
   outputs: list[list[str]] = [[] for _ in range(num_processes)]
   procs: list[subprocess.Popen] = []
@@ -102,8 +116,14 @@ def launch(num_processes: int, main_args: Sequence[str], devices_per_process: in
     for i, argv in enumerate(argvs):
       # A session of their own: a Ctrl-C in the terminal reaches only the launcher, which
       # forwards it once, instead of every process receiving it twice.
-      proc = subprocess.Popen(argv, env=child_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+      proc = subprocess.Popen(
+        argv,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+      )
       procs.append(proc)
       thread = threading.Thread(target=read, args=(i, proc.stdout), daemon=True)
       thread.start()
@@ -117,12 +137,13 @@ def launch(num_processes: int, main_args: Sequence[str], devices_per_process: in
     for thread in readers:
       thread.join(timeout=5)
     _restore_handlers(previous)
-  return [subprocess.CompletedProcess(argvs[i], p.returncode, "".join(outputs[i]), None)
-          for i, p in enumerate(procs)]
+  return [
+    subprocess.CompletedProcess(argvs[i], p.returncode, "".join(outputs[i]), None)
+    for i, p in enumerate(procs)
+  ]
 
 
-def _wait(procs: list[subprocess.Popen], timeout: float | None,
-          outputs: list[list[str]]) -> None:
+def _wait(procs: list[subprocess.Popen], timeout: float | None, outputs: list[list[str]]) -> None:
   """Waits for all processes; stops the rest when one fails; raises on timeout."""
   deadline = None if timeout is None else time.monotonic() + timeout
   kill_at = None
@@ -130,8 +151,10 @@ def _wait(procs: list[subprocess.Popen], timeout: float | None,
     now = time.monotonic()
     if deadline is not None and now > deadline:
       raise subprocess.TimeoutExpired(
-          procs[0].args, timeout,
-          output="".join(f"[p{i}] {line}" for i, lines in enumerate(outputs) for line in lines))
+        procs[0].args,
+        timeout,
+        output="".join(f"[p{i}] {line}" for i, lines in enumerate(outputs) for line in lines),
+      )
     failed = any(p.returncode not in (None, 0) for p in procs)
     if failed and kill_at is None:
       for p in procs:
@@ -169,22 +192,28 @@ def exit_code(results: Sequence[subprocess.CompletedProcess]) -> int:
 
 def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(
-      description="Run mammojax.main as N jax.distributed CPU processes on this machine.",
-      usage="%(prog)s --num_processes=N [--devices_per_process=K] -- ARGS_FOR_MAMMOJAX_MAIN")
+    description="Run mammojax.main as N jax.distributed CPU processes on this machine.",
+    usage="%(prog)s --num_processes=N [--devices_per_process=K] -- ARGS_FOR_MAMMOJAX_MAIN",
+  )
   parser.add_argument("--num_processes", type=int, required=True)
-  parser.add_argument("--devices_per_process", type=int, default=1,
-                      help="fake CPU devices per process (default 1)")
+  parser.add_argument(
+    "--devices_per_process", type=int, default=1, help="fake CPU devices per process (default 1)"
+  )
   parser.add_argument("--timeout", type=float, default=None, help="seconds; default none")
-  parser.add_argument("main_args", nargs=argparse.REMAINDER,
-                      help="after '--': arguments for python -m mammojax.main")
+  parser.add_argument(
+    "main_args", nargs=argparse.REMAINDER, help="after '--': arguments for python -m mammojax.main"
+  )
   args = parser.parse_args(argv)
   main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
   if not main_args:
-    parser.error("give the arguments for mammojax.main after '--', e.g. "
-                 "-- --config=configs/imgfeatalign.py:smoke --workdir=/tmp/mp")
+    parser.error(
+      "give the arguments for mammojax.main after '--', e.g. "
+      "-- --config=configs/imgfeatalign.py:smoke --workdir=/tmp/mp"
+    )
   try:
-    results = launch(args.num_processes, main_args, args.devices_per_process,
-                     timeout=args.timeout, echo=True)
+    results = launch(
+      args.num_processes, main_args, args.devices_per_process, timeout=args.timeout, echo=True
+    )
   except subprocess.TimeoutExpired:
     print(f"[launch] timed out after {args.timeout} s; killed all processes", file=sys.stderr)
     return 124

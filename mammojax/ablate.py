@@ -26,7 +26,6 @@ from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
 
-
 def set_field(config, dotted: str, value) -> None:
   *parents, name = dotted.split(".")
   owner = config
@@ -77,8 +76,9 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:variant].", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory for all arms (one subdirectory each).")
   flags.DEFINE_string("field", "model.align", "Dotted config field to vary.")
   flags.DEFINE_list("values", ["True", "False"], "Values of --field (Python literals).")

@@ -51,28 +51,39 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def parse_threshold(spec: str) -> float | str:
   """``--threshold``: a number, or the split ``youden:SPLIT`` names."""
   if spec.startswith(YOUDEN_PREFIX) and len(spec) > len(YOUDEN_PREFIX):
-    return spec[len(YOUDEN_PREFIX):]
+    return spec[len(YOUDEN_PREFIX) :]
   try:
     return float(spec)
   except ValueError:
-    raise ValueError(f"--threshold must be a number or {YOUDEN_PREFIX}SPLIT (e.g. "
-                     f"{YOUDEN_PREFIX}val), got {spec!r}") from None
+    raise ValueError(
+      f"--threshold must be a number or {YOUDEN_PREFIX}SPLIT (e.g. "
+      f"{YOUDEN_PREFIX}val), got {spec!r}"
+    ) from None
 
 
 def youden_threshold_of(task: Task, predictions: dict, split: str) -> float:
   """The ``youden_threshold`` the task's evaluation reports for one split's predictions."""
   value = task.evaluate(predictions).get("youden_threshold")
   if value is None:
-    raise ValueError(f"task {task.config.task!r} reports no youden_threshold; pass a number "
-                     "as --threshold")
+    raise ValueError(
+      f"task {task.config.task!r} reports no youden_threshold; pass a number as --threshold"
+    )
   if not math.isfinite(value):
-    raise ValueError(f"the {split} split has labels of one class only, so it has no Youden "
-                     "threshold; choose another split or pass a number as --threshold")
+    raise ValueError(
+      f"the {split} split has labels of one class only, so it has no Youden "
+      "threshold; choose another split or pass a number as --threshold"
+    )
   return value
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str, split: str,
-                        out_dir: str, threshold: str | None = None) -> dict:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  which: str,
+  split: str,
+  out_dir: str,
+  threshold: str | None = None,
+) -> dict:
   """Restores the ``best`` or ``latest`` state of a run and writes the task's report.
 
   ``threshold`` (see :func:`parse_threshold`) replaces ``eval.threshold`` of a copy of ``config``
@@ -87,32 +98,42 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   examples = task.dataset(split)
   data_parallel = sharding.data_parallel_size(mesh)
-  example_batch = next(pipeline.eval_batches(examples, global_batch_size=data_parallel,
-                                             process_index=0, process_count=1))
+  example_batch = next(
+    pipeline.eval_batches(
+      examples, global_batch_size=data_parallel, process_index=0, process_count=1
+    )
+  )
   init = init_state.create_train_state(task, config, mesh, example_batch)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          init.state, init.shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), init.state, init.shardings
+  )
   directory = os.path.join(os.path.abspath(workdir), "best" if which == "best" else "checkpoints")
   state, step = checkpoint.restore_state_only(directory, abstract)
-  predict = jax.jit(make_predict_step(task, COMPUTE_DTYPES[config.train.compute_dtype]),
-                    in_shardings=(init.shardings, sharding.batch_sharding(mesh)))
+  predict = jax.jit(
+    make_predict_step(task, COMPUTE_DTYPES[config.train.compute_dtype]),
+    in_shardings=(init.shardings, sharding.batch_sharding(mesh)),
+  )
 
   def predictions_of(split_examples):
-    return evaluation.collect_predictions(predict, state, split_examples, config.eval.batch_size,
-                                          sharding.batch_sharding(mesh))
+    return evaluation.collect_predictions(
+      predict, state, split_examples, config.eval.batch_size, sharding.batch_sharding(mesh)
+    )
 
   if isinstance(requested, str):
-    config.eval.threshold = youden_threshold_of(task, predictions_of(task.dataset(requested)),
-                                                requested)
-    config.eval.threshold_source = (f"maximises Youden's J on the {requested} split "
-                                    f"({which} checkpoint, step {step})")
+    config.eval.threshold = youden_threshold_of(
+      task, predictions_of(task.dataset(requested)), requested
+    )
+    config.eval.threshold_source = (
+      f"maximises Youden's J on the {requested} split ({which} checkpoint, step {step})"
+    )
   elif requested is not None:
     config.eval.threshold, config.eval.threshold_source = requested, "--threshold"
   # The task reads eval.threshold (and threshold_source) from this config when it reports.
   predictions = predictions_of(examples)
   report = task.write_report(predictions, out_dir) if jax.process_index() == 0 else {}
-  logging.getLogger("mammojax").info("evaluated %s step %d on %s (%d examples): %s", which, step,
-                                     split, len(examples), out_dir)
+  logging.getLogger("mammojax").info(
+    "evaluated %s step %d on %s (%d examples): %s", which, step, split, len(examples), out_dir
+  )
   return {"step": step, "split": split, "report": report}
 
 
@@ -132,15 +153,20 @@ def define_flags() -> None:
   :func:`evaluate_checkpoint` does not clash with other tools' flags)."""
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   config_flags.DEFINE_config_file(
-      "config", None, "Config file (default: WORKDIR/config.json of the run).", lock_config=False)
-  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                    "Which checkpoint of the run to evaluate.")
+    "config", None, "Config file (default: WORKDIR/config.json of the run).", lock_config=False
+  )
+  flags.DEFINE_enum(
+    "checkpoint", "best", ["best", "latest"], "Which checkpoint of the run to evaluate."
+  )
   flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
   flags.DEFINE_string("out", None, "Report directory (default WORKDIR/eval_<split>).")
   flags.DEFINE_string(
-      "threshold", None, "Decision threshold of a classifier's report: a number, or "
-      f"{YOUDEN_PREFIX}SPLIT for the one maximising Youden's J on SPLIT (e.g. "
-      f"{YOUDEN_PREFIX}val). Default: the config's eval.threshold.")
+    "threshold",
+    None,
+    "Decision threshold of a classifier's report: a number, or "
+    f"{YOUDEN_PREFIX}SPLIT for the one maximising Youden's J on SPLIT (e.g. "
+    f"{YOUDEN_PREFIX}val). Default: the config's eval.threshold.",
+  )
   flags.mark_flag_as_required("workdir")
 
 

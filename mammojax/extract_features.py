@@ -48,17 +48,21 @@ def _replace(target: dict, loaded: dict, path: str, source: str) -> dict:
   want = jax.tree_util.tree_structure(target)
   have = jax.tree_util.tree_structure(loaded)
   if want != have:
-    raise ValueError(f"{source}: {path} does not fit the configured model (was it trained with "
-                     "the same model.backbone / model.fpn settings?)")
+    raise ValueError(
+      f"{source}: {path} does not fit the configured model (was it trained with "
+      "the same model.backbone / model.fpn settings?)"
+    )
   for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(loaded)):
     if tuple(a.shape) != tuple(np.shape(b)):
-      raise ValueError(f"{source}: {path} has a leaf of shape {np.shape(b)}, the model expects "
-                       f"{tuple(a.shape)}")
+      raise ValueError(
+        f"{source}: {path} has a leaf of shape {np.shape(b)}, the model expects {tuple(a.shape)}"
+      )
   return jax.tree.map(lambda b: jnp.asarray(b, jnp.float32), loaded)
 
 
-def encoder_variables(task: FPNMILTask, example: dict[str, np.ndarray], workdir: str = ""
-                      ) -> dict[str, Any]:
+def encoder_variables(
+  task: FPNMILTask, example: dict[str, np.ndarray], workdir: str = ""
+) -> dict[str, Any]:
   """``{'backbone': {'params', 'batch_stats'}, 'fpn': {'params'}}`` from ``workdir``, else from
   ``model.backbone_checkpoint`` / initialisation."""
   batch = {k: v[None] for k, v in example.items()}
@@ -69,8 +73,7 @@ def encoder_variables(task: FPNMILTask, example: dict[str, np.ndarray], workdir:
   # With a run to load, shapes suffice (no compile); otherwise the initial values are used.
   rng = jax.random.key(0)
   init = jax.eval_shape(init_fn, rng) if workdir else jax.jit(init_fn)(rng)
-  backbone = {"params": init["params"]["backbone"],
-              "batch_stats": init["batch_stats"]["backbone"]}
+  backbone = {"params": init["params"]["backbone"], "batch_stats": init["batch_stats"]["backbone"]}
   fpn = {"params": init["params"]["fpn"]}
   if workdir:
     loaded = load_pretrained(workdir)
@@ -78,15 +81,18 @@ def encoder_variables(task: FPNMILTask, example: dict[str, np.ndarray], workdir:
       for collection in collections:
         tree = loaded.get(collection, {}).get(name)
         if tree is None:
-          raise ValueError(f"{workdir} has no {collection}/{name}: extract features from an "
-                           "online FPN-MIL run (data.features_dir empty)")
+          raise ValueError(
+            f"{workdir} has no {collection}/{name}: extract features from an "
+            "online FPN-MIL run (data.features_dir empty)"
+          )
         target = backbone if name == "backbone" else fpn
         target[collection] = _replace(target[collection], tree, f"{collection}/{name}", workdir)
   elif task.config.model.backbone_checkpoint:
     loaded = load_variables(task.config.model.backbone_checkpoint)
     for collection in ("params", "batch_stats"):
-      backbone[collection] = _replace(backbone[collection], loaded[collection], collection,
-                                      task.config.model.backbone_checkpoint)
+      backbone[collection] = _replace(
+        backbone[collection], loaded[collection], collection, task.config.model.backbone_checkpoint
+      )
   return {"backbone": backbone, "fpn": fpn}
 
 
@@ -104,8 +110,9 @@ def _pyramid_fn(model_json: str, scales: tuple[int, ...]):
   @jax.jit
   def pyramid(variables, patches):
     b, p = patches.shape[:2]
-    maps = backbone.apply(variables["backbone"], patches.reshape((b * p,) + patches.shape[2:]),
-                          False)
+    maps = backbone.apply(
+      variables["backbone"], patches.reshape((b * p,) + patches.shape[2:]), False
+    )
     levels = fpn.apply(variables["fpn"], maps["stride_16"], maps["stride_32"])
     return {s: levels[s].reshape((b, p) + levels[s].shape[1:]) for s in scales}
 
@@ -113,23 +120,40 @@ def _pyramid_fn(model_json: str, scales: tuple[int, ...]):
 
 
 def _fingerprint(config: ml_collections.ConfigDict, workdir: str, source: str, dtype: str) -> str:
-  body = json.dumps({"data": config.data.to_dict(), "backbone": config.model.backbone.to_dict(),
-                     "fpn": config.model.fpn.to_dict(), "scales": list(config.model.head.scales),
-                     "backbone_checkpoint": config.model.backbone_checkpoint,
-                     "workdir": os.path.abspath(workdir) if workdir else "",
-                     "source": os.path.abspath(source), "dtype": dtype},
-                    sort_keys=True, default=str)
+  body = json.dumps(
+    {
+      "data": config.data.to_dict(),
+      "backbone": config.model.backbone.to_dict(),
+      "fpn": config.model.fpn.to_dict(),
+      "scales": list(config.model.head.scales),
+      "backbone_checkpoint": config.model.backbone_checkpoint,
+      "workdir": os.path.abspath(workdir) if workdir else "",
+      "source": os.path.abspath(source),
+      "dtype": dtype,
+    },
+    sort_keys=True,
+    default=str,
+  )
   return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: str = "", *,
-                     splits: Sequence[str] | None = None, batch_size: int = 8,
-                     examples_per_shard: int = 256, dtype: str = "float32") -> str:
+def extract_features(
+  config: ml_collections.ConfigDict,
+  out_dir: str,
+  workdir: str = "",
+  *,
+  splits: Sequence[str] | None = None,
+  batch_size: int = 8,
+  examples_per_shard: int = 256,
+  dtype: str = "float32",
+) -> str:
   """Writes the per-scale features of every split (default: all of the image dataset's) to
   ``out_dir``; returns ``out_dir``."""
   if config.data.get("features_dir"):
-    raise ValueError("extract_features needs the online config (data.features_dir empty); it "
-                     "reads images, not features")
+    raise ValueError(
+      "extract_features needs the online config (data.features_dir empty); it "
+      "reads images, not features"
+    )
   if dtype not in FEATURE_DTYPES:
     raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
   task = FPNMILTask(config)
@@ -142,14 +166,19 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: s
   if os.path.exists(manifest_path):
     existing = records.read_manifest(out_dir)["config"]
     if existing.get("fingerprint") == fingerprint and set(splits) <= set(
-        records.read_manifest(out_dir)["splits"]):
+      records.read_manifest(out_dir)["splits"]
+    ):
       log.info("features in %s are up to date", out_dir)
       return out_dir
     os.remove(manifest_path)  # Stale: the directory is incomplete until the new manifest.
 
   scales = tuple(int(s) for s in config.model.head.scales)
-  datasets = {split: mil_pipeline.patch_dataset(source, split, task.settings, config.data.label,
-                                                filter_boxes=False) for split in splits}
+  datasets = {
+    split: mil_pipeline.patch_dataset(
+      source, split, task.settings, config.data.label, filter_boxes=False
+    )
+    for split in splits
+  }
   first = datasets[splits[0]][0]
   variables = encoder_variables(task, first, workdir)
   pyramid = make_pyramid_fn(config.model, scales)
@@ -165,7 +194,7 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: s
       name = records.shard_name(split, shard, num_shards)
       shard_records = []
       for start in range(0, len(indices), batch_size):
-        rows = [examples[int(i)] for i in indices[start:start + batch_size]]
+        rows = [examples[int(i)] for i in indices[start : start + batch_size]]
         patches = np.stack([r["patches"] for r in rows])
         if len(rows) < batch_size:  # One compiled shape: pad the last batch.
           pad = np.repeat(patches[-1:], batch_size - len(rows), axis=0)
@@ -173,8 +202,20 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: s
         levels = jax.device_get(pyramid(variables, jnp.asarray(patches)))
         for j, row in enumerate(rows):
           record = {f"features_{s}": np.asarray(levels[s][j], cast) for s in scales}
-          record.update({k: row[k] for k in ("patch_mask", "patch_coords", "labels", "boxes",
-                                              "box_labels", "num_boxes", "thumbnail")})
+          record.update(
+            {
+              k: row[k]
+              for k in (
+                "patch_mask",
+                "patch_coords",
+                "labels",
+                "boxes",
+                "box_labels",
+                "num_boxes",
+                "thumbnail",
+              )
+            }
+          )
           shard_records.append(record)
         feature_dim = int(levels[scales[0]].shape[-1])
       records.write_shard(os.path.join(out_dir, name), shard_records)
@@ -183,12 +224,21 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: s
     log.info("extracted %d %s examples", count, split)
   settings = task.settings
   manifest_config = {
-      "kind": "mil_features", "fingerprint": fingerprint, "scales": list(scales),
-      "feature_dim": feature_dim, "dtype": dtype, "image_size": list(settings.image_size),
-      "patch_size": settings.patch_size, "overlap": settings.overlap,
-      "num_patches": settings.num_patches, "thumbnail_stride": settings.thumbnail_stride,
-      "labels": list(source_manifest["config"].get("labels", [])), "source": source,
-      "workdir": workdir, "backbone_checkpoint": config.model.backbone_checkpoint}
+    "kind": "mil_features",
+    "fingerprint": fingerprint,
+    "scales": list(scales),
+    "feature_dim": feature_dim,
+    "dtype": dtype,
+    "image_size": list(settings.image_size),
+    "patch_size": settings.patch_size,
+    "overlap": settings.overlap,
+    "num_patches": settings.num_patches,
+    "thumbnail_stride": settings.thumbnail_stride,
+    "labels": list(source_manifest["config"].get("labels", [])),
+    "source": source,
+    "workdir": workdir,
+    "backbone_checkpoint": config.model.backbone_checkpoint,
+  }
   records.write_manifest(out_dir, split_entries, manifest_config)
   return out_dir
 
@@ -196,8 +246,11 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, workdir: s
 def _define_flags() -> None:
   """CLI flags, defined only when run as a program (``mammojax.main`` owns --config in-process)."""
   config_flags.DEFINE_config_file(
-      "config", None, "The online FPN-MIL config (configs/fpn_mil.py[:variant]); --config.x=y "
-      "overrides.", lock_config=True)
+    "config",
+    None,
+    "The online FPN-MIL config (configs/fpn_mil.py[:variant]); --config.x=y overrides.",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", "", "Training run whose encoder + FPN weights to use.")
   flags.DEFINE_string("out", None, "Output feature dataset directory.")
   flags.DEFINE_list("splits", [], "Splits to extract (default: all).")
@@ -211,8 +264,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("mammojax").setLevel(logging.INFO)
   f = flags.FLAGS
-  out = extract_features(f.config, f.out, f.workdir, splits=f.splits or None,
-                         batch_size=f.batch_size, dtype=f.dtype)
+  out = extract_features(
+    f.config, f.out, f.workdir, splits=f.splits or None, batch_size=f.batch_size, dtype=f.dtype
+  )
   print(json.dumps({"out": out, "splits": records.read_manifest(out)["splits"]}))
 
 

@@ -50,43 +50,64 @@ _CSV = flags.DEFINE_string("csv", None, "Metadata CSV (one row per image / subje
 _IMAGES = flags.DEFINE_string("images", None, "Root folder that image paths are relative to.")
 _OUT = flags.DEFINE_string("out", None, "Output dataset folder.")
 _TASK = flags.DEFINE_enum("task", "longitudinal", TASKS, "Which CSV kind / record layout.")
-_SIZE = flags.DEFINE_string("size", None, "Output size HxW (2-D; default 1024x832) or DxHxW "
-                            "(volume; default 96x96x96).")
+_SIZE = flags.DEFINE_string(
+  "size", None, "Output size HxW (2-D; default 1024x832) or DxHxW (volume; default 96x96x96)."
+)
 _WORKERS = flags.DEFINE_integer("workers", 1, "Decoding processes (1 = in this process).")
 _PER_SHARD = flags.DEFINE_integer("records_per_shard", 128, "Records per ArrayRecord shard.")
-_SALT = flags.DEFINE_string("salt", None, "Pseudonymisation salt; default: DIR/salt.txt, "
-                            "created with a random salt when absent.")
-_SPLIT = flags.DEFINE_string("split", "train=0.7,val=0.1,test=0.2",
-                             "Patient-level split fractions (used when the CSV has no split "
-                             "column).")
+_SALT = flags.DEFINE_string(
+  "salt",
+  None,
+  "Pseudonymisation salt; default: DIR/salt.txt, created with a random salt when absent.",
+)
+_SPLIT = flags.DEFINE_string(
+  "split",
+  "train=0.7,val=0.1,test=0.2",
+  "Patient-level split fractions (used when the CSV has no split column).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Split seed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 # Mammogram preprocessing.
-_ORIENTATION = flags.DEFINE_enum("orientation", "laterality", ["laterality", "auto", "none"],
-                                 "How to make all breasts face the same way.")
-_FLIP = flags.DEFINE_enum("flip_laterality", "R", ["L", "R"],
-                          "Side mirrored under --orientation=laterality.")
+_ORIENTATION = flags.DEFINE_enum(
+  "orientation",
+  "laterality",
+  ["laterality", "auto", "none"],
+  "How to make all breasts face the same way.",
+)
+_FLIP = flags.DEFINE_enum(
+  "flip_laterality", "R", ["L", "R"], "Side mirrored under --orientation=laterality."
+)
 _CROP = flags.DEFINE_bool("crop", True, "Segment and crop the breast (removes burned-in labels).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.05, "Breast threshold, fraction of the range.")
 # Longitudinal.
 _NUM_YEARS = flags.DEFINE_integer("num_years", 5, "Risk horizon (years).")
 _PRIOR = flags.DEFINE_enum("prior", "latest", ["latest", "all"], "Which priors to pair.")
 _MIN_GAP = flags.DEFINE_float("min_gap_years", 0.0, "Minimum current-prior gap (years).")
-_MISSING_PRIOR = flags.DEFINE_enum("missing_prior", "keep", ["keep", "drop"],
-                                   "Exams without an eligible prior: keep (has_prior 0) or drop.")
+_MISSING_PRIOR = flags.DEFINE_enum(
+  "missing_prior",
+  "keep",
+  ["keep", "drop"],
+  "Exams without an eligible prior: keep (has_prior 0) or drop.",
+)
 _KEEP = flags.DEFINE_list("keep_columns", [], "Extra CSV columns copied into records.")
 # MIL / sequence / volume.
-_LABELS = flags.DEFINE_list("labels", ["Mass", "Suspicious_Calcification"],
-                            "MIL image-level label columns.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Sequence task: keep at most this many "
-                                   "most recent images per patient (0 = all).")
-_CONTRASTS = flags.DEFINE_list("contrasts", [], "Volume task: contrast path columns (default: "
-                               "every column except subject, mask and split).")
+_LABELS = flags.DEFINE_list(
+  "labels", ["Mass", "Suspicious_Calcification"], "MIL image-level label columns."
+)
+_MAX_LENGTH = flags.DEFINE_integer(
+  "max_length", 0, "Sequence task: keep at most this many most recent images per patient (0 = all)."
+)
+_CONTRASTS = flags.DEFINE_list(
+  "contrasts",
+  [],
+  "Volume task: contrast path columns (default: every column except subject, mask and split).",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
   """What one ingestion run did."""
+
   records: dict[str, int]
   failed: int
   shards_written: int
@@ -94,14 +115,22 @@ class Summary:
 
   def line(self) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in self.records.items())
-    return (f"ingested {sum(self.records.values())} records ({counts}); {self.failed} input(s) "
-            f"failed (see {ERRORS_FILE}); {self.shards_written} shard(s) written, "
-            f"{self.shards_skipped} already complete")
+    return (
+      f"ingested {sum(self.records.values())} records ({counts}); {self.failed} input(s) "
+      f"failed (see {ERRORS_FILE}); {self.shards_written} shard(s) written, "
+      f"{self.shards_skipped} already complete"
+    )
 
 
-def write_dataset(plan: tabular.IngestPlan, out_dir: str, *, fingerprint: str,
-                  records_per_shard: int = 128, workers: int = 1,
-                  progress: bool = False) -> Summary:
+def write_dataset(
+  plan: tabular.IngestPlan,
+  out_dir: str,
+  *,
+  fingerprint: str,
+  records_per_shard: int = 128,
+  workers: int = 1,
+  progress: bool = False,
+) -> Summary:
   """Builds and writes every record of ``plan``; resumes a partial run in ``out_dir``.
 
   Args:
@@ -131,17 +160,23 @@ def write_dataset(plan: tabular.IngestPlan, out_dir: str, *, fingerprint: str,
   total = sum(len(items) for _, _, items in pending)
   results = _build_all([item for _, _, items in pending for item in items], workers)
   from tqdm import tqdm
-  with tqdm(total=total, disable=not progress, unit="rec", file=sys.stderr,
-            desc="ingest") as bar:
-    for split, name, items in pending:
+
+  with tqdm(total=total, disable=not progress, unit="rec", file=sys.stderr, desc="ingest") as bar:
+    for _split, name, items in pending:
       state = {"errors": [], "sums": np.zeros(3, np.float64)}
       count, digest = records.write_shard(
-          os.path.join(out_dir, name),
-          _shard_records(items, results, state, plan.stat_fields, bar))
-      _write_json(_state_path(out_dir, name), {
-          "fingerprint": fingerprint, "count": count, "sha256": digest,
+        os.path.join(out_dir, name), _shard_records(items, results, state, plan.stat_fields, bar)
+      )
+      _write_json(
+        _state_path(out_dir, name),
+        {
+          "fingerprint": fingerprint,
+          "count": count,
+          "sha256": digest,
           "errors": [dataclasses.asdict(e) for e in state["errors"]],
-          "pixel_sums": state["sums"].tolist()})
+          "pixel_sums": state["sums"].tolist(),
+        },
+      )
   if hasattr(results, "close"):
     results.close()
 
@@ -166,8 +201,12 @@ def write_dataset(plan: tabular.IngestPlan, out_dir: str, *, fingerprint: str,
     config["pixel_stats_fields"] = list(plan.stat_fields)
   _write_errors(out_dir, errors)
   records.write_manifest(out_dir, splits, config)
-  return Summary(records={k: v["count"] for k, v in splits.items()}, failed=len(errors),
-                 shards_written=len(pending), shards_skipped=len(shards) - len(pending))
+  return Summary(
+    records={k: v["count"] for k, v in splits.items()},
+    failed=len(errors),
+    shards_written=len(pending),
+    shards_skipped=len(shards) - len(pending),
+  )
 
 
 def fingerprint_inputs(csv_path: str, settings: dict[str, Any], salt: str) -> str:
@@ -219,8 +258,9 @@ class _PoolResults:
     self.pool.join()
 
 
-def _shard_records(items: list, results, state: dict, stat_fields: Sequence[str],
-                   bar) -> Iterator[dict[str, Any]]:
+def _shard_records(
+  items: list, results, state: dict, stat_fields: Sequence[str], bar
+) -> Iterator[dict[str, Any]]:
   for _ in items:
     status, payload = next(results)
     bar.update(1)
@@ -229,8 +269,11 @@ def _shard_records(items: list, results, state: dict, stat_fields: Sequence[str]
       continue
     for field in stat_fields:
       pixels = payload[field]
-      state["sums"] += (pixels.size, np.sum(pixels, dtype=np.float64),
-                        np.sum(np.square(pixels, dtype=np.float64)))
+      state["sums"] += (
+        pixels.size,
+        np.sum(pixels, dtype=np.float64),
+        np.sum(np.square(pixels, dtype=np.float64)),
+      )
     yield payload
 
 
@@ -281,38 +324,59 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
   fractions = tuple(tabular.parse_fractions(_SPLIT.value).items())
   if task == "volume":
     from mammojax.data import volume_csv
-    options = volume_csv.VolumeOptions(size=parse_size(_SIZE.value, 3),
-                                       contrasts=tuple(_CONTRASTS.value),
-                                       fractions=fractions, seed=_SEED.value)
+
+    options = volume_csv.VolumeOptions(
+      size=parse_size(_SIZE.value, 3),
+      contrasts=tuple(_CONTRASTS.value),
+      fractions=fractions,
+      seed=_SEED.value,
+    )
     return volume_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   height, width = parse_size(_SIZE.value, 2)
-  preprocess = MammoPreprocessConfig(height=height, width=width,
-                                     orientation=_ORIENTATION.value,
-                                     flip_laterality=_FLIP.value, crop=_CROP.value,
-                                     threshold=_THRESHOLD.value)
+  preprocess = MammoPreprocessConfig(
+    height=height,
+    width=width,
+    orientation=_ORIENTATION.value,
+    flip_laterality=_FLIP.value,
+    crop=_CROP.value,
+    threshold=_THRESHOLD.value,
+  )
   if task == "longitudinal":
     from mammojax.data import longitudinal
+
     options = longitudinal.LongitudinalOptions(
-        num_years=_NUM_YEARS.value, prior=_PRIOR.value, min_gap_years=_MIN_GAP.value,
-        missing_prior=_MISSING_PRIOR.value, fractions=fractions, seed=_SEED.value,
-        keep_columns=tuple(_KEEP.value), preprocess=preprocess)
+      num_years=_NUM_YEARS.value,
+      prior=_PRIOR.value,
+      min_gap_years=_MIN_GAP.value,
+      missing_prior=_MISSING_PRIOR.value,
+      fractions=fractions,
+      seed=_SEED.value,
+      keep_columns=tuple(_KEEP.value),
+      preprocess=preprocess,
+    )
     return longitudinal.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   if task == "mil":
     from mammojax.data import mil_csv
-    options = mil_csv.MilOptions(labels=tuple(_LABELS.value), fractions=fractions,
-                                 seed=_SEED.value, preprocess=preprocess)
+
+    options = mil_csv.MilOptions(
+      labels=tuple(_LABELS.value), fractions=fractions, seed=_SEED.value, preprocess=preprocess
+    )
     return mil_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   from mammojax.data import sequence_csv
+
   # Sequence images need not be mammograms: no crop / orientation / size change unless asked.
   default = sequence_csv.SequenceOptions().preprocess
   given = {n: flags.FLAGS[n].present for n in ("orientation", "crop", "size")}
   preprocess = dataclasses.replace(
-      preprocess, orientation=preprocess.orientation if given["orientation"] else "none",
-      crop=preprocess.crop if given["crop"] else False,
-      height=height if given["size"] else default.height,
-      width=width if given["size"] else default.width)
-  options = sequence_csv.SequenceOptions(max_length=_MAX_LENGTH.value, fractions=fractions,
-                                         seed=_SEED.value, preprocess=preprocess)
+    preprocess,
+    orientation=preprocess.orientation if given["orientation"] else "none",
+    crop=preprocess.crop if given["crop"] else False,
+    height=height if given["size"] else default.height,
+    width=width if given["size"] else default.width,
+  )
+  options = sequence_csv.SequenceOptions(
+    max_length=_MAX_LENGTH.value, fractions=fractions, seed=_SEED.value, preprocess=preprocess
+  )
   return sequence_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
 
 
@@ -328,16 +392,22 @@ def main(argv: Sequence[str]) -> int:
   try:
     salt, new_salt = tabular.load_salt(_OUT.value, _SALT.value)
     plan, settings = _plan_from_flags(salt)
-    fingerprint = fingerprint_inputs(_CSV.value, dict(settings, task=_TASK.value,
-                                                      records_per_shard=_PER_SHARD.value), salt)
+    fingerprint = fingerprint_inputs(
+      _CSV.value, dict(settings, task=_TASK.value, records_per_shard=_PER_SHARD.value), salt
+    )
   except (ValueError, FileNotFoundError) as e:
     log.error("ingest: %s", e)
     return EXIT_BAD_INPUT
   if new_salt:
     tabular.store_salt(_OUT.value, salt)
-  summary = write_dataset(plan, _OUT.value, fingerprint=fingerprint,
-                          records_per_shard=_PER_SHARD.value, workers=_WORKERS.value,
-                          progress=_PROGRESS.value)
+  summary = write_dataset(
+    plan,
+    _OUT.value,
+    fingerprint=fingerprint,
+    records_per_shard=_PER_SHARD.value,
+    workers=_WORKERS.value,
+    progress=_PROGRESS.value,
+  )
   log.info("%s; output in %s", summary.line(), _OUT.value)
   return EXIT_FAILED_INPUTS if summary.failed else EXIT_OK
 

@@ -24,21 +24,31 @@ from mammojax.train.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with a variant: configs/X.py:smoke. "
-    "Override any field with --config.a.b=value.", lock_config=True)
+  "config",
+  None,
+  "Experiment config file, optionally with a variant: configs/X.py:smoke. "
+  "Override any field with --config.a.b=value.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for a multi-process run.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 for a multi-process run."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED_AUTO = flags.DEFINE_bool(
-    "distributed_auto", False, "Call jax.distributed.initialize() with cluster auto-detection "
-    "(TPU pods, SLURM).")
+  "distributed_auto",
+  False,
+  "Call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM).",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
-    "keep_freed_host_memory", True, "Keep freed host memory in the process instead of returning "
-    "it to the kernel (glibc), so XLA:CPU reuses its per-step buffers instead of page-faulting "
-    "them in again every step (mammojax/host_memory.py; 1.7x on the ICON digits step).")
+  "keep_freed_host_memory",
+  True,
+  "Keep freed host memory in the process instead of returning "
+  "it to the kernel (glibc), so XLA:CPU reuses its per-step buffers instead of page-faulting "
+  "them in again every step (mammojax/host_memory.py; 1.7x on the ICON digits step).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,8 +72,9 @@ def main(argv: list[str]) -> None:
   initialize_distributed()
   config = _CONFIG.value
   run_pretraining(config, _WORKDIR.value, show_progress=_PROGRESS.value)
-  summary = train_and_evaluate(config, _WORKDIR.value, tasks.build_task(config),
-                               show_progress=_PROGRESS.value)
+  summary = train_and_evaluate(
+    config, _WORKDIR.value, tasks.build_task(config), show_progress=_PROGRESS.value
+  )
   logging.getLogger("mammojax").info("finished: %s", {k: summary[k] for k in ("step", "stopped")})
 
 

@@ -56,30 +56,38 @@ def read_pair(fixed_path: str, moving_path: str) -> tuple[np.ndarray, np.ndarray
   moving, moving_geometry = _read_any(moving_path, "--moving")
   if fixed.ndim != moving.ndim:
     raise RegistrationInputError(
-        f"--fixed {fixed_path} is {fixed.ndim}D {fixed.shape} but --moving {moving_path} is "
-        f"{moving.ndim}D {moving.shape}: register a 2D image (PNG/DICOM) with a 2D image or a "
-        "NIfTI volume with a NIfTI volume")
+      f"--fixed {fixed_path} is {fixed.ndim}D {fixed.shape} but --moving {moving_path} is "
+      f"{moving.ndim}D {moving.shape}: register a 2D image (PNG/DICOM) with a 2D image or a "
+      "NIfTI volume with a NIfTI volume"
+    )
   if fixed.shape != moving.shape:
     raise RegistrationInputError(
-        f"--fixed has shape {fixed.shape} and --moving {moving.shape}: resample the moving "
-        "image onto the fixed image's grid first (same pixel/voxel counts)")
-  if "spacing" in geometry and not np.allclose(geometry["spacing"], moving_geometry["spacing"],
-                                                rtol=1e-3):
-    print(f"warning: voxel spacings differ (fixed {geometry['spacing']}, moving "
-          f"{moving_geometry['spacing']}); displacements are in fixed voxels", file=sys.stderr)
+      f"--fixed has shape {fixed.shape} and --moving {moving.shape}: resample the moving "
+      "image onto the fixed image's grid first (same pixel/voxel counts)"
+    )
+  if "spacing" in geometry and not np.allclose(
+    geometry["spacing"], moving_geometry["spacing"], rtol=1e-3
+  ):
+    print(
+      f"warning: voxel spacings differ (fixed {geometry['spacing']}, moving "
+      f"{moving_geometry['spacing']}); displacements are in fixed voxels",
+      file=sys.stderr,
+    )
   return _unit_range(fixed), _unit_range(moving), geometry
 
 
 def _read_any(path: str, flag: str) -> tuple[np.ndarray, dict]:
   from mammojax.data import readers  # pylint: disable=import-outside-toplevel
+
   try:
     if path.lower().endswith(readers.NIFTI_SUFFIXES):
       volume = readers.read_nifti(path)
       if min(volume.voxels.shape) < 2:
         raise RegistrationInputError(
-            f"{flag} {path}: NIfTI volume of shape {volume.voxels.shape} (z, y, x) has a single "
-            "slice; register it as a 2D image (save the slice as PNG) or give a volume with at "
-            "least 2 voxels along every axis")
+          f"{flag} {path}: NIfTI volume of shape {volume.voxels.shape} (z, y, x) has a single "
+          "slice; register it as a 2D image (save the slice as PNG) or give a volume with at "
+          "least 2 voxels along every axis"
+        )
       return volume.voxels, {"spacing": volume.spacing, "affine": volume.affine}
     return readers.read_image(path).pixels, {}
   except readers.ImageReadError as e:
@@ -96,6 +104,7 @@ def _unit_range(image: np.ndarray) -> np.ndarray:
 
 def similarity_fn(name: str, sigma: float) -> Callable:
   from mammojax.losses import registration as losses  # pylint: disable=import-outside-toplevel
+
   if name == "lncc":
     return lambda a, b: losses.lncc_loss(a, b, sigma=sigma)
   if name == "ncc":
@@ -112,11 +121,19 @@ def similarity_fn(name: str, sigma: float) -> Callable:
 # ----------------------------------------------------------------------------- optimisation
 
 
-def register(fixed: np.ndarray, moving: np.ndarray, *, steps: int = 200,
-             similarity: str = "lncc", lmbda: float = 1.0, regularizer: str = "diffusion",
-             learning_rate: float = 0.1, sigma: float = 2.0,
-             initial_displacement: np.ndarray | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def register(
+  fixed: np.ndarray,
+  moving: np.ndarray,
+  *,
+  steps: int = 200,
+  similarity: str = "lncc",
+  lmbda: float = 1.0,
+  regularizer: str = "diffusion",
+  learning_rate: float = 0.1,
+  sigma: float = 2.0,
+  initial_displacement: np.ndarray | None = None,
+  progress: bool = True,
+) -> dict[str, Any]:
   """Optimises a dense displacement registering ``moving`` to ``fixed``.
 
   Args:
@@ -146,15 +163,15 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, steps: int = 200,
   fixed_b = jnp.asarray(fixed)[None, ..., None]
   moving_b = jnp.asarray(moving)[None, ..., None]
   sim = similarity_fn(similarity, sigma)
-  regularity = (losses.diffusion_regularity if regularizer == "diffusion"
-                else losses.bending_energy)
+  regularity = losses.diffusion_regularity if regularizer == "diffusion" else losses.bending_energy
   if initial_displacement is None:
     displacement = jnp.zeros((1, *fixed.shape, num_axes), jnp.float32)
   else:
     expected = (*fixed.shape, num_axes)
     if tuple(initial_displacement.shape) != expected:
-      raise ValueError(f"initial displacement has shape {initial_displacement.shape}, "
-                       f"expected {expected}")
+      raise ValueError(
+        f"initial displacement has shape {initial_displacement.shape}, expected {expected}"
+      )
     displacement = jnp.asarray(initial_displacement, jnp.float32)[None]
 
   def warped_of(u):
@@ -174,8 +191,14 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, steps: int = 200,
   evaluate_similarity = jax.jit(lambda u: sim(warped_of(u), fixed_b))
   before = float(sim(moving_b, fixed_b))
   opt_state = tx.init(displacement)
-  bar = tqdm(range(steps), disable=not progress, unit="step", desc="register",
-             file=sys.stderr, dynamic_ncols=True)
+  bar = tqdm(
+    range(steps),
+    disable=not progress,
+    unit="step",
+    desc="register",
+    file=sys.stderr,
+    dynamic_ncols=True,
+  )
   for i in bar:
     displacement, opt_state, value = step(displacement, opt_state)
     if progress and (i % 10 == 0 or i == steps - 1):
@@ -183,9 +206,13 @@ def register(fixed: np.ndarray, moving: np.ndarray, *, steps: int = 200,
   bar.close()
   after = float(evaluate_similarity(displacement))
   folds = int(warp_lib.count_folds(displacement)[0])
-  return {"displacement": np.asarray(displacement[0]),
-          "warped": np.asarray(warped_of(displacement)[0, ..., 0]),
-          "similarity_before": before, "similarity_after": after, "folds": folds}
+  return {
+    "displacement": np.asarray(displacement[0]),
+    "warped": np.asarray(warped_of(displacement)[0, ..., 0]),
+    "similarity_before": before,
+    "similarity_after": after,
+    "folds": folds,
+  }
 
 
 # ----------------------------------------------------------------------------- trained networks
@@ -206,18 +233,23 @@ def predict_displacement(model_dir: str, fixed: np.ndarray, moving: np.ndarray) 
   from mammojax.train.init_state import load_pretrained  # pylint: disable=import-outside-toplevel
 
   if not os.path.isdir(model_dir):
-    raise RegistrationInputError(f"--model {model_dir} is not a directory (give a training "
-                                 "workdir or a converted checkpoint directory)")
+    raise RegistrationInputError(
+      f"--model {model_dir} is not a directory (give a training "
+      "workdir or a converted checkpoint directory)"
+    )
   field_fn, input_shape = _network_for(model_dir)
   try:
     variables = load_pretrained(model_dir)
   except (FileNotFoundError, ValueError) as e:
     raise RegistrationInputError(f"--model: {e}") from None
   if len(input_shape) != fixed.ndim:
-    raise RegistrationInputError(f"--model {model_dir} registers {len(input_shape)}D images; "
-                                 f"the inputs are {fixed.ndim}D")
-  images = [jax.image.resize(jnp.asarray(x), input_shape, "linear")[None, ..., None]
-            for x in (moving, fixed)]
+    raise RegistrationInputError(
+      f"--model {model_dir} registers {len(input_shape)}D images; the inputs are {fixed.ndim}D"
+    )
+  images = [
+    jax.image.resize(jnp.asarray(x), input_shape, "linear")[None, ..., None]
+    for x in (moving, fixed)
+  ]
   field = field_fn(variables, *images)  # [1, *input_shape, n] pixels of the input grid
   return np.asarray(warp_lib.resize_displacement(field, fixed.shape, align_corners=True)[0])
 
@@ -229,40 +261,52 @@ def _network_for(model_dir: str) -> tuple[Callable, tuple[int, ...]]:
     import ml_collections  # pylint: disable=import-outside-toplevel
 
     from mammojax import tasks  # pylint: disable=import-outside-toplevel
+
     with open(config_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
     task = tasks.build_task(config)
     if hasattr(task, "displacement"):
       return task.displacement, tuple(task.input_shape())
     from mammojax.models.registration.mammoregnet import MammoRegNet  # pylint: disable=import-outside-toplevel
+
     if isinstance(task.model, MammoRegNet):
+
       def mammoregnet_field(variables, moving, fixed):
         return task.model.apply(variables, fixed, moving)["flow"]
+
       return mammoregnet_field, tuple(config.data.image_size)
-    raise RegistrationInputError(f"the run in {model_dir} (task {config.task!r}) is not a "
-                                 "registration network")
+    raise RegistrationInputError(
+      f"the run in {model_dir} (task {config.task!r}) is not a registration network"
+    )
   if os.path.exists(source_path):
     with open(source_path) as f:
       source = json.load(f)
     if source.get("kind") == "icon":
       from mammojax.convert.icon import build_icon_network  # pylint: disable=import-outside-toplevel
+
       network = build_icon_network(source["model_fields"])
 
       def icon_field(variables, moving, fixed):
         return network.apply(variables, moving, fixed)
+
       return icon_field, tuple(source["input_shape"])
-    raise RegistrationInputError(f"{source_path} describes a {source.get('kind')!r} checkpoint; "
-                                 "--model takes registration networks (training runs of "
-                                 "registration tasks, or `python -m mammojax.convert icon` output)")
-  raise RegistrationInputError(f"--model {model_dir} has neither config.json (a training run) "
-                               "nor source.json (a converted checkpoint)")
+    raise RegistrationInputError(
+      f"{source_path} describes a {source.get('kind')!r} checkpoint; "
+      "--model takes registration networks (training runs of "
+      "registration tasks, or `python -m mammojax.convert icon` output)"
+    )
+  raise RegistrationInputError(
+    f"--model {model_dir} has neither config.json (a training run) "
+    "nor source.json (a converted checkpoint)"
+  )
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(out_dir: str, result: dict[str, Any], fixed: np.ndarray, moving: np.ndarray,
-                  geometry: dict) -> None:
+def write_outputs(
+  out_dir: str, result: dict[str, Any], fixed: np.ndarray, moving: np.ndarray, geometry: dict
+) -> None:
   """Writes the files listed in the module docstring."""
   from mammojax.viz.registration import save_registration_figure  # pylint: disable=import-outside-toplevel
 
@@ -273,23 +317,30 @@ def write_outputs(out_dir: str, result: dict[str, Any], fixed: np.ndarray, movin
   np.save(os.path.join(out_dir, "warped.npy"), warped)
   if fixed.ndim == 2:
     from PIL import Image  # pylint: disable=import-outside-toplevel
+
     Image.fromarray(np.round(np.clip(warped, 0, 1) * 255).astype(np.uint8)).save(
-        os.path.join(out_dir, "warped.png"))
-    save_registration_figure(os.path.join(out_dir, "grid.png"), moving, fixed, warped,
-                             displacement)
+      os.path.join(out_dir, "warped.png")
+    )
+    save_registration_figure(os.path.join(out_dir, "grid.png"), moving, fixed, warped, displacement)
     return
   _write_nifti(os.path.join(out_dir, "warped.nii.gz"), warped, geometry)
   # (z, y, x) arrays and 'ij' components -> NIfTI (x, y, z) axes and (x, y, z) components.
   _write_nifti(os.path.join(out_dir, "displacement.nii.gz"), displacement[..., ::-1], geometry)
   middle = fixed.shape[0] // 2
-  save_registration_figure(os.path.join(out_dir, "grid.png"), moving[middle], fixed[middle],
-                           warped[middle], displacement[middle, :, :, 1:])
+  save_registration_figure(
+    os.path.join(out_dir, "grid.png"),
+    moving[middle],
+    fixed[middle],
+    warped[middle],
+    displacement[middle, :, :, 1:],
+  )
 
 
 def _write_nifti(path: str, array_zyx: np.ndarray, geometry: dict) -> None:
   """Writes a (z, y, x) array on the fixed volume's canonical grid, with the fixed volume's
   affine, so the output overlays the input in world coordinates."""
   import nibabel as nib  # pylint: disable=import-outside-toplevel
+
   data = np.ascontiguousarray(np.moveaxis(array_zyx, (0, 1, 2), (2, 1, 0)))
   nib.save(nib.Nifti1Image(data.astype(np.float32), geometry["affine"]), path)
 
@@ -299,19 +350,23 @@ def _write_nifti(path: str, array_zyx: np.ndarray, geometry: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
-      prog="python -m mammojax.register",
-      description="Register --moving to --fixed (PNG, DICOM or NIfTI) by instance optimisation.")
+    prog="python -m mammojax.register",
+    description="Register --moving to --fixed (PNG, DICOM or NIfTI) by instance optimisation.",
+  )
   parser.add_argument("--fixed", required=True, help="fixed image (PNG, DICOM or NIfTI)")
   parser.add_argument("--moving", required=True, help="moving image, same shape as --fixed")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--model", default="",
-                      help="start from this trained network's field: a training workdir or a "
-                      "converted checkpoint directory")
-  parser.add_argument("--steps", type=int, default=200, help="optimisation steps (0: only "
-                      "the network's field)")
+  parser.add_argument(
+    "--model",
+    default="",
+    help="start from this trained network's field: a training workdir or a "
+    "converted checkpoint directory",
+  )
+  parser.add_argument(
+    "--steps", type=int, default=200, help="optimisation steps (0: only the network's field)"
+  )
   parser.add_argument("--similarity", choices=SIMILARITIES, default="lncc")
-  parser.add_argument("--lambda", dest="lmbda", type=float, default=1.0,
-                      help="regulariser weight")
+  parser.add_argument("--lambda", dest="lmbda", type=float, default=1.0, help="regulariser weight")
   parser.add_argument("--regularizer", choices=REGULARIZERS, default="diffusion")
   parser.add_argument("--lr", type=float, default=0.1, help="Adam step size (pixels)")
   parser.add_argument("--sigma", type=float, default=2.0, help="LNCC window std (pixels)")
@@ -324,14 +379,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     initial = predict_displacement(args.model, fixed, moving) if args.model else None
   except RegistrationInputError as e:
     parser.exit(2, f"error: {e}\n")
-  result = register(fixed, moving, steps=args.steps, similarity=args.similarity,
-                    lmbda=args.lmbda, regularizer=args.regularizer, learning_rate=args.lr,
-                    sigma=args.sigma, initial_displacement=initial,
-                    progress=not args.no_progress)
+  result = register(
+    fixed,
+    moving,
+    steps=args.steps,
+    similarity=args.similarity,
+    lmbda=args.lmbda,
+    regularizer=args.regularizer,
+    learning_rate=args.lr,
+    sigma=args.sigma,
+    initial_displacement=initial,
+    progress=not args.no_progress,
+  )
   write_outputs(args.out, result, fixed, moving, geometry)
-  summary = {"similarity": args.similarity, "similarity_before": result["similarity_before"],
-             "similarity_after": result["similarity_after"], "folds": result["folds"],
-             "steps": args.steps, "shape": list(fixed.shape), "out": args.out}
+  summary = {
+    "similarity": args.similarity,
+    "similarity_before": result["similarity_before"],
+    "similarity_after": result["similarity_after"],
+    "folds": result["folds"],
+    "steps": args.steps,
+    "shape": list(fixed.shape),
+    "out": args.out,
+  }
   print(json.dumps(summary))
   return summary
 

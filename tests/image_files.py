@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-PHI = {"PatientName": "Doe^Janet", "PatientBirthDate": "19580214",
-       "AccessionNumber": "ACC98765Z", "PatientID": "MRN-555-0199"}
+PHI = {
+  "PatientName": "Doe^Janet",
+  "PatientBirthDate": "19580214",
+  "AccessionNumber": "ACC98765Z",
+  "PatientID": "MRN-555-0199",
+}
 
 
-def phantom(height: int = 64, width: int = 48, side: str = "L", label: bool = True,
-            seed: int = 0) -> np.ndarray:
+def phantom(
+  height: int = 64, width: int = 48, side: str = "L", label: bool = True, seed: int = 0
+) -> np.ndarray:
   """uint16 ``[H, W]`` breast phantom (breast values 2000-40000, background ~100)."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -23,21 +28,33 @@ def phantom(height: int = 64, width: int = 48, side: str = "L", label: bool = Tr
   texture = 20000 + 15000 * np.sin(yy / 3.0) * np.cos(xx / 4.0)
   image = np.where(inside, texture + rng.normal(0, 500, inside.shape), 100.0)
   if label:
-    image[1:5, width - 9:width - 2] = 60000.0
+    image[1:5, width - 9 : width - 2] = 60000.0
   if side == "R":
     image = image[:, ::-1]
   return np.clip(image, 0, 65535).astype(np.uint16)
 
 
-def write_dicom(path: str, pixels: np.ndarray, *, laterality: str | None = "L",
-                view: str = "CC", photometric: str = "MONOCHROME2",
-                window: tuple[float, float] | None = None,
-                rescale: tuple[float, float] | None = None, compress: str | None = None,
-                phi: bool = True) -> None:
+def write_dicom(
+  path: str,
+  pixels: np.ndarray,
+  *,
+  laterality: str | None = "L",
+  view: str = "CC",
+  photometric: str = "MONOCHROME2",
+  window: tuple[float, float] | None = None,
+  rescale: tuple[float, float] | None = None,
+  compress: str | None = None,
+  phi: bool = True,
+) -> None:
   """Writes a single-frame 16-bit DICOM (optionally RLE / JPEG 2000 compressed)."""
   from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless,
-                           DigitalMammographyXRayImageStorageForPresentation, generate_uid)
+  from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+  )
 
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation

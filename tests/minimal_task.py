@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -20,13 +19,19 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Dense(self.hidden, kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("embed", "mlp")), name="dense1")(x)
+    x = nn.Dense(
+      self.hidden,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+      name="dense1",
+    )(x)
     x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
     x = nn.relu(x)
     x = nn.Dropout(0.1, deterministic=not train)(x)
-    return nn.Dense(1, kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("mlp", "embed")), name="head")(x)[:, 0]
+    return nn.Dense(
+      1,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+      name="head",
+    )(x)[:, 0]
 
 
 class AddNoise(grain.transforms.RandomMap):
@@ -36,12 +41,13 @@ class AddNoise(grain.transforms.RandomMap):
     self.scale = scale
 
   def random_map(self, example, rng):
-    return dict(example, x=example["x"] + self.scale * rng.standard_normal(example["x"].shape)
-                .astype(np.float32))
+    return dict(
+      example,
+      x=example["x"] + self.scale * rng.standard_normal(example["x"].shape).astype(np.float32),
+    )
 
 
 class TinyTask(Task):
-
   def __init__(self, config):
     super().__init__(config)
     self.model = TinyNet(config.model.hidden)
@@ -58,9 +64,13 @@ class TinyTask(Task):
     return self.model.init({"params": rng, "dropout": rng}, batch["x"], train=False)
 
   def loss(self, params, model_state, batch, rng, train):
-    logits, new_state = self.model.apply({"params": params, **model_state}, batch["x"],
-                                         train=train, rngs={"dropout": rng},
-                                         mutable=list(model_state))
+    logits, new_state = self.model.apply(
+      {"params": params, **model_state},
+      batch["x"],
+      train=train,
+      rngs={"dropout": rng},
+      mutable=list(model_state),
+    )
     losses = optax.sigmoid_binary_cross_entropy(logits, batch["y"])
     accuracy = jnp.mean((logits > 0) == (batch["y"] > 0.5))
     return losses.mean(), ({"accuracy": accuracy}, new_state)

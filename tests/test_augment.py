@@ -14,19 +14,24 @@ def _pair(shift=(1.5, -2.0), size=(40, 36)):
   """A smooth prior, the current image it maps to, and their constant displacement."""
   rng = np.random.default_rng(0)
   prior = ndimage.gaussian_filter(rng.normal(size=size), 3).astype(np.float32)
-  grid = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+  grid = np.mgrid[0 : size[0], 0 : size[1]].astype(np.float32)
   displacement = np.broadcast_to(np.asarray(shift, np.float32), size + (2,)).copy()
   current = ndimage.map_coordinates(prior, grid + displacement.transpose(2, 0, 1), order=1)
-  return {"current_image": current[..., None], "previous_image": prior[..., None],
-          "displacement": displacement, "has_prior": np.int32(1)}
+  return {
+    "current_image": current[..., None],
+    "previous_image": prior[..., None],
+    "displacement": displacement,
+    "has_prior": np.int32(1),
+  }
 
 
 def _alignment_error(example, margin=8):
   """Mean |prior(y + u(y)) - current(y)| over the interior."""
   prior = example["previous_image"][..., 0]
-  grid = np.mgrid[0:prior.shape[0], 0:prior.shape[1]].astype(np.float32)
-  warped = ndimage.map_coordinates(prior, grid + example["displacement"].transpose(2, 0, 1),
-                                   order=1)
+  grid = np.mgrid[0 : prior.shape[0], 0 : prior.shape[1]].astype(np.float32)
+  warped = ndimage.map_coordinates(
+    prior, grid + example["displacement"].transpose(2, 0, 1), order=1
+  )
   diff = np.abs(warped - example["current_image"][..., 0])
   return float(diff[margin:-margin, margin:-margin].mean())
 
@@ -72,14 +77,15 @@ def test_intensity_jitter_independent_float_only_and_skips_absent_prior():
   absent = dict(example, previous_image=np.zeros_like(example["previous_image"]))
   assert not jitter.random_map(absent, np.random.default_rng(1))["previous_image"].any()
   with pytest.raises(TypeError, match="float images"):
-    jitter.random_map({"current_image": np.ones((4, 4), np.uint16),
-                       "previous_image": np.ones((4, 4), np.uint16)}, np.random.default_rng(0))
+    jitter.random_map(
+      {"current_image": np.ones((4, 4), np.uint16), "previous_image": np.ones((4, 4), np.uint16)},
+      np.random.default_rng(0),
+    )
 
 
 def test_seeded_grain_pipeline_is_reproducible_and_transforms_pickle():
   transforms = augment.train_augmentations(augment.AugmentConfig())
-  assert [type(t).__name__ for t in transforms] == ["RandomFlip", "RandomAffine",
-                                                    "IntensityJitter"]
+  assert [type(t).__name__ for t in transforms] == ["RandomFlip", "RandomAffine", "IntensityJitter"]
   assert all(type(pickle.loads(pickle.dumps(t))) is type(t) for t in transforms)
   examples = [_pair(shift=(float(i), 0.0)) for i in range(4)]
 
@@ -93,5 +99,9 @@ def test_seeded_grain_pipeline_is_reproducible_and_transforms_pickle():
   for x, y in zip(first, again):
     np.testing.assert_array_equal(x, y)
   assert any(not np.array_equal(x, y) for x, y in zip(first, other))
-  assert augment.train_augmentations(augment.AugmentConfig(
-      flip_p=0, rotation_deg=0, scale=0, shift=0, contrast=0, brightness=0)) == []
+  assert (
+    augment.train_augmentations(
+      augment.AugmentConfig(flip_p=0, rotation_deg=0, scale=0, shift=0, contrast=0, brightness=0)
+    )
+    == []
+  )

@@ -13,22 +13,40 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 
 def test_small_run_reports_both_sides_and_forward_agreement():
-  argv = [sys.executable, os.path.join("benchmarks", "imgfeatalign_step.py"), "--small",
-          "--modes=frozen", "--repeats=1", "--warmup=0"]
+  argv = [
+    sys.executable,
+    os.path.join("benchmarks", "imgfeatalign_step.py"),
+    "--small",
+    "--modes=frozen",
+    "--repeats=1",
+    "--warmup=0",
+  ]
   if not HAS_TORCH:
     argv.append("--no_torch")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip(),
+  }
   result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   body = json.loads(result.stdout)  # nothing but the JSON object on stdout
 
   assert body["benchmark"] == "imgfeatalign_step"
-  assert {"machine", "results", "ratios", "architecture", "optimizer", "torch",
-          "forward_check", "forward_max_abs_diff"} <= set(body)
+  assert {
+    "machine",
+    "results",
+    "ratios",
+    "architecture",
+    "optimizer",
+    "torch",
+    "forward_check",
+    "forward_max_abs_diff",
+  } <= set(body)
   impls = ["jax", "torch"] if HAS_TORCH else ["jax"]
   assert [(r["name"], r["impl"]) for r in body["results"]] == [
-      ("step_64x64_b2_frozen", impl) for impl in impls]
+    ("step_64x64_b2_frozen", impl) for impl in impls
+  ]
   for row in body["results"]:
     assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["repeats"] == 1
     assert row["batch_size"] == 2 and row["image_size"] == [64, 64] and row["mode"] == "frozen"

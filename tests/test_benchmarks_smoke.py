@@ -24,9 +24,19 @@ def _run(argv, tmp_path):
 
 def test_train_step_benchmark_reports_compile_time_flops_and_memory(tmp_path):
   # The tiny test task keeps the compile short; the driver registers it as config.task='tiny'.
-  body = _run([sys.executable, os.path.join("tests", "run_tiny_task.py"), "benchmarks.train_step",
-               f"--config={os.path.join('tests', 'tiny_task_config.py')}", "--steps", "2",
-               "--warmup=1", "--config.optim.learning_rate=0.001"], tmp_path)
+  body = _run(
+    [
+      sys.executable,
+      os.path.join("tests", "run_tiny_task.py"),
+      "benchmarks.train_step",
+      f"--config={os.path.join('tests', 'tiny_task_config.py')}",
+      "--steps",
+      "2",
+      "--warmup=1",
+      "--config.optim.learning_rate=0.001",
+    ],
+    tmp_path,
+  )
   assert body["benchmark"] == "train_step"
   assert body["overrides"] == {"optim.learning_rate": 0.001}
   [row] = body["results"]
@@ -38,9 +48,19 @@ def test_train_step_benchmark_reports_compile_time_flops_and_memory(tmp_path):
 
 
 def test_pipeline_benchmark_reports_batches_per_second(tmp_path):
-  body = _run([sys.executable, os.path.join("benchmarks", "pipeline.py"),
-               "--config=configs/imgfeatalign.py:smoke", "--workers=0", "--batches=2",
-               "--repeats=2", "--warmup=0", "--augment"], tmp_path)
+  body = _run(
+    [
+      sys.executable,
+      os.path.join("benchmarks", "pipeline.py"),
+      "--config=configs/imgfeatalign.py:smoke",
+      "--workers=0",
+      "--batches=2",
+      "--repeats=2",
+      "--warmup=0",
+      "--augment",
+    ],
+    tmp_path,
+  )
   assert body["benchmark"] == "pipeline"
   assert [r["name"] for r in body["results"]] == ["workers=0", "workers=0+augment"]
   for row in body["results"]:
@@ -49,8 +69,20 @@ def test_pipeline_benchmark_reports_batches_per_second(tmp_path):
 
 
 def test_icon_digits_benchmark_compares_jax_and_torch(tmp_path):
-  body = _run([sys.executable, "-m", "benchmarks.icon_digits", "--batch=4", "--size=8",
-               "--num_steps=3", "--repeats=2", "--warmup=1", "--torch_threads=1"], tmp_path)
+  body = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.icon_digits",
+      "--batch=4",
+      "--size=8",
+      "--num_steps=3",
+      "--repeats=2",
+      "--warmup=1",
+      "--torch_threads=1",
+    ],
+    tmp_path,
+  )
   assert body["benchmark"] == "icon_digits" and body["num_steps"] == 3
   cases = {(r["name"], r["impl"]) for r in body["results"]}
   assert cases == {(n, i) for n in ("train_step", "forward") for i in ("jax", "torch")}

@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
-from mammojax.metrics.classification import classification_metrics, roc_auc, \
-    threshold_metrics, youden_threshold
+from mammojax.metrics.classification import (
+  classification_metrics,
+  roc_auc,
+  threshold_metrics,
+  youden_threshold,
+)
 
 # Six examples, a tie at 0.7 between a positive and a negative. Calling ">= t" positive:
 #   t = 0.9: TP 1, FP 0 -> sensitivity 1/3, specificity 1   -> J 1/3

@@ -28,9 +28,13 @@ def _nhwc(t):
 
 
 def test_help_explains_every_kind():
-  result = subprocess.run([sys.executable, "-m", "mammojax.convert", "--help"],
-                          capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  result = subprocess.run(
+    [sys.executable, "-m", "mammojax.convert", "--help"],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   for kind in ("imgfeatalign", "mammoregnet", "mirai"):
     assert f"  {kind}" in result.stdout
   assert "weights_only=False" in result.stdout  # how to unpickle a Mirai snapshot
@@ -52,9 +56,9 @@ def test_mirai_round_trip(tmp_path):
   images = np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32)
   with torch.no_grad():
     expected = _nhwc(trunk(torch.from_numpy(images).expand(-1, 3, -1, -1)))
-  ours = MiraiResNet18(base_width=WIDTH).apply(load_variables(str(tmp_path / "out")),
-                                               images.transpose(0, 2, 3, 1),
-                                               use_running_average=True)
+  ours = MiraiResNet18(base_width=WIDTH).apply(
+    load_variables(str(tmp_path / "out")), images.transpose(0, 2, 3, 1), use_running_average=True
+  )
   np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -75,28 +79,48 @@ def test_imgfeatalign_round_trip_with_mammoregnet_end_to_end(tmp_path, capsys):
   assert "cannot convert" in capsys.readouterr().err
   source = json.loads((tmp_path / "ifa" / "source.json").read_text())
   fields = source["model_fields"]
-  assert fields == {"num_years": 5, "encoder_width": WIDTH, "ffn_expansion": 4,
-                    "time_steps": 240, "num_heads": 2, "max_time": 5.0}
+  assert fields == {
+    "num_years": 5,
+    "encoder_width": WIDTH,
+    "ffn_expansion": 4,
+    "time_steps": 240,
+    "num_heads": 2,
+    "max_time": 5.0,
+  }
 
   rng = np.random.default_rng(1)
   cur = rng.random((2, 64, 64, 1)).astype(np.float32)
   pri = np.roll(cur, 3, axis=1) + 0.05 * rng.random(cur.shape).astype(np.float32)
   gap = np.array([1.5, 3.0], np.float32)
   with torch.no_grad():
-    expected = model_t(torch.from_numpy(cur.transpose(0, 3, 1, 2)),
-                       torch.from_numpy(pri.transpose(0, 3, 1, 2)), torch.from_numpy(gap))
-  model = ImgFeatAlign(registration=MammoRegNet(**source["registration_hparams"]),
-                       bcrbench_flow_compat=True, **fields)
+    expected = model_t(
+      torch.from_numpy(cur.transpose(0, 3, 1, 2)),
+      torch.from_numpy(pri.transpose(0, 3, 1, 2)),
+      torch.from_numpy(gap),
+    )
+  model = ImgFeatAlign(
+    registration=MammoRegNet(**source["registration_hparams"]), bcrbench_flow_compat=True, **fields
+  )
   ours = jax.jit(lambda v: model.apply(v, cur, pri, gap, train=False))(
-      load_variables(str(tmp_path / "ifa")))
+    load_variables(str(tmp_path / "ifa"))
+  )
   assert np.abs(_nhwc(expected["deformation_field"])).max() > 0.1
-  np.testing.assert_allclose(np.asarray(ours["deformation_field"]),
-                             _nhwc(expected["deformation_field"]), atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(ours["aligned_prior_feature"]),
-                             _nhwc(expected["aligned_prior_feature"]), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ours["deformation_field"]),
+    _nhwc(expected["deformation_field"]),
+    atol=1e-4,
+    rtol=1e-4,
+  )
+  np.testing.assert_allclose(
+    np.asarray(ours["aligned_prior_feature"]),
+    _nhwc(expected["aligned_prior_feature"]),
+    atol=1e-4,
+    rtol=1e-4,
+  )
   for key, value in expected["risk_prediction"].items():
-    np.testing.assert_allclose(np.asarray(ours["risk_prediction"][key]), value.numpy(),
-                               atol=1e-4, rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(
+      np.asarray(ours["risk_prediction"][key]), value.numpy(), atol=1e-4, rtol=1e-4, err_msg=key
+    )
 
 
 def test_bad_files_fail_with_a_message(tmp_path, capsys):

@@ -8,16 +8,21 @@ import pytest
 from mammojax.nn.depthwise_conv import DepthwiseConv
 
 
-@pytest.mark.parametrize("kernel,stride,padding,shape", [
+@pytest.mark.parametrize(
+  "kernel,stride,padding,shape",
+  [
     (3, 1, ((1, 1), (1, 1)), (2, 9, 7, 5)),
     (5, 2, ((2, 2), (2, 2)), (2, 11, 10, 3)),
     (3, 2, ((0, 1), (0, 1)), (1, 8, 9, 4)),  # static SAME padding, asymmetric
     (5, 1, ((0, 0), (1, 3)), (1, 6, 5, 2)),
-])
+  ],
+)
 def test_taps_equal_grouped_convolution_values_and_gradients(kernel, stride, padding, shape):
   x = jax.random.normal(jax.random.key(0), shape)
-  modules = {impl: DepthwiseConv((kernel, kernel), strides=(stride, stride), padding=padding,
-                                 impl=impl) for impl in ("taps", "conv")}
+  modules = {
+    impl: DepthwiseConv((kernel, kernel), strides=(stride, stride), padding=padding, impl=impl)
+    for impl in ("taps", "conv")
+  }
   variables = modules["conv"].init(jax.random.key(1), x)
   assert variables["params"]["kernel"].shape == (kernel, kernel, 1, shape[-1])
   outputs = {impl: m.apply(variables, x) for impl, m in modules.items()}

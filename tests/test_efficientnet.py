@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from mammojax.convert.mammoclip import import_efficientnet
-from mammojax.nn.efficientnet import (MAMMOCLIP_STATIC_SIZE, EfficientNet, block_specs,
-                                      same_padding)
+from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet, block_specs, same_padding
 
 torch = pytest.importorskip("torch")
 from torch_refs.efficientnet_torch import TorchEfficientNet, randomize_batch_norm  # noqa: E402
@@ -78,8 +77,9 @@ def test_dynamic_padding_parity_and_static_differs(b2):
   net, _, variables = b2
   images = np.random.RandomState(1).randn(1, 100, 76, 3).astype(np.float32)
   dynamic = EfficientNet(static_padding_size=None)
-  dyn = _jax_maps(dynamic, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-                  images)
+  dyn = _jax_maps(
+    dynamic, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, images
+  )
   dynamic_net = TorchEfficientNet(include_head=True).eval()
   dynamic_net.load_state_dict(net.state_dict())
   ref = _torch_maps(dynamic_net, images)
@@ -99,7 +99,8 @@ def test_train_mode_matches_torch_and_updates_stats():
   variables = import_efficientnet(_mammoclip_state(net), model)
   images = np.random.RandomState(2).randn(2, 64, 64, 3).astype(np.float32)
   out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-      variables, jnp.asarray(images))
+    variables, jnp.asarray(images)
+  )
   ref = _torch_maps(net, images)
   np.testing.assert_allclose(np.asarray(out["stride_32"]), ref[1], atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(out["stride_16"]), ref[0], atol=1e-4, rtol=1e-4)
@@ -114,8 +115,11 @@ def test_drop_connect_only_in_training():
   variables = import_efficientnet(_mammoclip_state(_torch_net(**TINY)), model)
   evaluate = jax.jit(lambda v, x: model.apply(v, x)["stride_32"])
   np.testing.assert_array_equal(evaluate(variables, images), evaluate(variables, images))
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                rngs={"dropout": key})[0]["stride_32"])
+  train = jax.jit(
+    lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[
+      0
+    ]["stride_32"]
+  )
   runs = [np.asarray(train(variables, images, jax.random.key(k))) for k in (1, 2)]
   assert np.abs(runs[0] - runs[1]).max() > 1e-3
   with pytest.raises(Exception, match="dropout"):

@@ -43,8 +43,9 @@ def smoke_run(tmp_path_factory):
 
 
 def test_synthetic_examples_are_deterministic_and_labelled():
-  spec = synthetic_mil.SyntheticMILSpec(image_size=(96, 64), mass_radius=(4.0, 6.0),
-                                        calc_cluster_radius=5.0)
+  spec = synthetic_mil.SyntheticMILSpec(
+    image_size=(96, 64), mass_radius=(4.0, 6.0), calc_cluster_radius=5.0
+  )
   a = synthetic_mil.generate_example(spec, "train", 3)
   b = synthetic_mil.generate_example(spec, "train", 3)
   for key in a:
@@ -56,10 +57,10 @@ def test_synthetic_examples_are_deterministic_and_labelled():
     assert e["image"].shape == (96, 64) and e["image"].dtype == np.uint16
     # One box per finding, labelled with the finding's index; boxes inside the image.
     assert sorted(e["box_labels"].tolist()) == np.flatnonzero(e["labels"]).tolist()
-    for (x0, y0, x1, y1), label in zip(e["boxes"], e["box_labels"]):
+    for x0, y0, x1, y1 in e["boxes"]:
       assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 96
       # The finding is brighter than the breast around it.
-      inside = e["image"][int(y0):int(y1), int(x0):int(x1)].max()
+      inside = e["image"][int(y0) : int(y1), int(x0) : int(x1)].max()
       assert inside > np.median(e["image"][e["image"] > 0])
     seen.add(tuple(e["labels"]))
   assert len(seen) == 4  # all label combinations occur
@@ -79,7 +80,8 @@ def test_patch_grid_covers_the_image_and_drops_background():
   np.testing.assert_array_equal(out.patches[1], image[0:4, 4:8])
   # min_foreground 0.3: the patch with 1 of 4 columns of breast goes too.
   np.testing.assert_array_equal(
-      patching.extract_patches(image, 4, 0.0, min_foreground=0.3).coords, [[0, 0], [4, 0]])
+    patching.extract_patches(image, 4, 0.0, min_foreground=0.3).coords, [[0, 0], [4, 0]]
+  )
   with pytest.raises(ValueError, match="overlap"):
     patching.patch_starts(10, 4, 1.0)
 
@@ -119,14 +121,15 @@ def test_heatmap_to_boxes_to_iou_on_a_hand_made_case():
   iou = heatmaps.box_iou(boxes[:, :4], np.array([[10, 2, 14, 6], [10, 2, 18, 6], [0, 0, 2, 2]]))
   np.testing.assert_allclose(iou, [[1.0, 0.5, 0.0]])
   # A padded patch is ignored even if its attention is high.
-  masked = heatmaps.scale_heatmap(np.stack([attention[1], attention[1]]), coords, (8, 16), 8,
-                                  patch_mask=np.array([False, True]))
+  masked = heatmaps.scale_heatmap(
+    np.stack([attention[1], attention[1]]), coords, (8, 16), 8, patch_mask=np.array([False, True])
+  )
   assert masked[:, :8].max() == 0.0
 
 
 def test_boxes_small_components_nms_and_aggregation():
   heat = np.zeros((20, 20))
-  heat[2:6, 2:6] = 1.0     # 16 px
+  heat[2:6, 2:6] = 1.0  # 16 px
   heat[10:12, 10:11] = 0.9  # 2 px: below min_area
   boxes = heatmaps.heatmap_boxes(heat, quantile=0.0, min_value=0.5, min_area=4)
   np.testing.assert_array_equal(boxes[:, :4], [[2, 2, 6, 6]])
@@ -139,11 +142,16 @@ def test_boxes_small_components_nms_and_aggregation():
 
 
 def test_detection_report_by_hand():
-  truth = [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [20, 20, 30, 30]]),
-           np.zeros((0, 4))]
-  predicted = [np.array([[0, 0, 10, 5, 1.0]]),          # IoU 0.5
-               np.array([[20, 20, 30, 30, 2.0], [50, 50, 60, 60, 1.0]]),  # 1.0 and a miss
-               np.array([[0, 0, 5, 5, 1.0]])]           # no truth: skipped
+  truth = [
+    np.array([[0, 0, 10, 10]]),
+    np.array([[0, 0, 10, 10], [20, 20, 30, 30]]),
+    np.zeros((0, 4)),
+  ]
+  predicted = [
+    np.array([[0, 0, 10, 5, 1.0]]),  # IoU 0.5
+    np.array([[20, 20, 30, 30, 2.0], [50, 50, 60, 60, 1.0]]),  # 1.0 and a miss
+    np.array([[0, 0, 5, 5, 1.0]]),
+  ]  # no truth: skipped
   report = heatmaps.detection_report(predicted, truth, (0.25, 0.75))
   assert report["num_images"] == 2 and report["num_truth"] == 3 and report["num_predicted"] == 3
   assert report["mean_iou"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
@@ -160,8 +168,13 @@ def test_masked_deep_supervision_loss():
   np.testing.assert_allclose(total, deep_supervision_loss(logits, sides, labels, 2.5), rtol=1e-6)
   # A padded example changes nothing.
   padded, _ = masked_deep_supervision_loss(
-      jnp.append(logits, 9.0), jnp.concatenate([sides, jnp.ones((1, 2))]),
-      jnp.append(labels, 0.0), jnp.array([1, 1, 1, 0]), 2.5, 1.0)
+    jnp.append(logits, 9.0),
+    jnp.concatenate([sides, jnp.ones((1, 2))]),
+    jnp.append(labels, 0.0),
+    jnp.array([1, 1, 1, 0]),
+    2.5,
+    1.0,
+  )
   np.testing.assert_allclose(padded, total, rtol=1e-6)
 
 
@@ -172,10 +185,15 @@ def _fake_predictions(task: FPNMILTask, num_examples: int) -> dict[str, np.ndarr
   cols = patching.patch_starts(task.image_size[1], task.patch_size, 0.0)
   coords = np.array([(r, c) for r in rows for c in cols])
   n, p = num_examples, len(coords)
-  predictions = {"prob": np.full(n, 0.9), "label": np.ones(n),
-                 "patch_coords": np.stack([coords] * n), "patch_mask": np.ones((n, p), bool),
-                 "scale_weights": np.ones((n, 3)) / 3, "num_boxes": np.ones(n),
-                 "boxes": np.tile([[0.0, 0.0, 8.0, 8.0]], (n, 2, 1))}
+  predictions = {
+    "prob": np.full(n, 0.9),
+    "label": np.ones(n),
+    "patch_coords": np.stack([coords] * n),
+    "patch_mask": np.ones((n, p), bool),
+    "scale_weights": np.ones((n, 3)) / 3,
+    "num_boxes": np.ones(n),
+    "boxes": np.tile([[0.0, 0.0, 8.0, 8.0]], (n, 2, 1)),
+  }
   for s in task.scales:
     side = -(-task.patch_size // s)
     attention = np.zeros((n, p, side, side))
@@ -195,8 +213,11 @@ def test_periodic_evaluation_scores_detection_of_a_capped_number_of_examples(tmp
   assert task.detection(predictions)["aggregated"]["num_images"] == 3
   detection = {k: v for k, v in metrics.items() if k.startswith("detection_")}
   np.testing.assert_equal(detection, detection_scalars(capped))  # NaN where no box was found
-  assert {"detection_aggregated_mean_iou", "detection_16_recall_iou0.1",
-          "detection_32_precision_iou0.5"} <= set(detection)
+  assert {
+    "detection_aggregated_mean_iou",
+    "detection_16_recall_iou0.1",
+    "detection_32_precision_iou0.5",
+  } <= set(detection)
   # The attention peak is the box's corner: the stride-16 heatmap finds it.
   assert detection["detection_16_recall_iou0.1"] == 1.0
   assert all(isinstance(v, float) for v in detection.values())
@@ -221,11 +242,21 @@ def test_smoke_training_logs_classification_metrics(smoke_run):
   rows = read_metrics(workdir)
   evals = [r for r in rows if "eval/auc" in r]
   assert evals and evals[-1]["step"] == config.train.steps
-  for key in ("eval/auc", "eval/balanced_accuracy", "eval/f1", "eval/sensitivity",
-              "eval/specificity", "eval/youden_threshold", "eval/balanced_accuracy_youden",
-              "eval/f1_youden", "eval/sensitivity_youden", "eval/specificity_youden",
-              "eval/detection_aggregated_mean_iou", "eval/detection_16_recall_iou0.25",
-              "eval/detection_128_precision_iou0.5"):
+  for key in (
+    "eval/auc",
+    "eval/balanced_accuracy",
+    "eval/f1",
+    "eval/sensitivity",
+    "eval/specificity",
+    "eval/youden_threshold",
+    "eval/balanced_accuracy_youden",
+    "eval/f1_youden",
+    "eval/sensitivity_youden",
+    "eval/specificity_youden",
+    "eval/detection_aggregated_mean_iou",
+    "eval/detection_16_recall_iou0.25",
+    "eval/detection_128_precision_iou0.5",
+  ):
     assert key in evals[-1]
   assert 0.0 <= evals[-1]["eval/balanced_accuracy"] <= 1.0
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -247,8 +278,8 @@ def test_frozen_backbone_and_trainable_batch_norm_paths(tmp_path):
   variables = jax.eval_shape(lambda r: trainable.init_variables(r, batch), jax.random.key(0))
   state = {"batch_stats": variables["batch_stats"]}
   loss, (metrics, new_state) = jax.eval_shape(
-      lambda p, s: trainable.loss(p, s, batch, jax.random.key(1), True),
-      variables["params"], state)
+    lambda p, s: trainable.loss(p, s, batch, jax.random.key(1), True), variables["params"], state
+  )
   assert loss.shape == () and "loss_sides" in metrics
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -305,8 +336,9 @@ def test_evaluate_report_has_detection_and_overlays(smoke_run, tmp_path):
 def test_evaluate_applies_the_youden_threshold_of_another_split(smoke_run, tmp_path):
   config, workdir, _, _ = smoke_run
   # Chosen on val and applied to val: the metrics at the threshold are the Youden ones.
-  report = evaluate_checkpoint(config, workdir, "latest", "val", str(tmp_path / "report"),
-                               threshold="youden:val")["report"]
+  report = evaluate_checkpoint(
+    config, workdir, "latest", "val", str(tmp_path / "report"), threshold="youden:val"
+  )["report"]
   classification = report["classification"]
   assert report["threshold"]["value"] == pytest.approx(classification["youden_threshold"])
   assert "Youden" in report["threshold"]["source"] and "val" in report["threshold"]["source"]
@@ -340,7 +372,8 @@ def test_extract_features_round_trip_and_offline_training(smoke_run):
   for s in (16, 32, 128):
     np.testing.assert_allclose(stored[f"features_{s}"], levels[s][0], atol=1e-5)
 
-  summary = trainer.train_and_evaluate(offline, str(tmp_path / "offline_run"), task,
-                                       show_progress=False)
+  summary = trainer.train_and_evaluate(
+    offline, str(tmp_path / "offline_run"), task, show_progress=False
+  )
   assert summary["step"] == offline.train.steps
   assert "eval/auc" in summary["eval"]

@@ -44,14 +44,16 @@ print(min(faults))
 def _fewest_faults_per_call(mode):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True,
-                          env=env, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, env=env, timeout=300
+  )
   assert result.returncode == 0, result.stderr
   return float(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's mallopt")
+@pytest.mark.skipif(
+  platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
+)
 def test_kept_memory_is_not_page_faulted_again_on_every_call():
   released = _fewest_faults_per_call("release")
   kept = _fewest_faults_per_call("keep")

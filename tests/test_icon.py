@@ -13,6 +13,7 @@ from mammojax.nn import warp as W
 
 class ConstantShift(nn.Module):
   """Test network: a learnable constant displacement, initialised to ``value``."""
+
   value: tuple = (0.0, 0.0)
 
   @nn.compact
@@ -53,7 +54,8 @@ def test_nested_two_step_equals_multi_step_with_shared_weights():
   variables = flat.init(jax.random.key(3), moving, fixed)
   # Give the last layer non-zero weights so the steps actually move.
   variables = jax.tree_util.tree_map(
-      lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), nn.meta.unbox(variables))
+    lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), nn.meta.unbox(variables)
+  )
   nested_vars = {"params": {"first": {"first": {"first": variables["params"]["steps_0"]}}}}
   want = jax.jit(flat.apply)(variables, moving, fixed)
   got = jax.jit(nested.apply)(nested_vars, moving, fixed)
@@ -64,15 +66,19 @@ def test_nested_two_step_equals_multi_step_with_shared_weights():
 def test_two_translations_compose_to_their_sum():
   moving, fixed = _images(jax.random.key(5), (1, 10, 12, 1))
   net = icon.TwoStepRegistration(
-      icon.FunctionFromVectorField(ConstantShift((1.5, -2.0)), units="pixels"),
-      icon.FunctionFromVectorField(ConstantShift((0.25, 0.5)), units="pixels"))
+    icon.FunctionFromVectorField(ConstantShift((1.5, -2.0)), units="pixels"),
+    icon.FunctionFromVectorField(ConstantShift((0.25, 0.5)), units="pixels"),
+  )
   variables = net.init(jax.random.key(0), moving, fixed)
-  np.testing.assert_allclose(net.apply(variables, moving, fixed),
-                             jnp.broadcast_to(jnp.array([1.75, -1.5]), (1, 10, 12, 2)),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    net.apply(variables, moving, fixed),
+    jnp.broadcast_to(jnp.array([1.75, -1.5]), (1, 10, 12, 2)),
+    atol=1e-6,
+  )
   points = jnp.array([[[3.2, 4.7], [0.0, 0.0]]])
-  np.testing.assert_allclose(net.apply(variables, moving, fixed, points),
-                             points + jnp.array([1.75, -1.5]), atol=1e-6)
+  np.testing.assert_allclose(
+    net.apply(variables, moving, fixed, points), points + jnp.array([1.75, -1.5]), atol=1e-6
+  )
   phi = net.apply(variables, moving, fixed, method="transform")
   np.testing.assert_allclose(phi(points), points + jnp.array([1.75, -1.5]), atol=1e-6)
 
@@ -89,8 +95,9 @@ def test_downsample_registration_keeps_unit_displacement():
   net = icon.DownsampleRegistration(icon.FunctionFromVectorField(ConstantShift((0.5, 0.25))))
   displacement = net.apply(net.init(jax.random.key(0), moving, fixed), moving, fixed)
   # Half a unit along rows is 4 pixels of the 9-row grid whatever the child's resolution.
-  np.testing.assert_allclose(displacement, jnp.broadcast_to(jnp.array([4.0, 1.5]), (1, 9, 7, 2)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    displacement, jnp.broadcast_to(jnp.array([4.0, 1.5]), (1, 9, 7, 2)), atol=1e-5
+  )
 
 
 def test_avg_pool_half_ceil_mode():
@@ -103,17 +110,20 @@ def test_avg_pool_half_ceil_mode():
 def test_three_d_two_step():
   moving, fixed = _images(jax.random.key(8), (1, 4, 5, 6, 1))
   net = icon.TwoStepRegistration(
-      icon.FunctionFromVectorField(ConstantShift((1.0, 0.0, -1.0)), units="pixels"),
-      icon.FunctionFromVectorField(ConstantShift((0.5, 0.5, 0.5)), units="pixels"))
+    icon.FunctionFromVectorField(ConstantShift((1.0, 0.0, -1.0)), units="pixels"),
+    icon.FunctionFromVectorField(ConstantShift((0.5, 0.5, 0.5)), units="pixels"),
+  )
   displacement = net.apply(net.init(jax.random.key(0), moving, fixed), moving, fixed)
-  np.testing.assert_allclose(displacement, jnp.broadcast_to(jnp.array([1.5, 0.5, -0.5]),
-                                                            (1, 4, 5, 6, 3)), atol=1e-6)
+  np.testing.assert_allclose(
+    displacement, jnp.broadcast_to(jnp.array([1.5, 0.5, -0.5]), (1, 4, 5, 6, 3)), atol=1e-6
+  )
 
 
 def test_unet_zero_init_identity_and_shapes():
   moving, fixed = _images(jax.random.key(9), (1, 20, 13, 1))
-  net = icon.FunctionFromVectorField(icon.RegistrationUNet(down_features=(4, 8, 8),
-                                                           up_features=(4, 8, 8)))
+  net = icon.FunctionFromVectorField(
+    icon.RegistrationUNet(down_features=(4, 8, 8), up_features=(4, 8, 8))
+  )
   variables = net.init(jax.random.key(0), moving, fixed)
   apply = jax.jit(net.apply)
   np.testing.assert_array_equal(apply(variables, moving, fixed), 0.0)
@@ -124,7 +134,8 @@ def test_unet_zero_init_identity_and_shapes():
   # Non-zero last layer: a displacement of the right shape that depends on the images.
   params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(variables))
   params["params"]["net"]["last"]["kernel"] = 0.1 * jnp.ones_like(
-      params["params"]["net"]["last"]["kernel"])
+    params["params"]["net"]["last"]["kernel"]
+  )
   out = apply(params, moving, fixed)
   assert out.shape == (1, 20, 13, 2) and float(jnp.max(jnp.abs(out))) > 0
 
@@ -205,8 +216,9 @@ def test_displacement_chain_on_grid_equals_evaluating_the_grid():
 def test_compose_mixes_chains_and_other_transforms():
   fields = jax.random.normal(jax.random.key(14), (2, 1, 6, 6, 2))
   shift = lambda x: x + jnp.array([0.5, -0.25])  # noqa: E731
-  composed = icon.compose(icon.displacement_transform(fields[0]), shift,
-                          icon.displacement_transform(fields[1]))
+  composed = icon.compose(
+    icon.displacement_transform(fields[0]), shift, icon.displacement_transform(fields[1])
+  )
   assert not isinstance(composed, icon.DisplacementChain)
   points = jax.random.uniform(jax.random.key(15), (1, 4, 2), maxval=5.0)
   inner = points + W.sample(fields[1], points, padding="border")

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(variant):
   spec = importlib.util.spec_from_file_location(
-      "icon_digits_config", os.path.join(ROOT, "configs", "icon_digits.py"))
+    "icon_digits_config", os.path.join(ROOT, "configs", "icon_digits.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)

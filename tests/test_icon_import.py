@@ -31,15 +31,16 @@ def _torch_unet2(torch, dimension):
     return x
 
   class UNet2(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       layers = len(UP)
       up_in = [DOWN[d + 1] + (UP[d + 1] if d + 1 < layers else 0) for d in range(layers)]
       self.downConvs = torch.nn.ModuleList(
-          conv(DOWN[d], DOWN[d + 1], 3, stride=2, padding=1) for d in range(layers))
+        conv(DOWN[d], DOWN[d + 1], 3, stride=2, padding=1) for d in range(layers)
+      )
       self.upConvs = torch.nn.ModuleList(
-          conv_t(up_in[d], UP[d], 4, stride=2, padding=1) for d in range(layers))
+        conv_t(up_in[d], UP[d], 4, stride=2, padding=1) for d in range(layers)
+      )
       self.batchNorms = torch.nn.ModuleList(norm(UP[d]) for d in range(layers))
       self.lastConv = conv(DOWN[0] + UP[0], dimension, 3, padding=1)
 
@@ -52,8 +53,9 @@ def _torch_unet2(torch, dimension):
         x = y + fit_channels(pool(x, 2, ceil_mode=True), y.shape[1])
       for d in reversed(range(len(UP))):
         y = self.upConvs[d](F.leaky_relu(x))
-        x = y + F.interpolate(fit_channels(x, y.shape[1]), scale_factor=2, mode=mode,
-                              align_corners=False)
+        x = y + F.interpolate(
+          fit_channels(x, y.shape[1]), scale_factor=2, mode=mode, align_corners=False
+        )
         x = self.batchNorms[d](x)
         x = x[(slice(None), slice(None), *[slice(0, n) for n in skips[d].shape[2:]])]
         x = torch.cat([x, skips[d]], 1)
@@ -122,8 +124,9 @@ def test_unigradicon_style_tree_imports_onto_matching_modules():
   shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
   assert shapes(variables) == shapes(init)
   np.testing.assert_allclose(
-      variables["params"]["second"]["net"]["downConvs_1"]["kernel"],
-      np.moveaxis(state["regis_net.netPsi.net.downConvs.1.weight"], (0, 1), (-1, -2)))
+    variables["params"]["second"]["net"]["downConvs_1"]["kernel"],
+    np.moveaxis(state["regis_net.netPsi.net.downConvs.1.weight"], (0, 1), (-1, -2)),
+  )
   displacement = module.apply(variables, images + 0.5, images)
   assert displacement.shape == (1, 16, 16, 2) and bool(jnp.all(jnp.isfinite(displacement)))
 
@@ -154,12 +157,19 @@ def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
     Image.fromarray(rng.integers(0, 255, (20, 18), dtype=np.uint8)).save(images / f"{i}.png")
   state = _fake_unet_state("", rng)
   converted = tmp_path / "converted"
-  save_variables(str(converted), icon_convert.import_icon_registration(state),
-                 {"kind": "icon", "model_fields": icon_convert.describe_icon_tree(state),
-                  "input_shape": [16, 16]})
+  save_variables(
+    str(converted),
+    icon_convert.import_icon_registration(state),
+    {
+      "kind": "icon",
+      "model_fields": icon_convert.describe_icon_tree(state),
+      "input_shape": [16, 16],
+    },
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
-      "gradicon_config", os.path.join(root, "configs", "gradicon_unet.py"))
+    "gradicon_config", os.path.join(root, "configs", "gradicon_unet.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
@@ -182,8 +192,10 @@ def test_convert_cli_icon_kind_feeds_the_register_command(tmp_path, capsys):
   from mammojax.convert.__main__ import main as convert_main
 
   rng = np.random.default_rng(1)
-  state = {k: torch.from_numpy(np.asarray(v, np.float32))
-           for k, v in _fake_unet_state("regis_net.net.", rng).items()}
+  state = {
+    k: torch.from_numpy(np.asarray(v, np.float32))
+    for k, v in _fake_unet_state("regis_net.net.", rng).items()
+  }
   path = tmp_path / "icon.pth"
   torch.save(state, path)
   out = tmp_path / "converted"

@@ -29,8 +29,9 @@ def smoke_run(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("smoke")
   config = _smoke(tmp_path)
   workdir = str(tmp_path / "run")
-  summary = trainer.train_and_evaluate(config, workdir, tasks.build_task(config),
-                                       show_progress=False)
+  summary = trainer.train_and_evaluate(
+    config, workdir, tasks.build_task(config), show_progress=False
+  )
   return config, workdir, summary
 
 
@@ -72,20 +73,27 @@ def test_smoke_loss_same_on_one_and_eight_devices(tmp_path):
 
 
 def _main(*args, timeout=120):
-  return subprocess.run([sys.executable, "-m", "mammojax.main", *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=ROOT)
+  return subprocess.run(
+    [sys.executable, "-m", "mammojax.main", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+  )
 
 
 def test_mistyped_override_names_the_key(tmp_path):
-  result = _main("--config=configs/imgfeatalign.py:smoke", f"--workdir={tmp_path}",
-                 "--config.train.stepz=3")
+  result = _main(
+    "--config=configs/imgfeatalign.py:smoke", f"--workdir={tmp_path}", "--config.train.stepz=3"
+  )
   assert result.returncode != 0
   assert "stepz" in result.stderr
 
 
 def test_ill_typed_override_names_the_key(tmp_path):
-  result = _main("--config=configs/imgfeatalign.py:smoke", f"--workdir={tmp_path}",
-                 "--config.train.steps=many")
+  result = _main(
+    "--config=configs/imgfeatalign.py:smoke", f"--workdir={tmp_path}", "--config.train.steps=many"
+  )
   assert result.returncode != 0
   assert "train.steps" in result.stderr
 
@@ -104,6 +112,7 @@ def test_help_lists_flags():
 
 def test_pretraining_stage_trains_once_and_links(tmp_path, monkeypatch):
   from mammojax.train import stages
+
   config = _smoke(tmp_path)
   workdir = str(tmp_path / "run")
   calls = []

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from image_files import PHI, phantom, write_dicom, write_nifti, write_png
+
 from mammojax import ingest
 from mammojax.data import longitudinal, mil_csv, records, sequence_csv, tabular, volume_csv
 from mammojax.data.mammo_preprocess import MammoPreprocessConfig
@@ -29,9 +29,19 @@ def _write_csv(path, rows, columns):
 
 
 def _row(patient, exam, side, year, ttc="", followup=3, density="2", ctype="", **extra):
-  return dict(patient_id=patient, exam_id=exam, ImageLaterality=side, view="CC",
-              study_date_year=year, Time_to_Cancer_Years=ttc, years_last_followup=followup,
-              density=density, cancer_type=ctype, race="x", **extra)
+  return dict(
+    patient_id=patient,
+    exam_id=exam,
+    ImageLaterality=side,
+    view="CC",
+    study_date_year=year,
+    Time_to_Cancer_Years=ttc,
+    years_last_followup=followup,
+    density=density,
+    cancer_type=ctype,
+    race="x",
+    **extra,
+  )
 
 
 @pytest.fixture
@@ -40,10 +50,15 @@ def cohort(tmp_path):
   images = tmp_path / "images"
   images.mkdir()
   rows = []
-  specs = [("P1", "e1", "L", 2018, "4", 6), ("P1", "e2", "L", 2020, "2", 4),
-           ("P1", "e3", "R", 2020, "2", 4), ("P2", "e4", "L", 2021, "", 3),
-           ("P3", "e5", "R", 2017, "", 7), ("P3", "e6", "R", 2019, "", 5),
-           ("P3", "e7", "R", 2021, "", 3)]
+  specs = [
+    ("P1", "e1", "L", 2018, "4", 6),
+    ("P1", "e2", "L", 2020, "2", 4),
+    ("P1", "e3", "R", 2020, "2", 4),
+    ("P2", "e4", "L", 2021, "", 3),
+    ("P3", "e5", "R", 2017, "", 7),
+    ("P3", "e6", "R", 2019, "", 5),
+    ("P3", "e7", "R", 2021, "", 3),
+  ]
   for i, (patient, exam, side, year, ttc, followup) in enumerate(specs):
     name = f"{exam}_{side}.png"
     if exam == "e6":
@@ -58,7 +73,8 @@ def cohort(tmp_path):
 
 def _plan(csv_path, images, **kw):
   options = longitudinal.LongitudinalOptions(
-      preprocess=SIZE, fractions=(("train", 0.5), ("test", 0.5)), **kw)
+    preprocess=SIZE, fractions=(("train", 0.5), ("test", 0.5)), **kw
+  )
   return longitudinal.plan(csv_path, images, options, salt="s3cret")
 
 
@@ -68,9 +84,11 @@ def _read_all(directory):
   for split in manifest["splits"]:
     for path in records.shard_paths(directory, split):
       from array_record.python import array_record_module
+
       reader = array_record_module.ArrayRecordReader(path)
       out.setdefault(split, []).extend(
-          records.decode_example(reader.read([i])[0]) for i in range(reader.num_records()))
+        records.decode_example(reader.read([i])[0]) for i in range(reader.num_records())
+      )
       reader.close()
   return manifest, out
 
@@ -164,12 +182,13 @@ def test_resume_after_kill_gives_identical_bytes(cohort, tmp_path):
 def test_parallel_workers_match_serial(cohort, tmp_path):
   serial, parallel = str(tmp_path / "a"), str(tmp_path / "b")
   ingest.write_dataset(_plan(*cohort), serial, fingerprint="f", records_per_shard=3)
-  ingest.write_dataset(_plan(*cohort), parallel, fingerprint="f", records_per_shard=3,
-                       workers=2)
+  ingest.write_dataset(_plan(*cohort), parallel, fingerprint="f", records_per_shard=3, workers=2)
   for name in os.listdir(serial):
     if name.endswith(".array_record") or name == "manifest.json":
-      assert open(os.path.join(serial, name), "rb").read() == \
-          open(os.path.join(parallel, name), "rb").read()
+      assert (
+        open(os.path.join(serial, name), "rb").read()
+        == open(os.path.join(parallel, name), "rb").read()
+      )
 
 
 def test_missing_column_is_named(tmp_path):
@@ -182,8 +201,10 @@ def test_missing_column_is_named(tmp_path):
 def test_negative_time_gap_is_explained(tmp_path):
   write_png(str(tmp_path / "a.png"), phantom(seed=1))
   write_png(str(tmp_path / "b.png"), phantom(seed=2))
-  rows = [_row("P", "e1", "L", 2020, image_path="a.png", prior_exam_id=""),
-          _row("P", "e2", "L", 2018, image_path="b.png", prior_exam_id="e1")]
+  rows = [
+    _row("P", "e1", "L", 2020, image_path="a.png", prior_exam_id=""),
+    _row("P", "e2", "L", 2018, image_path="b.png", prior_exam_id="e1"),
+  ]
   _write_csv(tmp_path / "meta.csv", rows, COLUMNS + ["image_path", "prior_exam_id"])
   with pytest.raises(ValueError, match=r"line 3 \(patient [0-9a-f]{12}\).*negative time gap.*fix"):
     _plan(str(tmp_path / "meta.csv"), str(tmp_path))
@@ -194,9 +215,11 @@ def test_filename_convention(tmp_path):
   (root / "sub").mkdir(parents=True)
   write_png(str(root / "sub" / "77_L_CC_2019-03-02_0001.png"), phantom(seed=3))
   write_png(str(root / "77_L_CC_2021-05-06_0002.png"), phantom(seed=4))
-  rows = [_row("77", "a", "L", 2019, study_date="2019-03-02"),
-          _row("77", "b", "L", 2021, study_date="2021-05-06"),
-          _row("77", "c", "L", 2022, study_date="2022-01-01")]
+  rows = [
+    _row("77", "a", "L", 2019, study_date="2019-03-02"),
+    _row("77", "b", "L", 2021, study_date="2021-05-06"),
+    _row("77", "c", "L", 2022, study_date="2022-01-01"),
+  ]
   _write_csv(tmp_path / "m.csv", rows, COLUMNS + ["study_date"])
   plan = _plan(str(tmp_path / "m.csv"), str(root))
   items = [i for s in plan.splits.values() for i in s]
@@ -210,19 +233,29 @@ def test_filename_convention(tmp_path):
 def test_cli_privacy_exit_code_and_logs(tmp_path):
   images = tmp_path / "images"
   images.mkdir()
-  write_dicom(str(images / "cur.dcm"), phantom(40, 32, "R", seed=5), laterality="R",
-              compress="rle")
-  write_dicom(str(images / "pri.dcm"), phantom(40, 32, "R", seed=6), laterality="R",
-              photometric="MONOCHROME2")
+  write_dicom(str(images / "cur.dcm"), phantom(40, 32, "R", seed=5), laterality="R", compress="rle")
+  write_dicom(
+    str(images / "pri.dcm"), phantom(40, 32, "R", seed=6), laterality="R", photometric="MONOCHROME2"
+  )
   (images / "bad.dcm").write_bytes(b"\x00" * 200)
-  rows = [_row("MRN-555-0199", "x1", "R", 2019, image_path="pri.dcm"),
-          _row("MRN-555-0199", "x2", "R", 2021, image_path="cur.dcm"),
-          _row("Q", "x3", "L", 2021, image_path="bad.dcm")]
+  rows = [
+    _row("MRN-555-0199", "x1", "R", 2019, image_path="pri.dcm"),
+    _row("MRN-555-0199", "x2", "R", 2021, image_path="cur.dcm"),
+    _row("Q", "x3", "L", 2021, image_path="bad.dcm"),
+  ]
   _write_csv(tmp_path / "m.csv", rows, COLUMNS + ["image_path"])
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "mammojax.ingest", f"--csv={tmp_path / 'm.csv'}",
-         f"--images={images}", f"--out={out}", "--size=32x24", "--split=train=1.0",
-         "--keep_columns=race"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mammojax.ingest",
+    f"--csv={tmp_path / 'm.csv'}",
+    f"--images={images}",
+    f"--out={out}",
+    "--size=32x24",
+    "--split=train=1.0",
+    "--keep_columns=race",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   proc = subprocess.run(cmd, capture_output=True, env=env, cwd=REPO, timeout=300)
   logs = proc.stdout + proc.stderr
@@ -236,17 +269,30 @@ def test_cli_privacy_exit_code_and_logs(tmp_path):
   secrets_ = [re.escape(v.encode()) for v in PHI.values()]
   secrets_ += [b"Doe", b"Janet", rb"(?<![0-9])1958(?![0-9])", b"free text"]
   blobs = {"logs": logs}
-  blobs.update({os.path.join(d, n): open(os.path.join(d, n), "rb").read()
-                for d, _, files in os.walk(out) for n in files})
+  blobs.update(
+    {
+      os.path.join(d, n): open(os.path.join(d, n), "rb").read()
+      for d, _, files in os.walk(out)
+      for n in files
+    }
+  )
   for secret in secrets_:
-    found = [(name, match.group(0), blob[max(0, match.start() - 40):match.end() + 40])
-             for name, blob in blobs.items() for match in [re.search(secret, blob)] if match]
+    found = [
+      (name, match.group(0), blob[max(0, match.start() - 40) : match.end() + 40])
+      for name, blob in blobs.items()
+      for match in [re.search(secret, blob)]
+      if match
+    ]
     assert not found, (secret, found)
   # A bad CSV is exit code 2 and writes no manifest.
   _write_csv(tmp_path / "bad.csv", rows, COLUMNS[:-1] + ["image_path"])
-  proc = subprocess.run(cmd[:3] + [f"--csv={tmp_path / 'bad.csv'}", f"--images={images}",
-                                  f"--out={tmp_path / 'o2'}"],
-                        capture_output=True, env=env, cwd=REPO, timeout=300)
+  proc = subprocess.run(
+    cmd[:3] + [f"--csv={tmp_path / 'bad.csv'}", f"--images={images}", f"--out={tmp_path / 'o2'}"],
+    capture_output=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
   assert proc.returncode == ingest.EXIT_BAD_INPUT
   assert b"'race'" in proc.stderr
   assert not (tmp_path / "o2").exists()
@@ -257,15 +303,36 @@ def test_mil_csv_labels_and_boxes(tmp_path):
   image = phantom(48, 40, "R", label=False, seed=7)
   image[10:20, 22:30] = 65535  # A bright lesion exactly inside the annotated box.
   write_png(str(tmp_path / "p1" / "img1.png"), image)
-  rows = [dict(patient_id="p1", image_id="img1", laterality="R", view="MLO",
-               finding_categories="['Mass']", xmin=22, ymin=10, xmax=30, ymax=20,
-               split="training"),
-          dict(patient_id="p1", image_id="img1", laterality="R", view="MLO",
-               finding_categories="['Suspicious Calcification']", xmin="", ymin="", xmax="",
-               ymax="", split="training")]
+  rows = [
+    dict(
+      patient_id="p1",
+      image_id="img1",
+      laterality="R",
+      view="MLO",
+      finding_categories="['Mass']",
+      xmin=22,
+      ymin=10,
+      xmax=30,
+      ymax=20,
+      split="training",
+    ),
+    dict(
+      patient_id="p1",
+      image_id="img1",
+      laterality="R",
+      view="MLO",
+      finding_categories="['Suspicious Calcification']",
+      xmin="",
+      ymin="",
+      xmax="",
+      ymax="",
+      split="training",
+    ),
+  ]
   _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
-  plan = mil_csv.plan(str(tmp_path / "m.csv"), str(tmp_path),
-                      mil_csv.MilOptions(preprocess=SIZE), salt="s")
+  plan = mil_csv.plan(
+    str(tmp_path / "m.csv"), str(tmp_path), mil_csv.MilOptions(preprocess=SIZE), salt="s"
+  )
   (item,) = plan.splits["train"]
   record = item.build()
   np.testing.assert_array_equal(record["labels"], [1, 1])
@@ -281,13 +348,16 @@ def test_mil_csv_labels_and_boxes(tmp_path):
 def test_sequence_csv_windows(tmp_path):
   for i in range(3):
     write_png(str(tmp_path / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
-  rows = [dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
-          for i in range(3)]
+  rows = [
+    dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
+    for i in range(3)
+  ]
   _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
-  options = sequence_csv.SequenceOptions(max_length=2, fractions=(("train", 1.0),),
-                                         preprocess=MammoPreprocessConfig(
-                                             height=16, width=16, orientation="none",
-                                             crop=False))
+  options = sequence_csv.SequenceOptions(
+    max_length=2,
+    fractions=(("train", 1.0),),
+    preprocess=MammoPreprocessConfig(height=16, width=16, orientation="none", crop=False),
+  )
   plan = sequence_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
   items = plan.splits["train"]
   assert [int(i.fields["length"]) for i in items] == [1, 2, 2]
@@ -301,8 +371,10 @@ def test_volume_csv_contrasts_and_mask(tmp_path):
   vol[2:8, 1:7, 1:5] = np.random.default_rng(0).uniform(1, 2, (6, 6, 4))
   write_nifti(str(tmp_path / "t1.nii.gz"), vol, spacing=(1.0, 1.0, 2.0))
   write_nifti(str(tmp_path / "seg.nii.gz"), (vol > 1.5).astype(np.float32), (1.0, 1.0, 2.0))
-  rows = [dict(subject="s1", T1="t1.nii.gz", T2="", mask="seg.nii.gz"),
-          dict(subject="s2", T1="absent.nii.gz", T2="", mask="")]
+  rows = [
+    dict(subject="s1", T1="t1.nii.gz", T2="", mask="seg.nii.gz"),
+    dict(subject="s2", T1="absent.nii.gz", T2="", mask=""),
+  ]
   _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
   options = volume_csv.VolumeOptions(size=(8, 8, 8), fractions=(("train", 1.0),))
   plan = volume_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
@@ -329,11 +401,13 @@ def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path
   """Real-format files -> ingest -> the same decoding and batching the ImgFeatAlign task uses."""
   from mammojax.data import pipeline
   from mammojax.data.longitudinal_pipeline import longitudinal_dataset
+
   out = str(tmp_path / "out")
   ingest.write_dataset(_plan(*cohort), out, fingerprint="f", records_per_shard=2)
   examples = longitudinal_dataset(out, "train")
-  batch = next(pipeline.eval_batches(examples, global_batch_size=2, process_index=0,
-                                     process_count=1))
+  batch = next(
+    pipeline.eval_batches(examples, global_batch_size=2, process_index=0, process_count=1)
+  )
   assert batch["current_image"].shape == (2, 32, 24, 1)
   assert batch["current_image"].dtype == np.float32
   assert batch["previous_image"].shape == (2, 32, 24, 1)
@@ -342,20 +416,26 @@ def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path
   for i in range(2):
     if not batch["has_prior"][i]:
       assert not batch["y_mask_prior"][i].any() and not batch["previous_image"][i].any()
-  train = pipeline.train_iterator(examples, seed=0, global_batch_size=2, process_index=0,
-                                  process_count=1)
+  train = pipeline.train_iterator(
+    examples, seed=0, global_batch_size=2, process_index=0, process_count=1
+  )
   assert next(train)["current_image"].shape == (2, 32, 24, 1)
 
 
 def test_sequence_pipeline_pads_to_a_fixed_length(tmp_path):
   from mammojax.data.sequence_pipeline import sequence_dataset
+
   for i in range(3):
     write_png(str(tmp_path / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
-  rows = [dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
-          for i in range(3)]
+  rows = [
+    dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
+    for i in range(3)
+  ]
   _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
-  options = sequence_csv.SequenceOptions(fractions=(("train", 1.0),), preprocess=MammoPreprocessConfig(
-      height=16, width=16, orientation="none", crop=False))
+  options = sequence_csv.SequenceOptions(
+    fractions=(("train", 1.0),),
+    preprocess=MammoPreprocessConfig(height=16, width=16, orientation="none", crop=False),
+  )
   plan = sequence_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
   out = str(tmp_path / "out")
   ingest.write_dataset(plan, out, fingerprint="f", records_per_shard=8)

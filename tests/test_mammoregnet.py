@@ -10,8 +10,12 @@ import pytest
 
 from mammojax.convert.mammoregnet import import_mammoregnet
 from mammojax.convert.torch_files import load_torch_state_dict, unwrap_state_dict
-from mammojax.models.registration.mammoregnet import (AffineHead, DeformHead, MammoRegNet,
-                                                     affine_params_to_flow)
+from mammojax.models.registration.mammoregnet import (
+  AffineHead,
+  DeformHead,
+  MammoRegNet,
+  affine_params_to_flow,
+)
 from mammojax.nn import swin
 
 SMALL = dict(enc_channels=2, dec_channels=8, num_layers=2)  # Small widths, whole heads.
@@ -22,24 +26,29 @@ small_apply = jax.jit(SMALL_MODEL.apply)
 
 def _images(batch, height, width, dtype=np.float32, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.random((batch, height, width, 1)).astype(dtype),
-          rng.random((batch, height, width, 1)).astype(dtype))
+  return (
+    rng.random((batch, height, width, 1)).astype(dtype),
+    rng.random((batch, height, width, 1)).astype(dtype),
+  )
 
 
 def _random_params(seed=0, scale=0.1):
   """Random variables for SMALL_MODEL without compiling its init (slow on a busy CPU)."""
   fixed, moving = _images(1, 16, 16)
-  abstract = flax.linen.meta.unbox(jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed,
-                                                  moving))
+  abstract = flax.linen.meta.unbox(
+    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed, moving)
+  )
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
-      lambda a: (scale * rng.standard_normal(a.shape)).astype(a.dtype), abstract)
+    lambda a: (scale * rng.standard_normal(a.shape)).astype(a.dtype), abstract
+  )
 
 
 def _torch_model(seed=0, head_std=0.02, **hparams):
   """Random torch weights; heads and position biases enlarged so they matter numerically."""
   torch = pytest.importorskip("torch")
   from torch_refs.mammoregnet_torch import MammoRegNetTorch
+
   torch.manual_seed(seed)
   model = MammoRegNetTorch(**hparams).eval()
   with torch.no_grad():
@@ -53,12 +62,17 @@ def _torch_model(seed=0, head_std=0.02, **hparams):
 
 def _torch_outputs(model, fixed, moving):
   import torch
+
   to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   with torch.no_grad():
     warped, flow, affine_warped, affine_params = model(to_torch(fixed), to_torch(moving))
   channels_last = lambda t: t.numpy().transpose(0, 2, 3, 1)
-  return {"warped": channels_last(warped), "flow": channels_last(flow),
-          "affine_warped": channels_last(affine_warped), "affine_params": affine_params.numpy()}
+  return {
+    "warped": channels_last(warped),
+    "flow": channels_last(flow),
+    "affine_warped": channels_last(affine_warped),
+    "affine_params": affine_params.numpy(),
+  }
 
 
 def _state_dict(model):
@@ -77,8 +91,10 @@ def test_output_shapes():
 
 def test_zero_heads_give_identity():
   flat = flax.traverse_util.flatten_dict(_random_params())
-  zeroed = {k: (np.zeros_like(v) if any(p.startswith("reghead_") for p in k) else v)
-            for k, v in flat.items()}
+  zeroed = {
+    k: (np.zeros_like(v) if any(p.startswith("reghead_") for p in k) else v)
+    for k, v in flat.items()
+  }
   fixed, moving = _images(2, 32, 32)
   out = small_apply(flax.traverse_util.unflatten_dict(zeroed), fixed, moving)
   np.testing.assert_allclose(out["affine_params"], 0.0, atol=1e-7)
@@ -201,8 +217,16 @@ def test_wrong_channels_and_shapes_are_clear_errors():
 def test_load_torch_state_dict_roundtrip(tmp_path):
   torch = pytest.importorskip("torch")
   path = str(tmp_path / "ckpt.pt")
-  torch.save({"model": {"module.a.weight": torch.ones(2, 3, dtype=torch.bfloat16),
-                        "module.b": torch.arange(4)}, "epoch": 1}, path)
+  torch.save(
+    {
+      "model": {
+        "module.a.weight": torch.ones(2, 3, dtype=torch.bfloat16),
+        "module.b": torch.arange(4),
+      },
+      "epoch": 1,
+    },
+    path,
+  )
   state = load_torch_state_dict(path)
   assert sorted(state) == ["a.weight", "b"]
   assert state["a.weight"].dtype == np.float32 and state["a.weight"].shape == (2, 3)

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
 from image_files import phantom, write_dicom, write_nifti, write_png
+
 from mammojax.data import readers
-from mammojax.data.mammo_preprocess import (MammoPreprocessConfig, breast_mask,
-                                            preprocess_mammogram)
+from mammojax.data.mammo_preprocess import MammoPreprocessConfig, breast_mask, preprocess_mammogram
 
 
 @pytest.fixture
@@ -71,12 +70,15 @@ def test_nifti_axes_and_spacing(tmp_path):
   assert readers.read_nifti(str(tmp_path / "t.nii")).voxels.shape == (3, 4, 5)
 
 
-@pytest.mark.parametrize("name,content,reason", [
+@pytest.mark.parametrize(
+  "name,content,reason",
+  [
     ("bad.dcm", b"\x00" * 300, "not a readable DICOM"),
     ("bad.png", b"\x89PNG\r\n\x1a\ngarbage", "cannot decode PNG"),
     ("bad.nii.gz", b"garbage", "cannot read NIfTI"),
     ("bad.jpg", b"x", "unknown image format"),
-])
+  ],
+)
 def test_errors_name_file_and_reason(tmp_path, name, content, reason):
   path = tmp_path / name
   path.write_bytes(content)
@@ -90,6 +92,7 @@ def test_errors_name_file_and_reason(tmp_path, name, content, reason):
 
 def test_dicom_without_pixels(tmp_path, image):
   import pydicom
+
   path = str(tmp_path / "a.dcm")
   write_dicom(path, image)
   ds = pydicom.dcmread(path)
@@ -116,9 +119,11 @@ def test_preprocess_orientation_crop_and_padding():
     assert out[:, :2].astype(float).mean() > out[:, -2:].astype(float).mean()
     assert not out[:, -3:].any()
     assert out.max() > 60000  # intensities stretched to the uint16 range
-  auto, geo = preprocess_mammogram(phantom(40, 32, "R").astype(np.float32), None,
-                                   MammoPreprocessConfig(height=32, width=32,
-                                                         orientation="auto"))
+  auto, geo = preprocess_mammogram(
+    phantom(40, 32, "R").astype(np.float32),
+    None,
+    MammoPreprocessConfig(height=32, width=32, orientation="auto"),
+  )
   assert geo.flipped
   np.testing.assert_array_equal(auto, right)
   # Aspect ratio kept: the crop (about 34 x 23) is scaled by one factor.
@@ -141,6 +146,7 @@ def test_preprocess_errors():
 
 def test_geometry_maps_boxes_through_mirror():
   from mammojax.data.mammo_preprocess import Geometry
+
   geo = Geometry(crop=(10, 20, 50, 60), flipped=True, scale=0.5, offset=(3, 0))
   box = geo.map_boxes(np.array([[25, 15, 35, 25]]))
   # x: crop-relative 5..15 of width 40 -> mirrored 25..35 -> *0.5; y: 5..15 -> *0.5 + 3.

@@ -33,9 +33,23 @@ def test_png_translation_is_recovered_with_outputs(tmp_path, capsys):
   _write_png(tmp_path / "fixed.png", fixed)
   _write_png(tmp_path / "moving.png", moving)
   out = tmp_path / "out"
-  summary = register.main(["--fixed", str(tmp_path / "fixed.png"), "--moving",
-                           str(tmp_path / "moving.png"), "--out", str(out), "--steps", "80",
-                           "--similarity", "ssd", "--lambda", "0.1", "--no_progress"])
+  summary = register.main(
+    [
+      "--fixed",
+      str(tmp_path / "fixed.png"),
+      "--moving",
+      str(tmp_path / "moving.png"),
+      "--out",
+      str(out),
+      "--steps",
+      "80",
+      "--similarity",
+      "ssd",
+      "--lambda",
+      "0.1",
+      "--no_progress",
+    ]
+  )
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed == summary
   assert summary["similarity_after"] < 0.2 * summary["similarity_before"]
@@ -56,19 +70,36 @@ def test_nifti_volume_registration_writes_nifti(tmp_path, similarity):
   affine = np.array([[1.0, 0, 0, -40.5], [0, 1.0, 0, 12.0], [0, 0, 2.0, 7.25], [0, 0, 0, 1]])
   for name, volume in (("fixed", fixed), ("moving", moving)):
     # read_nifti returns (z, y, x); store (x, y, z) so the arrays round-trip.
-    nib.save(nib.Nifti1Image(np.moveaxis(volume, (0, 1, 2), (2, 1, 0)).astype(np.float32),
-                             affine), tmp_path / f"{name}.nii.gz")
+    nib.save(
+      nib.Nifti1Image(np.moveaxis(volume, (0, 1, 2), (2, 1, 0)).astype(np.float32), affine),
+      tmp_path / f"{name}.nii.gz",
+    )
   out = tmp_path / "out"
-  summary = register.main(["--fixed", str(tmp_path / "fixed.nii.gz"), "--moving",
-                           str(tmp_path / "moving.nii.gz"), "--out", str(out), "--steps", "30",
-                           "--similarity", similarity, "--sigma", "1.5", "--no_progress"])
+  summary = register.main(
+    [
+      "--fixed",
+      str(tmp_path / "fixed.nii.gz"),
+      "--moving",
+      str(tmp_path / "moving.nii.gz"),
+      "--out",
+      str(out),
+      "--steps",
+      "30",
+      "--similarity",
+      similarity,
+      "--sigma",
+      "1.5",
+      "--no_progress",
+    ]
+  )
   assert summary["similarity_after"] < summary["similarity_before"]
   displacement = np.load(out / "displacement.npy")
   assert displacement.shape == (10, 12, 11, 3)
   field = nib.load(out / "displacement.nii.gz")
   assert field.shape == (11, 12, 10, 3)
-  np.testing.assert_allclose(np.asarray(field.dataobj)[..., 0],
-                             np.moveaxis(displacement[..., 2], (0, 1, 2), (2, 1, 0)))
+  np.testing.assert_allclose(
+    np.asarray(field.dataobj)[..., 0], np.moveaxis(displacement[..., 2], (0, 1, 2), (2, 1, 0))
+  )
   assert nib.load(out / "warped.nii.gz").shape == (11, 12, 10)
   for name in ("warped.nii.gz", "displacement.nii.gz"):
     np.testing.assert_allclose(nib.load(out / name).affine, affine)
@@ -80,33 +111,68 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
   nib.save(nib.Nifti1Image(_blobs((6, 6, 6)).astype(np.float32), np.eye(4)), tmp_path / "v.nii")
   (tmp_path / "broken.png").write_bytes(b"not a png")
   nib.save(nib.Nifti1Image(_blobs((6, 6, 1)).astype(np.float32), np.eye(4)), tmp_path / "s.nii")
-  cases = {"v.nii": "2D", "small.png": "resample", "broken.png": "cannot decode PNG",
-           "missing.png": "does not exist"}
+  cases = {
+    "v.nii": "2D",
+    "small.png": "resample",
+    "broken.png": "cannot decode PNG",
+    "missing.png": "does not exist",
+  }
   for moving, message in cases.items():
     with pytest.raises(SystemExit) as exit_info:
-      register.main(["--fixed", str(tmp_path / "a.png"), "--moving", str(tmp_path / moving),
-                     "--out", str(tmp_path / "out"), "--no_progress"])
+      register.main(
+        [
+          "--fixed",
+          str(tmp_path / "a.png"),
+          "--moving",
+          str(tmp_path / moving),
+          "--out",
+          str(tmp_path / "out"),
+          "--no_progress",
+        ]
+      )
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_info:
-    register.main(["--fixed", str(tmp_path / "s.nii"), "--moving", str(tmp_path / "s.nii"),
-                   "--out", str(tmp_path / "out"), "--no_progress"])
+    register.main(
+      [
+        "--fixed",
+        str(tmp_path / "s.nii"),
+        "--moving",
+        str(tmp_path / "s.nii"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no_progress",
+      ]
+    )
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert "s.nii" in err and "single slice" in err
   with pytest.raises(SystemExit):
-    register.main(["--fixed", str(tmp_path / "a.png"), "--moving", str(tmp_path / "a.png"),
-                   "--out", str(tmp_path / "out"), "--model", str(tmp_path)])
+    register.main(
+      [
+        "--fixed",
+        str(tmp_path / "a.png"),
+        "--moving",
+        str(tmp_path / "a.png"),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(tmp_path),
+      ]
+    )
   assert "neither config.json" in capsys.readouterr().err
 
 
 def test_starting_from_a_trained_digits_run(tmp_path):
   import importlib.util
+
   from mammojax import tasks
   from mammojax.train.trainer import train_and_evaluate
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("digits_config",
-                                                os.path.join(root, "configs", "icon_digits.py"))
+  spec = importlib.util.spec_from_file_location(
+    "digits_config", os.path.join(root, "configs", "icon_digits.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
@@ -114,12 +180,25 @@ def test_starting_from_a_trained_digits_run(tmp_path):
   run = tmp_path / "run"
   train_and_evaluate(config, str(run), tasks.build_task(config), show_progress=False)
   fixed, moving = _blobs((16, 16)), np.roll(_blobs((16, 16)), 1, axis=0)
-  field = register.predict_displacement(str(run), fixed.astype(np.float32),
-                                        moving.astype(np.float32))
+  field = register.predict_displacement(
+    str(run), fixed.astype(np.float32), moving.astype(np.float32)
+  )
   assert field.shape == (16, 16, 2) and np.abs(field).max() > 0
   _write_png(tmp_path / "f.png", fixed)
   _write_png(tmp_path / "m.png", moving)
-  register.main(["--fixed", str(tmp_path / "f.png"), "--moving", str(tmp_path / "m.png"),
-                 "--out", str(tmp_path / "out"), "--model", str(run), "--steps", "0",
-                 "--no_progress"])
+  register.main(
+    [
+      "--fixed",
+      str(tmp_path / "f.png"),
+      "--moving",
+      str(tmp_path / "m.png"),
+      "--out",
+      str(tmp_path / "out"),
+      "--model",
+      str(run),
+      "--steps",
+      "0",
+      "--no_progress",
+    ]
+  )
   np.testing.assert_allclose(np.load(tmp_path / "out" / "displacement.npy"), field, atol=1e-3)

@@ -75,14 +75,16 @@ def test_icon_zero_for_exact_inverses():
   u_ba = -u_ab
   key = jax.random.key(3)
   np.testing.assert_allclose(L.inverse_consistency(u_ab, u_ba, key, (10, 11)), 0.0, atol=1e-10)
-  np.testing.assert_allclose(L.gradient_inverse_consistency(u_ab, u_ba, key, (10, 11)), 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    L.gradient_inverse_consistency(u_ab, u_ba, key, (10, 11)), 0.0, atol=1e-6
+  )
   # Not inverse: a known constant error of |2 * shift|^2 per point (on average per component).
   value = L.inverse_consistency(u_ab, u_ab, key, (10, 11))
   np.testing.assert_allclose(value, 2 * jnp.mean(jnp.square(2 * shift)), rtol=1e-5)
   # Translation-only composition has zero Jacobian error even when not inverse.
-  np.testing.assert_allclose(L.gradient_inverse_consistency(u_ab, u_ab, key, (10, 11)), 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    L.gradient_inverse_consistency(u_ab, u_ab, key, (10, 11)), 0.0, atol=1e-6
+  )
   # ICON units: the same error scaled by 1 / (N - 1) per axis.
   unit = L.inverse_consistency(u_ab, u_ab, key, (10, 11), spacing=W.unit_spacing((10, 11)))
   np.testing.assert_allclose(unit, (2.5 / 9) ** 2 + (1.5 / 10) ** 2, rtol=1e-5)
@@ -93,12 +95,14 @@ def test_gradicon_detects_non_inverse_scaling():
   u_ab = (0.2 * (grid - 5.5))[None]  # phi_ab = scale by 1.2 about the centre
   u_ba = jnp.zeros_like(u_ab)
   # Jacobian of x - phi_ab(x) is -0.2 I: squared Frobenius 0.04 per axis.
-  value = L.gradient_inverse_consistency(u_ab, u_ba, jax.random.key(0), (12, 12), noise=0.3,
-                                         delta=0.01)
+  value = L.gradient_inverse_consistency(
+    u_ab, u_ba, jax.random.key(0), (12, 12), noise=0.3, delta=0.01
+  )
   # Mean over the two components; border clamping flattens the field at a few jittered points.
   np.testing.assert_allclose(value, 2 * 0.04 / 2, rtol=0.12)
-  sparse = L.gradient_inverse_consistency(u_ab, u_ba, jax.random.key(0), (12, 12), noise=0.3,
-                                          stride=2)
+  sparse = L.gradient_inverse_consistency(
+    u_ab, u_ba, jax.random.key(0), (12, 12), noise=0.3, stride=2
+  )
   np.testing.assert_allclose(sparse, value, rtol=0.15)
 
 
@@ -108,23 +112,29 @@ def test_loss_wrappers_return_their_parts():
   u_ab = 0.5 * jax.random.normal(keys[2], (2, 12, 12, 2))
   u_ba = -u_ab
   for fn in (L.icon_loss, L.gradicon_loss):
-    parts = jax.jit(functools.partial(fn, lmbda=2.0))(moving, fixed, u_ab, u_ba,
-                                                      jax.random.key(5))
-    assert set(parts) == {"loss", "similarity", "inverse_consistency", "transform_magnitude",
-                          "folds"}
-    np.testing.assert_allclose(parts["loss"],
-                               parts["similarity"] + 2.0 * parts["inverse_consistency"],
-                               rtol=1e-6)
-    np.testing.assert_allclose(parts["transform_magnitude"], jnp.mean(u_ab ** 2), rtol=1e-6)
+    parts = jax.jit(functools.partial(fn, lmbda=2.0))(moving, fixed, u_ab, u_ba, jax.random.key(5))
+    assert set(parts) == {
+      "loss",
+      "similarity",
+      "inverse_consistency",
+      "transform_magnitude",
+      "folds",
+    }
+    np.testing.assert_allclose(
+      parts["loss"], parts["similarity"] + 2.0 * parts["inverse_consistency"], rtol=1e-6
+    )
+    np.testing.assert_allclose(parts["transform_magnitude"], jnp.mean(u_ab**2), rtol=1e-6)
   sparse = jax.jit(functools.partial(L.gradicon_loss, lmbda=2.0, sparse=True))(
-      moving, fixed, u_ab, u_ba, jax.random.key(5))
+    moving, fixed, u_ab, u_ba, jax.random.key(5)
+  )
   assert jnp.isfinite(sparse["loss"])
   parts = L.regularized_loss(moving, fixed, jnp.zeros_like(u_ab), lmbda=0.05)
   np.testing.assert_allclose(parts["similarity"], 2 * L.ssd_loss(moving, fixed), rtol=1e-6)
   np.testing.assert_allclose(parts["regularity"], 0.0)
   np.testing.assert_allclose(parts["folds"], 0.0)
-  grads = jax.jit(jax.grad(lambda u: L.icon_loss(moving, fixed, u, u_ba, jax.random.key(5),
-                                         lmbda=1.0)["loss"]))(u_ab)
+  grads = jax.jit(
+    jax.grad(lambda u: L.icon_loss(moving, fixed, u, u_ba, jax.random.key(5), lmbda=1.0)["loss"])
+  )(u_ab)
   assert grads.shape == u_ab.shape and bool(jnp.all(jnp.isfinite(grads)))
 
 
@@ -133,8 +143,9 @@ def test_loss_wrappers_accept_transforms():
   u = jnp.broadcast_to(jnp.array([0.5, 1.0]), (2, 12, 12, 2))
   phi = lambda x: x + jnp.array([0.5, 1.0])  # noqa: E731
   from_field = L.icon_loss(moving, fixed, u, -u, jax.random.key(0), lmbda=1.0)
-  from_fn = L.icon_loss(moving, fixed, phi, lambda x: x - jnp.array([0.5, 1.0]),
-                        jax.random.key(0), lmbda=1.0)
+  from_fn = L.icon_loss(
+    moving, fixed, phi, lambda x: x - jnp.array([0.5, 1.0]), jax.random.key(0), lmbda=1.0
+  )
   for name in from_field:
     np.testing.assert_allclose(from_fn[name], from_field[name], atol=1e-6)
 
@@ -158,8 +169,7 @@ def test_mammoregnet_loss_matches_reference_formulas():
   # The reference's determinant treats channel 0 as x (columns).
   ref_det = (1 + dc[..., 0]) * (1 + dr[..., 1]) - dc[..., 1] * dr[..., 0]
   ref = L.mammoregnet_loss(fixed, warped, affine, flow, reference_jacobian=True)
-  np.testing.assert_allclose(ref["negative_jacobian"], np.sum(np.maximum(-ref_det, 0)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(ref["negative_jacobian"], np.sum(np.maximum(-ref_det, 0)), rtol=1e-5)
   # A constant image has undefined correlation: the reference maps NaN to 0.
   np.testing.assert_allclose(L.mammoregnet_ncc(jnp.ones((1, 4, 4, 1)), fixed[:1, :4, :4]), 0.0)
 
@@ -170,8 +180,13 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="displacement"):
     L.diffusion_regularity(jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="regularizer"):
-    L.regularized_loss(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 4, 1)),
-                       jnp.zeros((1, 4, 4, 2)), lmbda=1.0, regularizer="tv")
+    L.regularized_loss(
+      jnp.zeros((1, 4, 4, 1)),
+      jnp.zeros((1, 4, 4, 1)),
+      jnp.zeros((1, 4, 4, 2)),
+      lmbda=1.0,
+      regularizer="tv",
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 20, 18, 1), (1, 10, 9, 8, 1)])

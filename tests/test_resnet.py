@@ -34,8 +34,9 @@ def _mirai_snapshot_state(model):
 def test_structure_and_shapes():
   model = MiraiResNet18(base_width=WIDTH)
   images = jnp.zeros((1, 70, 50, 1))
-  variables = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), images,
-                                                            use_running_average=True)))
+  variables = nn.meta.unbox(
+    jax.eval_shape(lambda: model.init(jax.random.key(0), images, use_running_average=True))
+  )
   params = variables["params"]
   projected = sorted(name for name, block in params.items() if "downsample_conv" in block)
   assert projected == ["layer2_0", "layer3_0", "layer4_0"]
@@ -47,8 +48,9 @@ def test_structure_and_shapes():
 
 def test_bad_input_is_named():
   with pytest.raises(ValueError, match=r"\[B, H, W, 1 or 3\]"):
-    MiraiResNet18(base_width=WIDTH).init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)),
-                                         use_running_average=True)
+    MiraiResNet18(base_width=WIDTH).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 2)), use_running_average=True
+    )
 
 
 def test_eval_parity_with_torch_from_mirai_layout():
@@ -61,10 +63,10 @@ def test_eval_parity_with_torch_from_mirai_layout():
   gray = rng.normal(size=(2, 1, 96, 64)).astype(np.float32)
   with torch.no_grad():
     expected = model_t(torch.from_numpy(gray).expand(-1, 3, -1, -1)).numpy()
-  ours = MiraiResNet18(base_width=WIDTH).apply(variables, jnp.asarray(gray.transpose(0, 2, 3, 1)),
-                                               use_running_average=True)
-  np.testing.assert_allclose(np.asarray(ours), expected.transpose(0, 2, 3, 1), atol=1e-4,
-                             rtol=1e-4)
+  ours = MiraiResNet18(base_width=WIDTH).apply(
+    variables, jnp.asarray(gray.transpose(0, 2, 3, 1)), use_running_average=True
+  )
+  np.testing.assert_allclose(np.asarray(ours), expected.transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
 
 
 def test_train_mode_batch_norm_matches_torch():
@@ -75,14 +77,19 @@ def test_train_mode_batch_norm_matches_torch():
   with torch.no_grad():
     expected = model_t(torch.from_numpy(rgb)).numpy()
   ours, updated = MiraiResNet18(base_width=WIDTH).apply(
-      variables, jnp.asarray(rgb.transpose(0, 2, 3, 1)), use_running_average=False,
-      mutable=["batch_stats"])
-  np.testing.assert_allclose(np.asarray(ours), expected.transpose(0, 2, 3, 1), atol=1e-4,
-                             rtol=1e-4)
+    variables,
+    jnp.asarray(rgb.transpose(0, 2, 3, 1)),
+    use_running_average=False,
+    mutable=["batch_stats"],
+  )
+  np.testing.assert_allclose(np.asarray(ours), expected.transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
   # torch momentum 0.1 == flax momentum 0.9 (running means; torch's running var uses the
   # unbiased batch variance, flax the biased one, so only means are compared exactly).
-  np.testing.assert_allclose(np.asarray(updated["batch_stats"]["layer3_0"]["bn1"]["mean"]),
-                             model_t.layer3_0.bn1.running_mean.numpy(), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(updated["batch_stats"]["layer3_0"]["bn1"]["mean"]),
+    model_t.layer3_0.bn1.running_mean.numpy(),
+    atol=1e-5,
+  )
 
 
 def test_missing_backbone_key_is_named():

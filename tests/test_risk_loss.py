@@ -32,14 +32,19 @@ def test_empty_mask_gives_zero_and_finite_gradient():
 
 def test_head_weights_padding_and_shape_errors():
   rng = np.random.default_rng(0)
-  heads = {name: (jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
-                  jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32),
-                  jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32))
-           for name in ("fused", "cur", "pri", "extra")}
+  heads = {
+    name: (
+      jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+      jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32),
+      jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32),
+    )
+    for name in ("fused", "cur", "pri", "extra")
+  }
   total, per_head = risk_loss(heads)
   assert DEFAULT_HEAD_WEIGHTS == {"fused": 1.0, "cur": 0.2, "pri": 0.2}
-  expected = (per_head["fused"] + 0.2 * per_head["cur"] + 0.2 * per_head["pri"]
-              + per_head["extra"])  # unlisted heads weigh 1.0, as in BCRBench
+  expected = (
+    per_head["fused"] + 0.2 * per_head["cur"] + 0.2 * per_head["pri"] + per_head["extra"]
+  )  # unlisted heads weigh 1.0, as in BCRBench
   assert float(total) == pytest.approx(float(expected), rel=1e-6)
   total_w, _ = risk_loss(heads, {"fused": 2.0, "cur": 0.0, "pri": 0.0, "extra": 0.0})
   assert float(total_w) == pytest.approx(2 * float(per_head["fused"]), rel=1e-6)
@@ -60,9 +65,16 @@ def test_matches_torch_weighted_sum_over_mask_count():
   rng = np.random.default_rng(1)
   logits, target = rng.normal(size=(4, 5)) * 3, rng.integers(0, 2, (4, 5))
   mask = rng.integers(0, 2, (4, 5))
-  expected = torch.nn.functional.binary_cross_entropy_with_logits(
-      torch.tensor(logits), torch.tensor(target, dtype=torch.float64),
-      weight=torch.tensor(mask, dtype=torch.float64), reduction="sum") / mask.sum()
-  ours = masked_bce_with_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(target),
-                                jnp.asarray(mask))
+  expected = (
+    torch.nn.functional.binary_cross_entropy_with_logits(
+      torch.tensor(logits),
+      torch.tensor(target, dtype=torch.float64),
+      weight=torch.tensor(mask, dtype=torch.float64),
+      reduction="sum",
+    )
+    / mask.sum()
+  )
+  ours = masked_bce_with_logits(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(target), jnp.asarray(mask)
+  )
   assert float(ours) == pytest.approx(float(expected), rel=1e-5)

@@ -64,9 +64,11 @@ def brute_c_index(probs, ytc, ytf, weighting="reference", convention="mirai"):
 
 
 def random_cohort(rng, num_exams, num_years=5, cancer_rate=0.2, levels=None):
-  ytc = np.where(rng.random(num_exams) < cancer_rate,
-                 rng.integers(0, num_years + 2, num_exams) + rng.random(num_exams) * 0.9,
-                 NO_CANCER)
+  ytc = np.where(
+    rng.random(num_exams) < cancer_rate,
+    rng.integers(0, num_years + 2, num_exams) + rng.random(num_exams) * 0.9,
+    NO_CANCER,
+  )
   ytf = rng.integers(0, num_years + 3, num_exams) + rng.random(num_exams) * 0.9
   if levels is None:
     probs = rng.random((num_exams, num_years))
@@ -80,8 +82,9 @@ def random_cohort(rng, num_exams, num_years=5, cancer_rate=0.2, levels=None):
 
 
 def test_event_times_follow_mirai_time_at_event():
-  time, event = risk.event_times([0.5, 2.9, 3.0, NO_CANCER, NO_CANCER, np.inf],
-                                 [0, 0, 9, 1.7, 10, 0.2], num_years=3)
+  time, event = risk.event_times(
+    [0.5, 2.9, 3.0, NO_CANCER, NO_CANCER, np.inf], [0, 0, 9, 1.7, 10, 0.2], num_years=3
+  )
   np.testing.assert_array_equal(time, [0, 2, 2, 0, 2, -1])
   np.testing.assert_array_equal(event, [True, True, False, False, False, False])
 
@@ -123,8 +126,9 @@ def test_c_index_hand_case_km_weighted():
   # KM with cancer as the event: S(0) = 3/4, S(1) = 1/2, S(2) = 1/4; a pair weighs 1/S(T_later)^2
   # so (A,B) weighs 4 and the five pairs ending at t = 2 weigh 16 each, one discordant.
   probs = np.repeat(HAND_RISK[:, None], 3, axis=1)
-  np.testing.assert_allclose(risk.reference_weight_survival(HAND_YTC, HAND_YTF, 3),
-                             [0.75, 0.5, 0.25])
+  np.testing.assert_allclose(
+    risk.reference_weight_survival(HAND_YTC, HAND_YTF, 3), [0.75, 0.5, 0.25]
+  )
   assert risk.c_index(probs, HAND_YTC, HAND_YTF) == pytest.approx(68 / 84)
 
 
@@ -179,7 +183,8 @@ def test_c_index_unweighted_is_harrell_with_lifelines_rules_for_one_score():
         tied += score[j] == score[i]
   probs = np.repeat(score[:, None], 5, axis=1)
   assert risk.c_index(probs, ytc, ytf, weighting="none") == pytest.approx(
-      (correct + tied / 2) / pairs)
+    (correct + tied / 2) / pairs
+  )
 
 
 def test_c_index_integer_weights_equal_repeated_exams():
@@ -205,12 +210,15 @@ def test_c_index_without_comparable_pairs_is_nan():
 def test_year_labels_hand_case():
   # a: cancer at 0; b: cancer at 2; c: cancer-free 1 year; d: cancer-free 10 years;
   # e: cancer-free half a year (never counts); f: cancer after the horizon, followed 2 years.
-  included, positive = risk.year_labels([0, 2, NO_CANCER, NO_CANCER, NO_CANCER, 7],
-                                        [0, 2, 1, 10, 0.5, 2], num_years=3)
-  np.testing.assert_array_equal(positive, [[1, 1, 1], [0, 0, 1], [0, 0, 0], [0, 0, 0],
-                                           [0, 0, 0], [0, 0, 0]])
-  np.testing.assert_array_equal(included, [[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 1],
-                                           [0, 0, 0], [1, 1, 0]])
+  included, positive = risk.year_labels(
+    [0, 2, NO_CANCER, NO_CANCER, NO_CANCER, 7], [0, 2, 1, 10, 0.5, 2], num_years=3
+  )
+  np.testing.assert_array_equal(
+    positive, [[1, 1, 1], [0, 0, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    included, [[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0]]
+  )
 
 
 def test_auc_per_year_matches_sklearn_with_inclusion_rule():
@@ -232,14 +240,15 @@ def test_auc_per_year_matches_sklearn_with_inclusion_rule():
         kept.append(n)
     assert aucs[year] == pytest.approx(metrics.roc_auc_score(labels, scores))
     assert weighted[year] == pytest.approx(
-        metrics.roc_auc_score(labels, scores, sample_weight=weights[kept]))
+      metrics.roc_auc_score(labels, scores, sample_weight=weights[kept])
+    )
 
 
 def test_auc_single_class_year_is_nan():
   probs = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
   aucs = risk.auc_per_year(probs, [1, NO_CANCER, NO_CANCER], [0, 3, 3])
   assert np.isnan(aucs[1])  # nobody has cancer in year 1
-  assert aucs[2] == 0.0     # the one case has the lowest year-2 risk
+  assert aucs[2] == 0.0  # the one case has the lowest year-2 risk
 
 
 def test_roc_curve_area_equals_auc():
@@ -265,8 +274,8 @@ def test_bootstrap_ci_contains_point_and_shrinks_with_n():
     probs, ytc, ytf = random_cohort(rng, num_exams)
     probs = np.clip(probs + 0.3 * (ytc < 5)[:, None], 0, 1)  # informative risk
     point, low, high = risk.bootstrap_ci(
-        lambda w: risk.c_index(probs, ytc, ytf, sample_weight=w), num_exams,
-        n_resamples=200, seed=0)
+      lambda w: risk.c_index(probs, ytc, ytf, sample_weight=w), num_exams, n_resamples=200, seed=0
+    )
     assert point == pytest.approx(risk.c_index(probs, ytc, ytf))
     assert low < point < high
     widths.append(high - low)
@@ -305,8 +314,9 @@ def test_subgroup_metrics_equal_metrics_on_each_subset():
   for value, block in blocks.items():
     members = density == int(value)
     assert block["num_exams"] == members.sum()
-    assert block["c_index"]["point"] == pytest.approx(risk.c_index(
-        probs[members], ytc[members], ytf[members], weight_survival=survival))
+    assert block["c_index"]["point"] == pytest.approx(
+      risk.c_index(probs[members], ytc[members], ytf[members], weight_survival=survival)
+    )
     aucs = risk.auc_per_year(probs[members], ytc[members], ytf[members])
     for year, auc in aucs.items():
       got = block["auc_year"][str(year)]["point"]
@@ -317,8 +327,9 @@ def test_risk_report_is_json_with_intervals_counts_and_nulls():
   rng = np.random.default_rng(8)
   probs, ytc, ytf = random_cohort(rng, 200)
   ytc[(ytc < 1)] = NO_CANCER  # no cancer in year 1: its AUC is NaN, written as null
-  report = risk.risk_report(probs, ytc, ytf, {"cancer_type": np.where(ytc < 5, "idc", "none")},
-                            n_bootstrap=50, seed=0)
+  report = risk.risk_report(
+    probs, ytc, ytf, {"cancer_type": np.where(ytc < 5, "idc", "none")}, n_bootstrap=50, seed=0
+  )
   text = json.dumps(report, allow_nan=False)
   again = json.loads(text)
   assert again["auc_year"]["1"]["point"] is None
@@ -326,18 +337,23 @@ def test_risk_report_is_json_with_intervals_counts_and_nulls():
   c = again["c_index"]
   assert c["low"] <= c["point"] <= c["high"] and c["valid_resamples"] == 50
   included, positive = risk.year_labels(ytc, ytf, 5)
-  assert again["counts_year"]["3"] == {"positives": int(positive[:, 2].sum()),
-                                       "negatives": int((included & ~positive)[:, 2].sum())}
+  assert again["counts_year"]["3"] == {
+    "positives": int(positive[:, 2].sum()),
+    "negatives": int((included & ~positive)[:, 2].sum()),
+  }
   assert set(again["subgroups"]["cancer_type"]) == {"idc", "none"}
 
 
-@pytest.mark.parametrize("change, name", [
+@pytest.mark.parametrize(
+  "change, name",
+  [
     (lambda p, c, f: (np.where(np.eye(*p.shape, dtype=bool), np.nan, p), c, f), "probs"),
     (lambda p, c, f: (p, c, -f), "years_to_followup"),
     (lambda p, c, f: (p, c[:-1], f), "years_to_cancer"),
     (lambda p, c, f: (p, np.where(c > 50, np.nan, c), f), "years_to_cancer"),
     (lambda p, c, f: (p[:, 0], c, f), "probs"),
-])
+  ],
+)
 def test_bad_input_raises_value_error_naming_the_array(change, name):
   rng = np.random.default_rng(9)
   args = change(*random_cohort(rng, 20))
@@ -360,7 +376,7 @@ def test_calibration_without_censoring_is_the_cancer_fraction_per_bin():
   for column in range(5):
     order = np.argsort(probs[:, column], kind="stable")
     for b in range(10):
-      members = order[b * 50:(b + 1) * 50]
+      members = order[b * 50 : (b + 1) * 50]
       assert arrays["observed"][column, b] == pytest.approx(np.mean(ytc[members] < column + 1))
       assert arrays["predicted"][column, b] == pytest.approx(probs[members, column].mean())
   with pytest.raises(ValueError, match="probs"):
@@ -370,6 +386,7 @@ def test_calibration_without_censoring_is_the_cancer_fraction_per_bin():
 def test_write_risk_report_writes_json_and_pngs(tmp_path):
   pytest.importorskip("matplotlib")
   from mammojax.viz import risk_plots
+
   rng = np.random.default_rng(11)
   probs, ytc, ytf = random_cohort(rng, 120)
   report = risk.risk_report(probs, ytc, ytf, None, n_bootstrap=20, seed=0)
@@ -379,4 +396,7 @@ def test_write_risk_report_writes_json_and_pngs(tmp_path):
     data = paths[key].read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 1000
   assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
-      "calibration.png", "report.json", "roc_per_year.png"]
+    "calibration.png",
+    "report.json",
+    "roc_per_year.png",
+  ]

@@ -15,8 +15,9 @@ def _misalignment(current, prior, displacement, inside):
 
 
 def test_ground_truth_displacement_aligns_prior_to_current():
-  spec = SyntheticLongitudinalSpec(image_size=(96, 72), store_displacement=True,
-                                   deformation_pixels=4.0, positive_fraction=0.0)
+  spec = SyntheticLongitudinalSpec(
+    image_size=(96, 72), store_displacement=True, deformation_pixels=4.0, positive_fraction=0.0
+  )
   for index in range(4):
     example = generate_example(spec, "train", index)
     current = example["current_image"].astype(np.float64)

@@ -7,8 +7,8 @@ import chex
 import jax
 import numpy as np
 import pytest
-
 from minimal_task import TinyTask, tiny_config
+
 from mammojax.train import step as step_lib
 from mammojax.train import trainer
 from mammojax.train.checkpoint import restore_state_only
@@ -21,8 +21,9 @@ def _train_losses(workdir):
 
 def _run(tmp_path, name, config, **kwargs):
   workdir = str(tmp_path / name)
-  summary = trainer.train_and_evaluate(config, workdir, TinyTask(config), show_progress=False,
-                                       **kwargs)
+  summary = trainer.train_and_evaluate(
+    config, workdir, TinyTask(config), show_progress=False, **kwargs
+  )
   return workdir, summary
 
 
@@ -65,8 +66,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   config.data.noise = 0.3  # a random augmentation must be replayed identically after resume
   straight, _ = _run(tmp_path, "straight", config)
   sliced = str(tmp_path / "sliced")
-  first = trainer.train_and_evaluate(config, sliced, TinyTask(config), show_progress=False,
-                                     stop_after=4)
+  first = trainer.train_and_evaluate(
+    config, sliced, TinyTask(config), show_progress=False, stop_after=4
+  )
   assert first["stopped"] == "slice" and first["step"] == 4
   second = trainer.train_and_evaluate(config, sliced, TinyTask(config), show_progress=False)
   assert second["step"] == 6
@@ -181,10 +183,13 @@ def test_metrics_jsonl_has_train_and_eval_rows(tmp_path):
 
 def _restore_params(workdir):
   import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                             item_names=("state",)) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+
+  with ocp.CheckpointManager(
+    os.path.join(workdir, "checkpoints"), item_names=("state",)
+  ) as manager:
+    restored = manager.restore(
+      manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
   return restored["state"]["params"]
 
 
@@ -219,6 +224,7 @@ def test_reduce_on_plateau_lowers_the_update_scale(tmp_path):
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
   import signal
+
   original = trainer.evaluation.to_global
   calls = {"n": 0}
 
@@ -244,6 +250,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("source", ["converted", "run"])
 def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, source):
   from mammojax.convert.store import save_variables
+
   trained_dir, _ = _run(tmp_path, "trained", tiny_config())
   trained = jax.tree.map(np.asarray, _restore_params(trained_dir))
   if source == "converted":
@@ -270,11 +277,19 @@ def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, s
 
 def test_init_from_with_wrong_shapes_names_the_parameter(tmp_path):
   from mammojax.convert.store import save_variables
+
   bad = str(tmp_path / "bad")
-  save_variables(bad, {"params": {"dense1": {"kernel": np.zeros((3, 3)), "bias": np.zeros(16)},
-                                  "bn": {"scale": np.ones(16), "bias": np.zeros(16)},
-                                  "head": {"kernel": np.zeros((16, 1)), "bias": np.zeros(1)}}},
-                 {"kind": "test"})
+  save_variables(
+    bad,
+    {
+      "params": {
+        "dense1": {"kernel": np.zeros((3, 3)), "bias": np.zeros(16)},
+        "bn": {"scale": np.ones(16), "bias": np.zeros(16)},
+        "head": {"kernel": np.zeros((16, 1)), "bias": np.zeros(1)},
+      }
+    },
+    {"kind": "test"},
+  )
   config = tiny_config()
   config.init_from = bad
   with pytest.raises(ValueError, match=r"params/dense1/kernel has shape \(3, 3\)"):

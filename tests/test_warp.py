@@ -19,8 +19,9 @@ def _scipy_sample(source, coords, order, padding):
   for b in range(batch):
     points = np.moveaxis(coords[b], -1, 0)
     for c in range(channels):
-      out[b, ..., c] = ndi.map_coordinates(source[b, ..., c].astype(np.float64), points,
-                                           order=order, mode=_SCIPY_MODE[padding])
+      out[b, ..., c] = ndi.map_coordinates(
+        source[b, ..., c].astype(np.float64), points, order=order, mode=_SCIPY_MODE[padding]
+      )
   return out
 
 
@@ -42,8 +43,7 @@ def test_sample_matches_scipy(spatial, order, padding, impl, channels):
   coords = rng.uniform(-4, max(spatial) + 3, size=(2, 4, 5, len(spatial))).astype(np.float32)
   coords = _off_ties(coords)
   expected = _scipy_sample(source, coords, order, padding)
-  got = W.sample(jnp.asarray(source), jnp.asarray(coords), order=order, padding=padding,
-                 impl=impl)
+  got = W.sample(jnp.asarray(source), jnp.asarray(coords), order=order, padding=padding, impl=impl)
   assert got.shape == (2, 4, 5, channels)
   np.testing.assert_allclose(np.asarray(got), expected, atol=2e-6)
 
@@ -54,7 +54,7 @@ def test_integer_translation_and_zero_fill():
   for impl in ("gather", "map_coordinates"):
     out = W.warp(source, displacement, impl)
     np.testing.assert_allclose(out[:, :3, 2:], source[:, 1:, :3])
-    np.testing.assert_allclose(out[:, 3:], 0.0)   # rows beyond the bottom edge
+    np.testing.assert_allclose(out[:, 3:], 0.0)  # rows beyond the bottom edge
     np.testing.assert_allclose(out[:, :, :2], 0.0)  # columns left of the edge
 
 
@@ -65,8 +65,7 @@ def test_rotation_by_90_degrees():
   grid = W.identity_map((n, n))
   target = jnp.stack([grid[..., 1], n - 1 - grid[..., 0]], axis=-1)
   out = W.warp(source, (target - grid)[None], order=1)
-  np.testing.assert_allclose(out[0], np.rot90(np.asarray(source[0]), k=1, axes=(0, 1)),
-                             atol=1e-6)
+  np.testing.assert_allclose(out[0], np.rot90(np.asarray(source[0]), k=1, axes=(0, 1)), atol=1e-6)
   np.testing.assert_allclose(out[0, 1, 3], source[0, 3, n - 2], atol=1e-6)
 
 
@@ -85,8 +84,9 @@ def test_gather_equals_map_coordinates_values_and_gradients(padding, spatial, ch
     return lambda s, d: jnp.sum(W.warp(s, d, impl, padding=padding) * cotangent)
 
   value_g, grads_g = jax.value_and_grad(loss("gather"), argnums=(0, 1))(source, displacement)
-  value_m, grads_m = jax.value_and_grad(loss("map_coordinates"), argnums=(0, 1))(source,
-                                                                                displacement)
+  value_m, grads_m = jax.value_and_grad(loss("map_coordinates"), argnums=(0, 1))(
+    source, displacement
+  )
   np.testing.assert_allclose(value_g, value_m, rtol=1e-5)
   for got, want in zip(grads_g, grads_m):
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -101,21 +101,29 @@ def test_gather_gradients_match_finite_differences_2d_and_3d(padding, channels):
     # Keep coordinates off integer grid lines and off reflect's fold at N - 0.5, where the
     # interpolation has kinks.
     displacement = jnp.full((1, *spatial, len(spatial)), 0.17) + 0.2 * jax.random.uniform(
-        keys[1], (1, *spatial, len(spatial)))
+      keys[1], (1, *spatial, len(spatial))
+    )
     fn = lambda s, d: W.warp(s, d, "gather", padding=padding)  # noqa: E731
-    check_grads(fn, (source, displacement), order=1, modes=["rev"], eps=1e-3, atol=2e-2,
-                rtol=2e-2)
+    check_grads(fn, (source, displacement), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
 
 
 def test_compose_and_jacobian_gradients_match_finite_differences():
   keys = jax.random.split(jax.random.key(7), 2)
   outer = 0.3 * jax.random.normal(keys[0], (1, 5, 4, 2))
   inner = jnp.full((1, 5, 4, 2), 0.23) + 0.1 * jax.random.uniform(keys[1], (1, 5, 4, 2))
-  check_grads(W.compose_displacements, (outer, inner), order=1, modes=["rev"], eps=1e-3,
-              atol=2e-2, rtol=2e-2)
+  check_grads(
+    W.compose_displacements, (outer, inner), order=1, modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2
+  )
   for method in ("central", "forward"):
-    check_grads(lambda u: W.jacobian_determinant(u, method=method), (outer,), order=1,
-                modes=["rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
+    check_grads(
+      lambda u: W.jacobian_determinant(u, method=method),
+      (outer,),
+      order=1,
+      modes=["rev"],
+      eps=1e-3,
+      atol=2e-2,
+      rtol=2e-2,
+    )
 
 
 def test_3d_trilinear_matches_linear_function():
@@ -123,14 +131,14 @@ def test_3d_trilinear_matches_linear_function():
   spatial = (4, 5, 6)
   grid = W.identity_map(spatial)
   source = (1.0 + grid @ jnp.array([0.5, -1.0, 2.0]))[None, ..., None]
-  displacement = jax.random.uniform(jax.random.key(3), (1, *spatial, 3), minval=-0.4,
-                                    maxval=0.4)
+  displacement = jax.random.uniform(jax.random.key(3), (1, *spatial, 3), minval=-0.4, maxval=0.4)
   coords = jnp.clip(grid + displacement[0], 0, jnp.array(spatial) - 1.0)
   displacement = (coords - grid)[None]
   for impl in ("gather", "map_coordinates"):
     out = W.warp(source, displacement, impl)
-    np.testing.assert_allclose(out[0, ..., 0], 1.0 + coords @ jnp.array([0.5, -1.0, 2.0]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      out[0, ..., 0], 1.0 + coords @ jnp.array([0.5, -1.0, 2.0]), atol=1e-5
+    )
 
 
 def test_warp_bfloat16_keeps_dtype_and_exact_positions():
@@ -200,8 +208,9 @@ def test_unit_and_grid_sample_conversions():
   spatial = (5, 9)
   pixels = jnp.array([[0.0, 0.0], [4.0, 8.0], [2.0, 4.0]])
   np.testing.assert_allclose(W.pixels_to_unit(pixels, spatial), [[0, 0], [1, 1], [0.5, 0.5]])
-  np.testing.assert_allclose(W.unit_to_pixels(W.pixels_to_unit(pixels, spatial), spatial),
-                             pixels, atol=1e-6)
+  np.testing.assert_allclose(
+    W.unit_to_pixels(W.pixels_to_unit(pixels, spatial), spatial), pixels, atol=1e-6
+  )
   grid = W.pixels_to_grid_sample(pixels, spatial, align_corners=True)
   np.testing.assert_allclose(grid, [[-1, -1], [1, 1], [0, 0]], atol=1e-6)
   grid = W.pixels_to_grid_sample(jnp.array([[-0.5, -0.5]]), spatial, align_corners=False)
@@ -209,8 +218,11 @@ def test_unit_and_grid_sample_conversions():
   for align in (True, False):
     for disp in (True, False):
       back = W.grid_sample_to_pixels(
-          W.pixels_to_grid_sample(pixels, spatial, align_corners=align, displacement=disp),
-          spatial, align_corners=align, displacement=disp)
+        W.pixels_to_grid_sample(pixels, spatial, align_corners=align, displacement=disp),
+        spatial,
+        align_corners=align,
+        displacement=disp,
+      )
       np.testing.assert_allclose(back, pixels, atol=1e-5)
 
 
@@ -222,11 +234,14 @@ def test_warp_equals_torch_grid_sample():
   coords = np.asarray(W.identity_map((5, 7)))[None] + displacement
   for padding, torch_padding in [("zeros", "zeros"), ("border", "border")]:
     for align in (True, False):
-      grid = np.array(W.pixels_to_grid_sample(jnp.asarray(coords), (5, 7),
-                                                align_corners=align))
+      grid = np.array(W.pixels_to_grid_sample(jnp.asarray(coords), (5, 7), align_corners=align))
       want = torch.nn.functional.grid_sample(
-          torch.from_numpy(source).permute(0, 3, 1, 2), torch.from_numpy(grid),
-          mode="bilinear", padding_mode=torch_padding, align_corners=align)
+        torch.from_numpy(source).permute(0, 3, 1, 2),
+        torch.from_numpy(grid),
+        mode="bilinear",
+        padding_mode=torch_padding,
+        align_corners=align,
+      )
       got = W.warp(jnp.asarray(source), jnp.asarray(displacement), padding=padding)
       np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 

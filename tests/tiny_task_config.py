@@ -5,7 +5,6 @@ processes; run it through the driver that registers the task:
 """
 
 import ml_collections
-
 from minimal_task import tiny_config
 
 

@@ -54,24 +54,34 @@ def _file_sha256(path: str) -> str:
 
 def _convert_imgfeatalign(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   from mammojax.convert.imgfeatalign import import_imgfeatalign, infer_hparams
-  variables = import_imgfeatalign(state_dict, num_heads=args.num_heads, max_time=args.max_time,
-                                  registration_hparams=args.registration_hparams)
+
+  variables = import_imgfeatalign(
+    state_dict,
+    num_heads=args.num_heads,
+    max_time=args.max_time,
+    registration_hparams=args.registration_hparams,
+  )
   fields = dict(infer_hparams(state_dict), num_heads=args.num_heads, max_time=args.max_time)
-  return variables, {"model_fields": fields,
-                     "registration_hparams": args.registration_hparams}
+  return variables, {"model_fields": fields, "registration_hparams": args.registration_hparams}
 
 
 def _convert_icon(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   from mammojax.convert.icon import describe_icon_tree, import_icon_registration
+
   if not args.input_shape:
-    raise ValueError("--input_shape is required for icon checkpoints (the grid the network was "
-                     "trained on, e.g. --input_shape=175,175,175)")
-  return import_icon_registration(state_dict), {"model_fields": describe_icon_tree(state_dict),
-                                                "input_shape": list(args.input_shape)}
+    raise ValueError(
+      "--input_shape is required for icon checkpoints (the grid the network was "
+      "trained on, e.g. --input_shape=175,175,175)"
+    )
+  return import_icon_registration(state_dict), {
+    "model_fields": describe_icon_tree(state_dict),
+    "input_shape": list(args.input_shape),
+  }
 
 
 def _convert_mammoregnet(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   from mammojax.convert.mammoregnet import import_mammoregnet
+
   variables = import_mammoregnet(state_dict, **args.registration_hparams)
   return variables, {"model_fields": args.registration_hparams}
 
@@ -79,27 +89,33 @@ def _convert_mammoregnet(state_dict: dict, args: argparse.Namespace) -> tuple[di
 def _convert_mirai(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   del args
   from mammojax.convert.mirai import backbone_width, find_backbone, import_backbone
+
   prefixes, layout = find_backbone(state_dict)
   variables, consumed = import_backbone(state_dict, prefixes)
   skipped = sorted(set(state_dict) - consumed)
-  return variables, {"model_fields": {"base_width": backbone_width(variables)},
-                     "layout": layout, "skipped_keys": skipped}
+  return variables, {
+    "model_fields": {"base_width": backbone_width(variables)},
+    "layout": layout,
+    "skipped_keys": skipped,
+  }
 
 
 def _convert_mammoclip(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
   del args
   from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
+
   variables = import_efficientnet(state_dict)
-  return variables, {"model_fields": {"static_padding_size": list(MAMMOCLIP_STATIC_SIZE),
-                                      "include_head": False}}
+  return variables, {
+    "model_fields": {"static_padding_size": list(MAMMOCLIP_STATIC_SIZE), "include_head": False}
+  }
 
 
 CONVERTERS: dict[str, Callable[[dict, argparse.Namespace], tuple[dict, dict]]] = {
-    "icon": _convert_icon,
-    "imgfeatalign": _convert_imgfeatalign,
-    "mammoclip": _convert_mammoclip,
-    "mammoregnet": _convert_mammoregnet,
-    "mirai": _convert_mirai,
+  "icon": _convert_icon,
+  "imgfeatalign": _convert_imgfeatalign,
+  "mammoclip": _convert_mammoclip,
+  "mammoregnet": _convert_mammoregnet,
+  "mirai": _convert_mirai,
 }
 
 
@@ -125,20 +141,39 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m mammojax.convert", description=__doc__, epilog=KINDS_HELP,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="python -m mammojax.convert",
+    description=__doc__,
+    epilog=KINDS_HELP,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("kind", choices=sorted(CONVERTERS), help="what the file holds (see below)")
   parser.add_argument("file", help="PyTorch checkpoint (.pt/.pth/.tar/.p)")
   parser.add_argument("--out", required=True, help="new output directory (must not exist)")
-  parser.add_argument("--num_heads", type=int, default=8,
-                      help="imgfeatalign: attention heads of the trained model (default 8)")
-  parser.add_argument("--max_time", type=float, default=5.0,
-                      help="imgfeatalign: time-encoding range in years (default 5.0)")
-  parser.add_argument("--registration_hparams", type=_json_object, default={},
-                      help="imgfeatalign/mammoregnet: JSON object of MammoRegNet sizes passed to "
-                           "import_mammoregnet (default: the reference sizes)")
-  parser.add_argument("--input_shape", type=_shape, default=None,
-                      help="icon: spatial size the network was trained on, e.g. 175,175,175")
+  parser.add_argument(
+    "--num_heads",
+    type=int,
+    default=8,
+    help="imgfeatalign: attention heads of the trained model (default 8)",
+  )
+  parser.add_argument(
+    "--max_time",
+    type=float,
+    default=5.0,
+    help="imgfeatalign: time-encoding range in years (default 5.0)",
+  )
+  parser.add_argument(
+    "--registration_hparams",
+    type=_json_object,
+    default={},
+    help="imgfeatalign/mammoregnet: JSON object of MammoRegNet sizes passed to "
+    "import_mammoregnet (default: the reference sizes)",
+  )
+  parser.add_argument(
+    "--input_shape",
+    type=_shape,
+    default=None,
+    help="icon: spatial size the network was trained on, e.g. 175,175,175",
+  )
   return parser
 
 
@@ -146,11 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from mammojax.convert.store import save_variables
   from mammojax.convert.torch_files import load_torch_state_dict
+
   try:
     state_dict = load_torch_state_dict(args.file)
     variables, details = CONVERTERS[args.kind](state_dict, args)
-    source = {"kind": args.kind, "file": os.path.abspath(args.file),
-              "sha256": _file_sha256(args.file), **details}
+    source = {
+      "kind": args.kind,
+      "file": os.path.abspath(args.file),
+      "sha256": _file_sha256(args.file),
+      **details,
+    }
     save_variables(args.out, variables, source)
   except (KeyError, ValueError, OSError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -39,10 +39,12 @@ def build_icon_network(fields: Mapping[str, Any]) -> icon.RegistrationModule:
   kind = fields["kind"]
   if kind == "unet":
     return icon.FunctionFromVectorField(
-        ICONUNet2(tuple(fields["down_features"]), tuple(fields["up_features"])))
+      ICONUNet2(tuple(fields["down_features"]), tuple(fields["up_features"]))
+    )
   if kind == "two_step":
-    return icon.TwoStepRegistration(build_icon_network(fields["first"]),
-                                    build_icon_network(fields["second"]))
+    return icon.TwoStepRegistration(
+      build_icon_network(fields["first"]), build_icon_network(fields["second"])
+    )
   if kind == "downsample":
     return icon.DownsampleRegistration(build_icon_network(fields["net"]))
   raise ValueError(f"unknown ICON tree node kind {kind!r}")
@@ -57,8 +59,10 @@ def describe_icon_tree(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """A JSON-able description of the wrapper tree and U-Net sizes in an ICON state dict."""
   keys = _strip_wrapper(state_dict)
   if not any(k.endswith(_UNET_MARKER) for k in keys):
-    raise ValueError("not an ICON UNet2 state dict: no '...downConvs.0.weight' key (expected "
-                     "tallUNet2 weights, e.g. from GradICON or uniGradICON)")
+    raise ValueError(
+      "not an ICON UNet2 state dict: no '...downConvs.0.weight' key (expected "
+      "tallUNet2 weights, e.g. from GradICON or uniGradICON)"
+    )
   return _describe(keys, "")
 
 
@@ -68,12 +72,17 @@ def _describe(keys: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   if prefix + "net." + _UNET_MARKER in keys:  # FunctionFromVectorField(UNet2).
     return _describe_unet(keys, prefix + "net.")
   if any(k.startswith(prefix + "netPhi.") for k in keys):
-    return {"kind": "two_step", "first": _describe(keys, prefix + "netPhi."),
-            "second": _describe(keys, prefix + "netPsi.")}
+    return {
+      "kind": "two_step",
+      "first": _describe(keys, prefix + "netPhi."),
+      "second": _describe(keys, prefix + "netPsi."),
+    }
   if any(k.startswith(prefix + "net.") for k in keys):
     return {"kind": "downsample", "net": _describe(keys, prefix + "net.")}
-  raise ValueError(f"cannot interpret the ICON wrapper at {prefix!r}: keys there are "
-                   f"{sorted(k for k in keys if k.startswith(prefix))[:5]}")
+  raise ValueError(
+    f"cannot interpret the ICON wrapper at {prefix!r}: keys there are "
+    f"{sorted(k for k in keys if k.startswith(prefix))[:5]}"
+  )
 
 
 def _describe_unet(keys: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -83,8 +92,13 @@ def _describe_unet(keys: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   down = [int(np.shape(keys[f"{prefix}downConvs.0.weight"])[1])]
   down += [int(np.shape(keys[f"{prefix}downConvs.{d}.weight"])[0]) for d in range(num_layers)]
   up = [int(np.shape(keys[f"{prefix}upConvs.{d}.weight"])[1]) for d in range(num_layers)]
-  return {"kind": "unet", "prefix": prefix, "down_features": down, "up_features": up,
-          "num_spatial": int(np.ndim(keys[f"{prefix}downConvs.0.weight"])) - 2}
+  return {
+    "kind": "unet",
+    "prefix": prefix,
+    "down_features": down,
+    "up_features": up,
+    "num_spatial": int(np.ndim(keys[f"{prefix}downConvs.0.weight"])) - 2,
+  }
 
 
 def import_icon_registration(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,8 +132,9 @@ def _import_node(keys, node, params, stats, used) -> None:
     params["net"], stats["net"] = unet_params, unet_stats
 
 
-def import_unet2(keys: Mapping[str, Any], prefix: str, num_layers: int,
-                 used: set[str] | None = None) -> tuple[dict, dict]:
+def import_unet2(
+  keys: Mapping[str, Any], prefix: str, num_layers: int, used: set[str] | None = None
+) -> tuple[dict, dict]:
   """``(params, batch_stats)`` of one :class:`ICONUNet2` from ``prefix``-ed UNet2 weights."""
   used = set() if used is None else used
 
@@ -133,29 +148,39 @@ def import_unet2(keys: Mapping[str, Any], prefix: str, num_layers: int,
   params, stats = {}, {}
   for d in range(num_layers):
     weight = take(f"downConvs.{d}.weight")  # [out, in, *k]
-    params[f"downConvs_{d}"] = {"kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
-                                "bias": take(f"downConvs.{d}.bias")}
+    params[f"downConvs_{d}"] = {
+      "kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
+      "bias": take(f"downConvs.{d}.bias"),
+    }
     weight = take(f"upConvs.{d}.weight")  # [in, out, *k]
     spatial = tuple(range(2, weight.ndim))
     kernel = np.flip(weight, axis=spatial)
-    params[f"upConvs_{d}"] = {"kernel": np.ascontiguousarray(np.moveaxis(kernel, (0, 1),
-                                                                         (-2, -1))),
-                              "bias": take(f"upConvs.{d}.bias")}
-    params[f"batchNorms_{d}"] = {"scale": take(f"batchNorms.{d}.weight"),
-                                 "bias": take(f"batchNorms.{d}.bias")}
-    stats[f"batchNorms_{d}"] = {"mean": take(f"batchNorms.{d}.running_mean"),
-                                "var": take(f"batchNorms.{d}.running_var")}
+    params[f"upConvs_{d}"] = {
+      "kernel": np.ascontiguousarray(np.moveaxis(kernel, (0, 1), (-2, -1))),
+      "bias": take(f"upConvs.{d}.bias"),
+    }
+    params[f"batchNorms_{d}"] = {
+      "scale": take(f"batchNorms.{d}.weight"),
+      "bias": take(f"batchNorms.{d}.bias"),
+    }
+    stats[f"batchNorms_{d}"] = {
+      "mean": take(f"batchNorms.{d}.running_mean"),
+      "var": take(f"batchNorms.{d}.running_var"),
+    }
   weight = take("lastConv.weight")
-  params["lastConv"] = {"kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
-                        "bias": take("lastConv.bias")}
+  params["lastConv"] = {
+    "kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
+    "bias": take("lastConv.bias"),
+  }
   return params, stats
 
 
 def _strip_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   keys = dict(state_dict)
   if keys and all(k.startswith(_WRAPPER_PREFIX) or _is_buffer(k) for k in keys):
-    keys = {k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k: v
-            for k, v in keys.items()}
+    keys = {
+      k[len(_WRAPPER_PREFIX) :] if k.startswith(_WRAPPER_PREFIX) else k: v for k, v in keys.items()
+    }
   return keys
 
 

@@ -38,10 +38,10 @@ def infer_hparams(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   try:
     dim = state_dict["risk_model.feature_projection.weight"].shape[0]
     return {
-        "num_years": int(state_dict["risk_model.head_fused.hazard_fc.weight"].shape[0]),
-        "encoder_width": int(state_dict["encoder.0.conv1.weight"].shape[0]),
-        "ffn_expansion": int(state_dict["risk_model.attention_layer.ff.0.weight"].shape[0] // dim),
-        "time_steps": int(state_dict["risk_model.positional_encoding.pe"].shape[0]),
+      "num_years": int(state_dict["risk_model.head_fused.hazard_fc.weight"].shape[0]),
+      "encoder_width": int(state_dict["encoder.0.conv1.weight"].shape[0]),
+      "ffn_expansion": int(state_dict["risk_model.attention_layer.ff.0.weight"].shape[0] // dim),
+      "time_steps": int(state_dict["risk_model.positional_encoding.pe"].shape[0]),
     }
   except KeyError as e:
     raise ValueError(f"not a BCRBench ImgFeatAlign state dict: key {e} missing") from e
@@ -52,21 +52,28 @@ def _attention(take, prefix: str, num_heads: int) -> dict[str, Any]:
   in_bias = take(f"{prefix}in_proj_bias")
   dim = in_weight.shape[1]
   if in_weight.shape != (3 * dim, dim) or dim % num_heads:
-    raise ValueError(f"{prefix}in_proj_weight has shape {in_weight.shape}; expected [3D, D] with "
-                     f"D divisible by num_heads={num_heads}")
+    raise ValueError(
+      f"{prefix}in_proj_weight has shape {in_weight.shape}; expected [3D, D] with "
+      f"D divisible by num_heads={num_heads}"
+    )
   head_dim = dim // num_heads
   params = {}
   for index, name in enumerate(("query", "key", "value")):
     rows = slice(index * dim, (index + 1) * dim)
-    params[name] = {"kernel": in_weight[rows].T.reshape(dim, num_heads, head_dim),
-                    "bias": in_bias[rows].reshape(num_heads, head_dim)}
-  params["out"] = {"kernel": take(f"{prefix}out_proj.weight").T.reshape(num_heads, head_dim, dim),
-                   "bias": take(f"{prefix}out_proj.bias")}
+    params[name] = {
+      "kernel": in_weight[rows].T.reshape(dim, num_heads, head_dim),
+      "bias": in_bias[rows].reshape(num_heads, head_dim),
+    }
+  params["out"] = {
+    "kernel": take(f"{prefix}out_proj.weight").T.reshape(num_heads, head_dim, dim),
+    "bias": take(f"{prefix}out_proj.bias"),
+  }
   return params
 
 
-def import_risk_model(state_dict: Mapping[str, Any], *, num_heads: int, max_time: float,
-                      prefix: str = "risk_model.") -> tuple[dict[str, Any], set[str]]:
+def import_risk_model(
+  state_dict: Mapping[str, Any], *, num_heads: int, max_time: float, prefix: str = "risk_model."
+) -> tuple[dict[str, Any], set[str]]:
   """BCRBench ``RiskModelWithAttention`` weights -> ``AttentionRiskFusion`` params, consumed keys."""
   consumed: set[str] = set()
 
@@ -85,30 +92,40 @@ def import_risk_model(state_dict: Mapping[str, Any], *, num_heads: int, max_time
   table = take(f"{prefix}positional_encoding.pe")
   expected = sinusoid_table(table.shape[1], max_time, table.shape[0])
   if not np.allclose(table, expected, atol=1e-4):
-    raise ValueError(f"{prefix}positional_encoding.pe differs from the sinusoid table over "
-                     f"[0, {max_time}] with {table.shape[0]} steps; pass the max_time the model "
-                     "was built with (--max_time)")
+    raise ValueError(
+      f"{prefix}positional_encoding.pe differs from the sinusoid table over "
+      f"[0, {max_time}] with {table.shape[0]} steps; pass the max_time the model "
+      "was built with (--max_time)"
+    )
   attention = f"{prefix}attention_layer."
   params: dict[str, Any] = {
-      "attention": {"attn": _attention(take, f"{attention}attn.", num_heads),
-                    "norm1": layer_norm(f"{attention}norm1"),
-                    "norm2": layer_norm(f"{attention}norm2"),
-                    "ff_in": dense(f"{attention}ff.0"),
-                    "ff_out": dense(f"{attention}ff.2")},
-      "feature_projection": dense(f"{prefix}feature_projection"),
+    "attention": {
+      "attn": _attention(take, f"{attention}attn.", num_heads),
+      "norm1": layer_norm(f"{attention}norm1"),
+      "norm2": layer_norm(f"{attention}norm2"),
+      "ff_in": dense(f"{attention}ff.0"),
+      "ff_out": dense(f"{attention}ff.2"),
+    },
+    "feature_projection": dense(f"{prefix}feature_projection"),
   }
   for head in _HEADS:
     mask = take(f"{prefix}{head}.triangular_mask")
     if not np.array_equal(mask, np.triu(np.ones_like(mask))):
       raise ValueError(f"{prefix}{head}.triangular_mask is not upper-triangular ones")
-    params[head] = {"hazard_fc": dense(f"{prefix}{head}.hazard_fc"),
-                    "base_hazard_fc": dense(f"{prefix}{head}.base_hazard_fc")}
+    params[head] = {
+      "hazard_fc": dense(f"{prefix}{head}.hazard_fc"),
+      "base_hazard_fc": dense(f"{prefix}{head}.base_hazard_fc"),
+    }
   return params, consumed
 
 
-def import_imgfeatalign(state_dict: Mapping[str, Any], *, num_heads: int = 8,
-                        max_time: float = 5.0,
-                        registration_hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def import_imgfeatalign(
+  state_dict: Mapping[str, Any],
+  *,
+  num_heads: int = 8,
+  max_time: float = 5.0,
+  registration_hparams: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """A BCRBench ImgFeatAlign state dict (numpy arrays) -> ``{'params', 'batch_stats'}``.
 
   Args:
@@ -125,20 +142,27 @@ def import_imgfeatalign(state_dict: Mapping[str, Any], *, num_heads: int = 8,
   state_dict = strip_module_prefix(state_dict)
   prefixes, _ = find_backbone({k: v for k, v in state_dict.items() if k.startswith("encoder.")})
   encoder, consumed = import_backbone(state_dict, prefixes)
-  risk_params, risk_consumed = import_risk_model(state_dict, num_heads=num_heads,
-                                                 max_time=max_time)
+  risk_params, risk_consumed = import_risk_model(state_dict, num_heads=num_heads, max_time=max_time)
   consumed |= risk_consumed
   registration_keys = {k for k in state_dict if k.startswith("mammo_reg_net.")}
   if not registration_keys:
     raise KeyError("no 'mammo_reg_net.*' keys: the state dict lacks the registration network")
   registration = import_mammoregnet(
-      {k[len("mammo_reg_net."):]: state_dict[k] for k in registration_keys},
-      **dict(registration_hparams or {}))
+    {k[len("mammo_reg_net.") :]: state_dict[k] for k in registration_keys},
+    **dict(registration_hparams or {}),
+  )
   consumed |= registration_keys
   unexpected = sorted(set(state_dict) - consumed)
   if unexpected:
-    raise ValueError(f"{len(unexpected)} unexpected keys in the ImgFeatAlign state dict (not an "
-                     f"ImgFeatAlign checkpoint, or a different version): {unexpected[:10]}")
-  return {"params": {"encoder": encoder["params"], "registration": registration["params"],
-                     "risk_model": risk_params},
-          "batch_stats": {"encoder": encoder["batch_stats"]}}
+    raise ValueError(
+      f"{len(unexpected)} unexpected keys in the ImgFeatAlign state dict (not an "
+      f"ImgFeatAlign checkpoint, or a different version): {unexpected[:10]}"
+    )
+  return {
+    "params": {
+      "encoder": encoder["params"],
+      "registration": registration["params"],
+      "risk_model": risk_params,
+    },
+    "batch_stats": {"encoder": encoder["batch_stats"]},
+  }

@@ -32,12 +32,17 @@ from mammojax.convert.torch_files import load_torch_state_dict, unwrap_state_dic
 from mammojax.models.mil.fpn_mil import FPNMIL
 from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet
 
-MAMMOCLIP_PREFIX = 'image_encoder.'
-FPN_MIL_BACKBONE_PREFIX = 'inst_encoder.backbone.'
-_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-               'var': 'running_var'}
+MAMMOCLIP_PREFIX = "image_encoder."
+FPN_MIL_BACKBONE_PREFIX = "inst_encoder.backbone."
+_LEAF_NAMES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 # Buffers torch keeps that have no Flax counterpart.
-_IGNORED_SUFFIXES = ('num_batches_tracked',)
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 KeyFn = Callable[[tuple[str, ...]], str]
 
@@ -54,52 +59,55 @@ def _leaf(name: str) -> str:
 def _efficientnet_key(path: tuple[str, ...]) -> str:
   parts = []
   for name in path[:-1]:
-    parts.append(name.replace('blocks_', '_blocks.') if name.startswith('blocks_') else '_' + name)
-  return '.'.join(parts + [_leaf(path[-1])])
+    parts.append(name.replace("blocks_", "_blocks.") if name.startswith("blocks_") else "_" + name)
+  return ".".join(parts + [_leaf(path[-1])])
 
 
 def _fpn_key(path: tuple[str, ...]) -> str:
   module, leaf = path[0], _leaf(path[-1])
-  if module == 'norm':  # One GroupNorm shared by all four convs; read the copy after the first.
-    return f'inner_blocks.inner_block_0.1.{leaf}'
-  group = 'inner_blocks' if module.startswith('inner_block_') else 'layer_blocks'
-  return f'{group}.{module}.0.{leaf}'
+  if module == "norm":  # One GroupNorm shared by all four convs; read the copy after the first.
+    return f"inner_blocks.inner_block_0.1.{leaf}"
+  group = "inner_blocks" if module.startswith("inner_block_") else "layer_blocks"
+  return f"{group}.{module}.0.{leaf}"
 
 
 def _attention_pool_key(path: tuple[str, ...], gated: bool) -> str:
   """Keys of the reference's Gated_Attn_Net / Attn_Net (nn.Sequential indices)."""
-  if path[0] == 'pma':  # PoolingByMultiheadAttention: its seed 'S' and its 'mab'.
-    return '.'.join(list(path[1:-1]) + [_leaf(path[-1])])
+  if path[0] == "pma":  # PoolingByMultiheadAttention: its seed 'S' and its 'mab'.
+    return ".".join(list(path[1:-1]) + [_leaf(path[-1])])
   module, leaf = path[0], _leaf(path[-1])
   if gated:
-    return {'attention_V': f'attention_V.0.{leaf}', 'attention_U': f'attention_U.0.{leaf}',
-            'attention_weights': f'attention_weights.{leaf}'}[module]
-  return {'attention_V': f'module.0.{leaf}', 'attention_weights': f'module.3.{leaf}'}[module]
+    return {
+      "attention_V": f"attention_V.0.{leaf}",
+      "attention_U": f"attention_U.0.{leaf}",
+      "attention_weights": f"attention_weights.{leaf}",
+    }[module]
+  return {"attention_V": f"module.0.{leaf}", "attention_weights": f"module.3.{leaf}"}[module]
 
 
 def _head_key(path: tuple[str, ...], pooling_gated: bool, scale_gated: bool) -> str:
   module, rest = path[0], path[1:]
-  if module.startswith('encoder_'):
-    base = f'side_inst_aggregator.encoders.{module}'
-    if rest[0] == 'fc':  # MLP encoder: ModuleList([Sequential(Linear, ReLU, Dropout)]).
-      return f'{base}.0.0.{_leaf(rest[-1])}'
-    block = rest[0].replace('blocks_', '')
-    return '.'.join([base, block] + list(rest[1:-1]) + [_leaf(rest[-1])])
-  if module.startswith('aggregator_'):
-    return (f'side_inst_aggregator.aggregators.{module}.'
-            + _attention_pool_key(rest, pooling_gated))
-  if module.startswith('side_classifier_'):
-    scale = module[len('side_classifier_'):]
-    return f'side_classifiers.classifier_{scale}.head_classifier.{_leaf(rest[-1])}'
-  if module == 'classifier':
-    return f'classifier.head_classifier.{_leaf(rest[-1])}'
-  if module == 'scale_aggregator':
-    return 'scale_aggregator.' + _attention_pool_key(rest, scale_gated)
-  raise ValueError(f'no FPN-MIL key for Flax path {path}')
+  if module.startswith("encoder_"):
+    base = f"side_inst_aggregator.encoders.{module}"
+    if rest[0] == "fc":  # MLP encoder: ModuleList([Sequential(Linear, ReLU, Dropout)]).
+      return f"{base}.0.0.{_leaf(rest[-1])}"
+    block = rest[0].replace("blocks_", "")
+    return ".".join([base, block] + list(rest[1:-1]) + [_leaf(rest[-1])])
+  if module.startswith("aggregator_"):
+    return f"side_inst_aggregator.aggregators.{module}." + _attention_pool_key(rest, pooling_gated)
+  if module.startswith("side_classifier_"):
+    scale = module[len("side_classifier_") :]
+    return f"side_classifiers.classifier_{scale}.head_classifier.{_leaf(rest[-1])}"
+  if module == "classifier":
+    return f"classifier.head_classifier.{_leaf(rest[-1])}"
+  if module == "scale_aggregator":
+    return "scale_aggregator." + _attention_pool_key(rest, scale_gated)
+  raise ValueError(f"no FPN-MIL key for Flax path {path}")
 
 
-def _to_flax(key: str, value: np.ndarray, shape: tuple[int, ...], is_kernel: bool,
-             mismatched: list[str]) -> np.ndarray | None:
+def _to_flax(
+  key: str, value: np.ndarray, shape: tuple[int, ...], is_kernel: bool, mismatched: list[str]
+) -> np.ndarray | None:
   if is_kernel and len(shape) == 4:
     torch_shape = (shape[3], shape[2], shape[0], shape[1])
     convert = lambda w: w.transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
@@ -110,14 +118,20 @@ def _to_flax(key: str, value: np.ndarray, shape: tuple[int, ...], is_kernel: boo
     torch_shape = tuple(shape)
     convert = lambda w: w
   if value.shape != torch_shape:
-    mismatched.append(f'{key}: checkpoint {value.shape}, model expects {torch_shape}')
+    mismatched.append(f"{key}: checkpoint {value.shape}, model expects {torch_shape}")
     return None
   return np.ascontiguousarray(convert(value)).astype(np.float32)
 
 
-def _fill(abstract: Mapping[str, Any], state: Mapping[str, np.ndarray], key_fn: KeyFn,
-          used: set[str], missing: list[str], mismatched: list[str],
-          only: Callable[[tuple[str, ...]], bool] = lambda path: True) -> dict[str, Any]:
+def _fill(
+  abstract: Mapping[str, Any],
+  state: Mapping[str, np.ndarray],
+  key_fn: KeyFn,
+  used: set[str],
+  missing: list[str],
+  mismatched: list[str],
+  only: Callable[[tuple[str, ...]], bool] = lambda path: True,
+) -> dict[str, Any]:
   """Reads every leaf of the abstract variables (collections 'params', 'batch_stats')."""
   out: dict[str, Any] = {}
   for collection, tree in abstract.items():
@@ -130,7 +144,7 @@ def _fill(abstract: Mapping[str, Any], state: Mapping[str, np.ndarray], key_fn: 
         missing.append(key)
         continue
       used.add(key)
-      value = _to_flax(key, np.asarray(state[key]), leaf.shape, path[-1] == 'kernel', mismatched)
+      value = _to_flax(key, np.asarray(state[key]), leaf.shape, path[-1] == "kernel", mismatched)
       if value is not None:
         flat[path] = value
     if flat:
@@ -138,18 +152,19 @@ def _fill(abstract: Mapping[str, Any], state: Mapping[str, np.ndarray], key_fn: 
   return out
 
 
-def _raise_if_bad(what: str, missing: list[str], unexpected: list[str], mismatched: list[str],
-                  hint: str) -> None:
+def _raise_if_bad(
+  what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str
+) -> None:
   if not (missing or unexpected or mismatched):
     return
   parts = []
   if missing:
-    parts.append(f'missing keys {missing}')
+    parts.append(f"missing keys {missing}")
   if unexpected:
-    parts.append(f'unexpected keys {unexpected}')
+    parts.append(f"unexpected keys {unexpected}")
   if mismatched:
-    parts.append(f'shape mismatches {mismatched}')
-  raise ValueError(f'{what} does not match the model: ' + '; '.join(parts) + f'. {hint}')
+    parts.append(f"shape mismatches {mismatched}")
+  raise ValueError(f"{what} does not match the model: " + "; ".join(parts) + f". {hint}")
 
 
 def _abstract_variables(model: nn.Module, *args: Any) -> dict[str, Any]:
@@ -158,12 +173,16 @@ def _abstract_variables(model: nn.Module, *args: Any) -> dict[str, Any]:
 
 
 def _select(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  return {k[len(prefix):]: v for k, v in state.items()
-          if k.startswith(prefix) and not k.endswith(_IGNORED_SUFFIXES)}
+  return {
+    k[len(prefix) :]: v
+    for k, v in state.items()
+    if k.startswith(prefix) and not k.endswith(_IGNORED_SUFFIXES)
+  }
 
 
-def import_efficientnet(state_dict: Mapping[str, Any], model: EfficientNet | None = None,
-                        prefix: str = MAMMOCLIP_PREFIX) -> dict[str, Any]:
+def import_efficientnet(
+  state_dict: Mapping[str, Any], model: EfficientNet | None = None, prefix: str = MAMMOCLIP_PREFIX
+) -> dict[str, Any]:
   """Converts an efficientnet_pytorch-layout encoder to ``{'params', 'batch_stats'}``.
 
   Args:
@@ -182,17 +201,24 @@ def import_efficientnet(state_dict: Mapping[str, Any], model: EfficientNet | Non
   model = model or mammoclip_encoder()
   state = _select(unwrap_state_dict(state_dict), prefix)
   if not state:
-    raise ValueError(f'no encoder weights under prefix {prefix!r}; pass prefix="" for a bare '
-                     'EfficientNet state dict.')
+    raise ValueError(
+      f'no encoder weights under prefix {prefix!r}; pass prefix="" for a bare '
+      "EfficientNet state dict."
+    )
   abstract = _abstract_variables(model, jnp.zeros((1, 64, 64, 3)))
   used: set[str] = set()
   missing: list[str] = []
   mismatched: list[str] = []
   variables = _fill(abstract, state, _efficientnet_key, used, missing, mismatched)
-  skippable = ('_conv_head.', '_bn1.', '_fc.') if not model.include_head else ('_fc.',)
+  skippable = ("_conv_head.", "_bn1.", "_fc.") if not model.include_head else ("_fc.",)
   unexpected = sorted(k for k in set(state) - used if not k.startswith(skippable))
-  _raise_if_bad('EfficientNet checkpoint', missing, unexpected, mismatched,
-                'Check width/depth (B2: 1.1 / 1.2) and the key prefix.')
+  _raise_if_bad(
+    "EfficientNet checkpoint",
+    missing,
+    unexpected,
+    mismatched,
+    "Check width/depth (B2: 1.1 / 1.2) and the key prefix.",
+  )
   return variables
 
 
@@ -207,25 +233,29 @@ def _example_inputs(model: FPNMIL, state: Mapping[str, np.ndarray]) -> Any:
   if model.fpn is not None:
     channels = []
     for i in (0, 1):
-      key = f'inst_encoder.inner_blocks.inner_block_{i}.0.weight'
+      key = f"inst_encoder.inner_blocks.inner_block_{i}.0.weight"
       if key not in state:
-        raise ValueError(f'FPN-MIL checkpoint lacks {key}, needed for the FPN input channels.')
+        raise ValueError(f"FPN-MIL checkpoint lacks {key}, needed for the FPN input channels.")
       channels.append(state[key].shape[1])
-    return {'stride_16': jnp.zeros((1, 1, 4, 4, channels[0])),
-            'stride_32': jnp.zeros((1, 1, 2, 2, channels[1]))}
+    return {
+      "stride_16": jnp.zeros((1, 1, 4, 4, channels[0])),
+      "stride_32": jnp.zeros((1, 1, 2, 2, channels[1])),
+    }
   head = model.head
-  first = {'mlp': '0.0.weight', 'sab': '0.mab.fc_k.weight', 'isab': '0.mab0.fc_k.weight'}
-  key = (f'side_inst_aggregator.encoders.encoder_{head.scales[0]}.'
-         f'{first.get(head.encoder_type, "")}')
+  first = {"mlp": "0.0.weight", "sab": "0.mab.fc_k.weight", "isab": "0.mab0.fc_k.weight"}
+  key = f"side_inst_aggregator.encoders.encoder_{head.scales[0]}.{first.get(head.encoder_type, '')}"
   if key not in state:
-    raise ValueError(f'FPN-MIL checkpoint lacks {key}, needed for the instance width; is '
-                     f'encoder_type={head.encoder_type!r} right?')
+    raise ValueError(
+      f"FPN-MIL checkpoint lacks {key}, needed for the instance width; is "
+      f"encoder_type={head.encoder_type!r} right?"
+    )
   width = state[key].shape[1]
   return {s: jnp.zeros((1, 4, width)) for s in head.scales}
 
 
-def import_fpn_mil(state_dict: Mapping[str, Any], model: FPNMIL,
-                   backbone_state_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def import_fpn_mil(
+  state_dict: Mapping[str, Any], model: FPNMIL, backbone_state_dict: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """Converts a trained FPN-MIL (``PyramidalMILmodel``) state dict to variables of ``model``.
 
   Args:
@@ -242,51 +272,64 @@ def import_fpn_mil(state_dict: Mapping[str, Any], model: FPNMIL,
   Raises:
     ValueError: naming every missing key, unexpected key and shape mismatch.
   """
-  state = {k: v for k, v in unwrap_state_dict(state_dict).items()
-           if not k.endswith(_IGNORED_SUFFIXES)}
+  state = {
+    k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(_IGNORED_SUFFIXES)
+  }
   has_backbone = any(k.startswith(FPN_MIL_BACKBONE_PREFIX) for k in state)
   if model.backbone is not None and not has_backbone and backbone_state_dict is None:
-    raise ValueError('the model has a backbone but the FPN-MIL checkpoint has no '
-                     f'{FPN_MIL_BACKBONE_PREFIX}* weights (it was trained on offline features); '
-                     'pass the Mammo-CLIP checkpoint as backbone_state_dict.')
+    raise ValueError(
+      "the model has a backbone but the FPN-MIL checkpoint has no "
+      f"{FPN_MIL_BACKBONE_PREFIX}* weights (it was trained on offline features); "
+      "pass the Mammo-CLIP checkpoint as backbone_state_dict."
+    )
   head = model.head
-  pooling_gated = head.pooling_type == 'gated-attention'
-  scale_gated = head.scale_aggregator == 'gated-attention'
+  pooling_gated = head.pooling_type == "gated-attention"
+  scale_gated = head.scale_aggregator == "gated-attention"
 
   def key_fn(path: tuple[str, ...]) -> str:
-    if path[0] == 'backbone':
+    if path[0] == "backbone":
       return FPN_MIL_BACKBONE_PREFIX + _efficientnet_key(path[1:])
-    if path[0] == 'fpn':
-      return 'inst_encoder.' + _fpn_key(path[1:])
+    if path[0] == "fpn":
+      return "inst_encoder." + _fpn_key(path[1:])
     return _head_key(path[1:], pooling_gated, scale_gated)
 
   abstract = _abstract_variables(model, _example_inputs(model, state))
   used: set[str] = set()
   missing: list[str] = []
   mismatched: list[str] = []
-  from_checkpoint = (lambda path: True) if has_backbone else (lambda path: path[0] != 'backbone')
+  from_checkpoint = (lambda path: True) if has_backbone else (lambda path: path[0] != "backbone")
   variables = _fill(abstract, state, key_fn, used, missing, mismatched, only=from_checkpoint)
   if model.backbone is not None and not has_backbone:
     backbone = import_efficientnet(backbone_state_dict, model.backbone)
     for collection, tree in backbone.items():
-      variables.setdefault(collection, {})['backbone'] = tree
+      variables.setdefault(collection, {})["backbone"] = tree
   outside = []
   if model.backbone is None:
     outside.append(FPN_MIL_BACKBONE_PREFIX)
   if model.fpn is None:
-    outside.append('inst_encoder.')
-  unexpected = sorted(k for k in set(state) - used if not k.startswith(tuple(outside))
-                      and not _shared_norm_copy(k))
-  _raise_if_bad('FPN-MIL checkpoint', missing, unexpected, mismatched,
-                'Build FPNMIL with the scales, encoder/pooling types, widths and FPN GroupNorm '
-                'setting the checkpoint was trained with.')
+    outside.append("inst_encoder.")
+  unexpected = sorted(
+    k for k in set(state) - used if not k.startswith(tuple(outside)) and not _shared_norm_copy(k)
+  )
+  _raise_if_bad(
+    "FPN-MIL checkpoint",
+    missing,
+    unexpected,
+    mismatched,
+    "Build FPNMIL with the scales, encoder/pooling types, widths and FPN GroupNorm "
+    "setting the checkpoint was trained with.",
+  )
   return variables
 
 
 def _shared_norm_copy(key: str) -> bool:
   """The shared FPN GroupNorm appears under all four conv blocks; one copy is read."""
-  return key.startswith('inst_encoder.') and key.split('.')[-2] == '1' and (
-      '.inner_block_' in key or '.layer_block_' in key) and '.inner_block_0.1.' not in key
+  return (
+    key.startswith("inst_encoder.")
+    and key.split(".")[-2] == "1"
+    and (".inner_block_" in key or ".layer_block_" in key)
+    and ".inner_block_0.1." not in key
+  )
 
 
 def load_fpn_mil(path: str, model: FPNMIL, mammoclip_path: str | None = None) -> dict[str, Any]:

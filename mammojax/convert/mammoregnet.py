@@ -87,10 +87,17 @@ def import_mammoregnet(state_dict: Mapping[str, Any], **hparams: Any) -> dict[st
       parts.append(f"unexpected keys {unexpected}")
     if mismatched:
       parts.append(f"shape mismatches {mismatched}")
-    settings = {f: getattr(model, f) for f in ("in_channels", "enc_channels", "dec_channels",
-                                                 "num_layers", "window_size")}
-    raise ValueError("MammoRegNet checkpoint does not match the model " + str(settings) + ": "
-                     + "; ".join(parts) + ". Pass the hyper-parameters it was trained with.")
+    settings = {
+      f: getattr(model, f)
+      for f in ("in_channels", "enc_channels", "dec_channels", "num_layers", "window_size")
+    }
+    raise ValueError(
+      "MammoRegNet checkpoint does not match the model "
+      + str(settings)
+      + ": "
+      + "; ".join(parts)
+      + ". Pass the hyper-parameters it was trained with."
+    )
   return {"params": traverse_util.unflatten_dict(params)}
 
 
@@ -116,5 +123,7 @@ def _check_index_buffer(key: str, value: Any, model: MammoRegNet, errors: list[s
   index = relative_position_index(model.window_size)
   value = np.asarray(value)
   if value.shape != index.shape or not np.array_equal(value, index):
-    errors.append(f"{key}: checkpoint buffer {value.shape} differs from the relative position "
-                  f"index of window_size={tuple(model.window_size)} {index.shape}")
+    errors.append(
+      f"{key}: checkpoint buffer {value.shape} differs from the relative position "
+      f"index of window_size={tuple(model.window_size)} {index.shape}"
+    )

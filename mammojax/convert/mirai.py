@@ -46,27 +46,36 @@ def find_backbone(state_dict: Mapping[str, Any]) -> tuple[dict[str, str], str]:
 
   Raises ValueError naming what was looked for when no (or more than one) backbone is present.
   """
-  mirai_roots = [k[:-len("downsampler.conv1.weight")] for k in state_dict
-                 if k.endswith("downsampler.conv1.weight")]
-  sequential_roots = [k[:-len("0.conv1.weight")] for k in state_dict
-                      if k.endswith("0.conv1.weight")
-                      and f"{k[:-len('0.conv1.weight')]}8.conv2.weight" in state_dict]
+  mirai_roots = [
+    k[: -len("downsampler.conv1.weight")]
+    for k in state_dict
+    if k.endswith("downsampler.conv1.weight")
+  ]
+  sequential_roots = [
+    k[: -len("0.conv1.weight")]
+    for k in state_dict
+    if k.endswith("0.conv1.weight") and f"{k[: -len('0.conv1.weight')]}8.conv2.weight" in state_dict
+  ]
   if len(mirai_roots) == 1:
     root = mirai_roots[0]
     return {name: f"{root}{name}." for name in BLOCK_NAMES}, f"mirai (prefix {root!r})"
   if not mirai_roots and len(sequential_roots) == 1:
     root = sequential_roots[0]
-    return ({name: f"{root}{index}." for index, name in enumerate(BLOCK_NAMES)},
-            f"sequential (prefix {root!r})")
+    return (
+      {name: f"{root}{index}." for index, name in enumerate(BLOCK_NAMES)},
+      f"sequential (prefix {root!r})",
+    )
   raise ValueError(
-      "no unique Mirai ResNet-18 backbone in the state dict: expected exactly one key ending in "
-      "'downsampler.conv1.weight' (Mirai layout) or one '<p>0.conv1.weight' with "
-      f"'<p>8.conv2.weight' (BCRBench encoder); found Mirai roots {mirai_roots} and sequential "
-      f"roots {sequential_roots}. Sample keys: {sorted(state_dict)[:8]}")
+    "no unique Mirai ResNet-18 backbone in the state dict: expected exactly one key ending in "
+    "'downsampler.conv1.weight' (Mirai layout) or one '<p>0.conv1.weight' with "
+    f"'<p>8.conv2.weight' (BCRBench encoder); found Mirai roots {mirai_roots} and sequential "
+    f"roots {sequential_roots}. Sample keys: {sorted(state_dict)[:8]}"
+  )
 
 
-def import_backbone(state_dict: Mapping[str, Any], prefixes: Mapping[str, str]
-                    ) -> tuple[dict[str, Any], set[str]]:
+def import_backbone(
+  state_dict: Mapping[str, Any], prefixes: Mapping[str, str]
+) -> tuple[dict[str, Any], set[str]]:
   """Backbone variables and the torch keys they consumed.
 
   Args:
@@ -79,16 +88,20 @@ def import_backbone(state_dict: Mapping[str, Any], prefixes: Mapping[str, str]
 
   def take(key: str) -> np.ndarray:
     if key not in state_dict:
-      raise KeyError(f"backbone weight {key!r} missing from the state dict; is this a Mirai "
-                     "ResNet-18 (block_layout 'BasicBlock,2' x 4)?")
+      raise KeyError(
+        f"backbone weight {key!r} missing from the state dict; is this a Mirai "
+        "ResNet-18 (block_layout 'BasicBlock,2' x 4)?"
+      )
     consumed.add(key)
     return np.array(state_dict[key], dtype=np.float32)  # a copy: never alias torch memory
 
   def batch_norm(prefix: str) -> tuple[dict, dict]:
     if f"{prefix}{_BN_STATS_IGNORED}" in state_dict:
       consumed.add(f"{prefix}{_BN_STATS_IGNORED}")
-    return ({"scale": take(f"{prefix}weight"), "bias": take(f"{prefix}bias")},
-            {"mean": take(f"{prefix}running_mean"), "var": take(f"{prefix}running_var")})
+    return (
+      {"scale": take(f"{prefix}weight"), "bias": take(f"{prefix}bias")},
+      {"mean": take(f"{prefix}running_mean"), "var": take(f"{prefix}running_var")},
+    )
 
   params: dict[str, Any] = {}
   stats: dict[str, Any] = {}
@@ -102,14 +115,18 @@ def import_backbone(state_dict: Mapping[str, Any], prefixes: Mapping[str, str]
       block_params["bn2"], block_stats["bn2"] = batch_norm(f"{prefix}bn2.")
     if name in PROJECTED_BLOCKS:
       block_params["downsample_conv"] = {
-          "kernel": conv_kernel(take(f"{prefix}downsample.0.weight"))}
+        "kernel": conv_kernel(take(f"{prefix}downsample.0.weight"))
+      }
       block_params["downsample_bn"], block_stats["downsample_bn"] = batch_norm(
-          f"{prefix}downsample.1.")
+        f"{prefix}downsample.1."
+      )
     params[name], stats[name] = block_params, block_stats
   in_channels = params["downsampler"]["conv1"]["kernel"].shape[2]
   if in_channels != 3:
-    raise ValueError(f"the backbone's first conv takes {in_channels} channels; MiraiResNet18 "
-                     "expects Mirai's 3-channel input")
+    raise ValueError(
+      f"the backbone's first conv takes {in_channels} channels; MiraiResNet18 "
+      "expects Mirai's 3-channel input"
+    )
   return {"params": params, "batch_stats": stats}, consumed
 
 

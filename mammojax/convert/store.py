@@ -38,14 +38,18 @@ def load_variables(directory: str) -> dict[str, Any]:
   """Reads a tree written by :func:`save_variables` as numpy arrays."""
   path = os.path.join(os.path.abspath(directory), "variables")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} not found: {directory!r} is not a converted mammojax "
-                            "checkpoint (create one with `python -m mammojax.convert`)")
+    raise FileNotFoundError(
+      f"{path} not found: {directory!r} is not a converted mammojax "
+      "checkpoint (create one with `python -m mammojax.convert`)"
+    )
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.restore(path)
   except Exception as e:  # orbax raises many types for damaged files.
-    raise ValueError(f"could not read the checkpoint at {path}: {e}. The directory is damaged; "
-                     "convert the source checkpoint again") from e
+    raise ValueError(
+      f"could not read the checkpoint at {path}: {e}. The directory is damaged; "
+      "convert the source checkpoint again"
+    ) from e
   return _to_numpy(tree)
 
 

@@ -33,10 +33,12 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   except FileNotFoundError:
     raise
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files.
-    raise ValueError(f"could not read {path!r} as a PyTorch checkpoint with weights_only=True: "
-                     f"{e}. If it pickles Python objects besides tensors, re-save only the "
-                     "state dict (torch.save(model.state_dict(), path)) from a trusted "
-                     "environment") from e
+    raise ValueError(
+      f"could not read {path!r} as a PyTorch checkpoint with weights_only=True: "
+      f"{e}. If it pickles Python objects besides tensors, re-save only the "
+      "state dict (torch.save(model.state_dict(), path)) from a trusted "
+      "environment"
+    ) from e
   return unwrap_state_dict(obj)
 
 
@@ -48,8 +50,9 @@ def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   from every key. Values may be torch tensors (bfloat16 is widened to float32) or array-likes.
   """
   if not isinstance(obj, Mapping):
-    raise ValueError(f"expected a state dict (a mapping of names to tensors), got "
-                     f"{type(obj).__name__}")
+    raise ValueError(
+      f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+    )
   while True:
     nested = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
     if nested is None:
@@ -59,8 +62,10 @@ def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   for key, value in obj.items():
     name = _strip_prefixes(str(key))
     if name in state:
-      raise ValueError(f"state dict has two entries for {name!r} after removing wrapper "
-                       f"prefixes {WRAPPER_PREFIXES}")
+      raise ValueError(
+        f"state dict has two entries for {name!r} after removing wrapper "
+        f"prefixes {WRAPPER_PREFIXES}"
+      )
     state[name] = _to_numpy(name, value)
   return state
 
@@ -71,7 +76,7 @@ def _strip_prefixes(name: str) -> str:
     stripped = False
     for prefix in WRAPPER_PREFIXES:
       if name.startswith(prefix):
-        name, stripped = name[len(prefix):], True
+        name, stripped = name[len(prefix) :], True
   return name
 
 
@@ -81,9 +86,10 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     if str(value.dtype) == "torch.bfloat16":
       value = value.float()
     return value.numpy()
-  if isinstance(value, (np.ndarray, np.generic, int, float, bool)) or hasattr(value,
-                                                                               "__array__"):
+  if isinstance(value, (np.ndarray, np.generic, int, float, bool)) or hasattr(value, "__array__"):
     return np.asarray(value)
-  raise ValueError(f"state dict entry {name!r} is a {type(value).__name__}, not a tensor or "
-                   "array; pass the model's state dict (or a checkpoint nesting it under "
-                   f"one of {NESTING_KEYS})")
+  raise ValueError(
+    f"state dict entry {name!r} is a {type(value).__name__}, not a tensor or "
+    "array; pass the model's state dict (or a checkpoint nesting it under "
+    f"one of {NESTING_KEYS})"
+  )

@@ -44,6 +44,7 @@ class AugmentConfig:
     brightness: maximum intensity shift (normalised units).
     keys: image fields to transform.
   """
+
   flip_p: float = 0.5
   rotation_deg: float = 5.0
   scale: float = 0.05
@@ -68,8 +69,9 @@ def train_augmentations(config: AugmentConfig) -> list[grain.transforms.RandomMa
 class RandomFlip(grain.transforms.RandomMap):
   """Mirrors all ``keys`` left-right together with probability ``p``."""
 
-  def __init__(self, keys: Sequence[str] = IMAGE_KEYS, p: float = 0.5,
-               displacement_key: str = "displacement"):
+  def __init__(
+    self, keys: Sequence[str] = IMAGE_KEYS, p: float = 0.5, displacement_key: str = "displacement"
+  ):
     self.keys = tuple(keys)
     self.p = float(p)
     self.displacement_key = displacement_key
@@ -90,17 +92,23 @@ class RandomFlip(grain.transforms.RandomMap):
 class RandomAffine(grain.transforms.RandomMap):
   """One random rotation + isotropic zoom + shift (about the centre) for all ``keys``."""
 
-  def __init__(self, keys: Sequence[str] = IMAGE_KEYS, rotation_deg: float = 5.0,
-               scale: float = 0.05, shift: float = 0.03,
-               displacement_key: str = "displacement"):
+  def __init__(
+    self,
+    keys: Sequence[str] = IMAGE_KEYS,
+    rotation_deg: float = 5.0,
+    scale: float = 0.05,
+    shift: float = 0.03,
+    displacement_key: str = "displacement",
+  ):
     self.keys = tuple(keys)
     self.rotation_deg = float(rotation_deg)
     self.scale = float(scale)
     self.shift = float(shift)
     self.displacement_key = displacement_key
 
-  def sample_matrix(self, shape: tuple[int, int],
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  def sample_matrix(
+    self, shape: tuple[int, int], rng: np.random.Generator
+  ) -> tuple[np.ndarray, np.ndarray]:
     """``(M [2, 2], c [2])``: output pixel ``y`` reads input pixel ``M @ y + c`` ('ij')."""
     angle = math.radians(rng.uniform(-self.rotation_deg, self.rotation_deg))
     zoom = 1.0 + rng.uniform(-self.scale, self.scale)
@@ -117,13 +125,16 @@ class RandomAffine(grain.transforms.RandomMap):
     for key in self.keys:
       image = np.asarray(element[key])
       fill = float(image.min())
-      out[key] = _per_channel(image, lambda c: ndimage.affine_transform(
-          c, matrix, offset, order=1, mode="constant", cval=fill)).astype(image.dtype)
+      out[key] = _per_channel(
+        image,
+        lambda c: ndimage.affine_transform(c, matrix, offset, order=1, mode="constant", cval=fill),
+      ).astype(image.dtype)
     if self.displacement_key in element:
       # prior(x + u(x)) ~ current(x) holds after the warp for u'(y) = M^-1 u(M y + c).
-      field = _per_channel(np.asarray(element[self.displacement_key], np.float32),
-                           lambda c: ndimage.affine_transform(c, matrix, offset, order=1,
-                                                              mode="nearest"))
+      field = _per_channel(
+        np.asarray(element[self.displacement_key], np.float32),
+        lambda c: ndimage.affine_transform(c, matrix, offset, order=1, mode="nearest"),
+      )
       out[self.displacement_key] = (field @ np.linalg.inv(matrix).T).astype(np.float32)
     return out
 
@@ -135,8 +146,13 @@ class IntensityJitter(grain.transforms.RandomMap):
   all-zero image (an absent prior) is left at zero.
   """
 
-  def __init__(self, keys: Sequence[str] = IMAGE_KEYS, contrast: float = 0.1,
-               brightness: float = 0.1, shared: bool = False):
+  def __init__(
+    self,
+    keys: Sequence[str] = IMAGE_KEYS,
+    contrast: float = 0.1,
+    brightness: float = 0.1,
+    shared: bool = False,
+  ):
     self.keys = tuple(keys)
     self.contrast = float(contrast)
     self.brightness = float(brightness)
@@ -148,11 +164,15 @@ class IntensityJitter(grain.transforms.RandomMap):
     for key in self.keys:
       image = np.asarray(element[key])
       if image.dtype.kind != "f":
-        raise TypeError(f"IntensityJitter needs float images; {key!r} is {image.dtype}. "
-                        "Apply it after decoding / normalisation.")
+        raise TypeError(
+          f"IntensityJitter needs float images; {key!r} is {image.dtype}. "
+          "Apply it after decoding / normalisation."
+        )
       if draw is None or not self.shared:
-        draw = (rng.uniform(-self.contrast, self.contrast),
-                rng.uniform(-self.brightness, self.brightness))
+        draw = (
+          rng.uniform(-self.contrast, self.contrast),
+          rng.uniform(-self.brightness, self.brightness),
+        )
       if not image.any():
         continue
       out[key] = (image * (1.0 + draw[0]) + draw[1]).astype(image.dtype)

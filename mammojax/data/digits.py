@@ -50,6 +50,7 @@ class DigitPairsSpec:
     tfds_data_dir: TFDS data directory holding a prepared ``mnist`` ('' = TFDS's default).
     seed: the pairing is a deterministic function of it.
   """
+
   source: Source = "auto"
   size: int = 28
   train_digit: int = 5
@@ -86,8 +87,9 @@ def digit_pairs(spec: DigitPairsSpec, split: str) -> grain.MapDataset:
   digit = spec.train_digit if split == "train" else spec.eval_digit
   # MNIST has its own test images; scikit-learn's digits have no split, but train and
   # evaluation pairs never share a class, so they never share an image either.
-  images, labels, _ = load_digit_images(spec.source, spec.size, spec.tfds_data_dir,
-                                        "train" if split == "train" else "test")
+  images, labels, _ = load_digit_images(
+    spec.source, spec.size, spec.tfds_data_dir, "train" if split == "train" else "test"
+  )
   images = images[labels == digit]
   if len(images) < 2:
     raise ValueError(f"digit {digit} has {len(images)} images in the {split} source; need >= 2")
@@ -99,8 +101,9 @@ def digit_pairs(spec: DigitPairsSpec, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(DigitPairSource(images, np.stack([moving, fixed], axis=1)))
 
 
-def load_digit_images(source: Source = "auto", size: int = 28, tfds_data_dir: str = "",
-                      mnist_split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
+def load_digit_images(
+  source: Source = "auto", size: int = 28, tfds_data_dir: str = "", mnist_split: str = "train"
+) -> tuple[np.ndarray, np.ndarray, str]:
   """Digit images ``[N, size, size]`` float32 in ``[0, 1]``, labels ``[N]`` int, source used."""
   if source not in ("auto", "mnist", "sklearn"):
     raise ValueError(f"digits source must be 'auto', 'mnist' or 'sklearn', got {source!r}")
@@ -133,16 +136,20 @@ def mnist_images(tfds_data_dir: str = "", split: str = "train") -> tuple[np.ndar
   except Exception as e:  # tfds raises several types for unknown / broken builders.
     raise DigitsUnavailableError(f"no TFDS mnist builder ({type(e).__name__}: {e})") from None
   if not os.path.isdir(str(builder.data_path)) or not builder.info.splits:
-    raise DigitsUnavailableError(f"mnist is not prepared in {builder.data_dir}; prepare it once "
-                                 "with tfds (download_and_prepare) or use source='sklearn'")
+    raise DigitsUnavailableError(
+      f"mnist is not prepared in {builder.data_dir}; prepare it once "
+      "with tfds (download_and_prepare) or use source='sklearn'"
+    )
   try:
     records = builder.as_data_source(split=split)
     images = np.stack([np.asarray(records[i]["image"]) for i in range(len(records))])
     labels = np.asarray([int(records[i]["label"]) for i in range(len(records))])
   except Exception as e:  # e.g. tfrecord files, which need TensorFlow to read.
-    raise DigitsUnavailableError(f"cannot read the prepared mnist at {builder.data_path} "
-                                 f"without TensorFlow ({type(e).__name__}: {e}); re-prepare "
-                                 "it with file_format='array_record'") from None
+    raise DigitsUnavailableError(
+      f"cannot read the prepared mnist at {builder.data_path} "
+      f"without TensorFlow ({type(e).__name__}: {e}); re-prepare "
+      "it with file_format='array_record'"
+    ) from None
   return images.reshape(len(images), 28, 28).astype(np.float32) / 255.0, labels
 
 
@@ -162,7 +169,7 @@ def sklearn_digit_images(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
   zoomed = np.clip(ndimage.zoom(small, (1, inner / 8, inner / 8), order=3), 0.0, 1.0)
   start = (size - inner) // 2
   canvas = np.zeros((len(small), size, size), np.float32)
-  canvas[:, start:start + inner, start:start + inner] = zoomed
+  canvas[:, start : start + inner, start : start + inner] = zoomed
   return canvas, digits.target.astype(np.int64)
 
 

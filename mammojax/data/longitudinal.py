@@ -41,21 +41,35 @@ from mammojax.data import tabular
 from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram
 from mammojax.data.survival import survival_targets
 
-REQUIRED_COLUMNS = ("patient_id", "exam_id", "ImageLaterality", "view", "study_date_year",
-                    "Time_to_Cancer_Years", "years_last_followup", "density", "cancer_type",
-                    "race")
+REQUIRED_COLUMNS = (
+  "patient_id",
+  "exam_id",
+  "ImageLaterality",
+  "view",
+  "study_date_year",
+  "Time_to_Cancer_Years",
+  "years_last_followup",
+  "density",
+  "cancer_type",
+  "race",
+)
 NO_CANCER_YEARS = 100.0
-CANCER_TYPE_CODES = {0: "none or unknown", 1: "invasive", 2: "in situ (non-invasive)",
-                     3: "malignant, type unspecified"}
+CANCER_TYPE_CODES = {
+  0: "none or unknown",
+  1: "invasive",
+  2: "in situ (non-invasive)",
+  3: "malignant, type unspecified",
+}
 _CANCER_TYPE_WORDS = (
-    (("non-invasive", "noninvasive", "non invasive", "in situ", "insitu", "dcis", "lcis"), 2),
-    (("invasive", "idc", "ilc"), 1),
-    (("malignant", "cancer", "other"), 3),
+  (("non-invasive", "noninvasive", "non invasive", "in situ", "insitu", "dcis", "lcis"), 2),
+  (("invasive", "idc", "ilc"), 1),
+  (("malignant", "cancer", "other"), 3),
 )
 _DENSITY = {"1": 1, "2": 2, "3": 3, "4": 4, "a": 1, "b": 2, "c": 3, "d": 4}
 FILENAME_PATTERN = re.compile(
-    r"^(?P<patient>.+?)_(?P<side>[LR])_(?P<view>[A-Za-z0-9]+)_(?P<date>\d{4}-\d{2}-\d{2})_"
-    r"(?P<rest>.+)\.png$")
+  r"^(?P<patient>.+?)_(?P<side>[LR])_(?P<view>[A-Za-z0-9]+)_(?P<date>\d{4}-\d{2}-\d{2})_"
+  r"(?P<rest>.+)\.png$"
+)
 PRIOR_MODES = ("latest", "all")
 
 
@@ -73,6 +87,7 @@ class LongitudinalOptions:
     keep_columns: extra CSV columns copied into records as ``meta_<column>`` strings.
     preprocess: mammogram preprocessing settings.
   """
+
   num_years: int = 5
   prior: str = "latest"
   min_gap_years: float = 0.0
@@ -94,6 +109,7 @@ class LongitudinalOptions:
 @dataclasses.dataclass(frozen=True)
 class ExamImage:
   """One parsed CSV row."""
+
   line: int
   patient_id: str
   exam_id: str
@@ -113,6 +129,7 @@ class ExamImage:
 @dataclasses.dataclass(frozen=True)
 class PairItem:
   """Work item: one current image, its prior (or none) and the record's other fields."""
+
   rows: str
   order: tuple[int, int]
   current_path: str
@@ -168,12 +185,15 @@ def parse_cancer_type(value: str, line: int) -> int:
   else:
     if code in CANCER_TYPE_CODES:
       return code
-  raise ValueError(f"line {line}: cancer_type {value!r} is not in the code table "
-                   f"{CANCER_TYPE_CODES}; map the column to these codes or words")
+  raise ValueError(
+    f"line {line}: cancer_type {value!r} is not in the code table "
+    f"{CANCER_TYPE_CODES}; map the column to these codes or words"
+  )
 
 
-def plan(csv_path: str, images_root: str, options: LongitudinalOptions,
-         salt: str) -> tabular.IngestPlan:
+def plan(
+  csv_path: str, images_root: str, options: LongitudinalOptions, salt: str
+) -> tabular.IngestPlan:
   """Parses the CSV, finds images, pairs priors and assigns splits.
 
   Raises:
@@ -183,8 +203,10 @@ def plan(csv_path: str, images_root: str, options: LongitudinalOptions,
   table = tabular.read_table(csv_path, REQUIRED_COLUMNS)
   for column in options.keep_columns:
     if column not in table.columns:
-      raise ValueError(f"{csv_path}: keep_columns names {column!r}, which is not a column; "
-                       f"the CSV has {list(table.columns)}")
+      raise ValueError(
+        f"{csv_path}: keep_columns names {column!r}, which is not a column; "
+        f"the CSV has {list(table.columns)}"
+      )
   errors: list[tabular.ErrorRow] = []
   finder = None if "image_path" in table.columns else _ConventionFinder(images_root)
   exams = []
@@ -201,8 +223,7 @@ def plan(csv_path: str, images_root: str, options: LongitudinalOptions,
     ordered = sorted(series[key], key=lambda e: (e.time, e.exam_id, e.line))
     for index, exam in enumerate(ordered):
       for prior, gap in _priors(exam, ordered[:index], ordered, options, salt):
-        items_by_patient[exam.patient_id].append(
-            _item(exam, prior, gap, index, options, salt))
+        items_by_patient[exam.patient_id].append(_item(exam, prior, gap, index, options, salt))
 
   patients = sorted({e.patient_id for e in exams})
   if "split" in table.columns:
@@ -210,32 +231,47 @@ def plan(csv_path: str, images_root: str, options: LongitudinalOptions,
     for exam in exams:
       declared[exam.patient_id].append((exam.line, exam.split))
     hashed = tabular.split_from_column(
-        {tabular.pseudonym(p, salt): v for p, v in declared.items()}, "split")
+      {tabular.pseudonym(p, salt): v for p, v in declared.items()}, "split"
+    )
     assignment = {p: hashed[tabular.pseudonym(p, salt)] for p in patients}
   else:
     outcomes = {p: 0 for p in patients}
     for exam in exams:
       if exam.years_to_cancer < options.num_years:
         outcomes[exam.patient_id] = 1
-    assignment = tabular.stratified_patient_split(outcomes, dict(options.fractions),
-                                                  options.seed)
+    assignment = tabular.stratified_patient_split(outcomes, dict(options.fractions), options.seed)
   splits: dict[str, list[PairItem]] = tabular.items_by_split(
-      {p: items_by_patient[p] for p in patients}, assignment, options.fractions)
-  config = {"task": "longitudinal", "num_years": options.num_years, "prior": options.prior,
-            "min_gap_years": options.min_gap_years, "missing_prior": options.missing_prior,
-            "split_seed": options.seed, "fractions": dict(options.fractions),
-            "keep_columns": list(options.keep_columns),
-            "preprocess": options.preprocess.to_dict(),
-            "no_cancer_years": NO_CANCER_YEARS, "cancer_type_codes": CANCER_TYPE_CODES,
-            "density_codes": {0: "unknown", 1: "a", 2: "b", 3: "c", 4: "d"},
-            "patients": {n: sum(1 for p in patients if assignment[p] == n) for n in splits}}
-  return tabular.IngestPlan(splits=splits, errors=errors, config=config,
-                            stat_fields=("current_image",))
+    {p: items_by_patient[p] for p in patients}, assignment, options.fractions
+  )
+  config = {
+    "task": "longitudinal",
+    "num_years": options.num_years,
+    "prior": options.prior,
+    "min_gap_years": options.min_gap_years,
+    "missing_prior": options.missing_prior,
+    "split_seed": options.seed,
+    "fractions": dict(options.fractions),
+    "keep_columns": list(options.keep_columns),
+    "preprocess": options.preprocess.to_dict(),
+    "no_cancer_years": NO_CANCER_YEARS,
+    "cancer_type_codes": CANCER_TYPE_CODES,
+    "density_codes": {0: "unknown", 1: "a", 2: "b", 3: "c", 4: "d"},
+    "patients": {n: sum(1 for p in patients if assignment[p] == n) for n in splits},
+  }
+  return tabular.IngestPlan(
+    splits=splits, errors=errors, config=config, stat_fields=("current_image",)
+  )
 
 
-def _parse_row(row: dict[str, str], line: int, columns: tuple[str, ...], images_root: str,
-               finder: _ConventionFinder | None, options: LongitudinalOptions,
-               errors: list[tabular.ErrorRow]) -> ExamImage | None:
+def _parse_row(
+  row: dict[str, str],
+  line: int,
+  columns: tuple[str, ...],
+  images_root: str,
+  finder: _ConventionFinder | None,
+  options: LongitudinalOptions,
+  errors: list[tabular.ErrorRow],
+) -> ExamImage | None:
   patient = row["patient_id"]
   if not patient:
     raise ValueError(f"line {line}: patient_id is empty")
@@ -248,13 +284,17 @@ def _parse_row(row: dict[str, str], line: int, columns: tuple[str, ...], images_
   if "study_date" in columns and not tabular.is_missing(row["study_date"]):
     date = tabular.parse_date(row["study_date"], "study_date", line)
     if date.year != int(year):
-      raise ValueError(f"line {line}: study_date {date} disagrees with study_date_year "
-                       f"{int(year)}; fix one of them")
+      raise ValueError(
+        f"line {line}: study_date {date} disagrees with study_date_year "
+        f"{int(year)}; fix one of them"
+      )
   time = (date.toordinal() / 365.25) if date else year
-  to_cancer = tabular.parse_float(row["Time_to_Cancer_Years"], "Time_to_Cancer_Years", line,
-                                  allow_missing=True, minimum=0.0)
-  followup = tabular.parse_float(row["years_last_followup"], "years_last_followup", line,
-                                 minimum=0.0)
+  to_cancer = tabular.parse_float(
+    row["Time_to_Cancer_Years"], "Time_to_Cancer_Years", line, allow_missing=True, minimum=0.0
+  )
+  followup = tabular.parse_float(
+    row["years_last_followup"], "years_last_followup", line, minimum=0.0
+  )
   to_cancer, followup = survival_years(to_cancer, followup)
   if "image_path" in columns:
     if not row["image_path"]:
@@ -266,35 +306,51 @@ def _parse_row(row: dict[str, str], line: int, columns: tuple[str, ...], images_
       errors.append(tabular.ErrorRow(rows=f"line {line}", file=path, reason=problem))
       return None
   if not os.path.isfile(path):
-    errors.append(tabular.ErrorRow(rows=f"line {line}", file=path,
-                                   reason="file does not exist"))
+    errors.append(tabular.ErrorRow(rows=f"line {line}", file=path, reason="file does not exist"))
     return None
   return ExamImage(
-      line=line, patient_id=patient, exam_id=row["exam_id"], laterality=laterality, view=view,
-      time=time, years_to_cancer=to_cancer, years_to_followup=followup,
-      density=parse_density(row["density"]),
-      cancer_type=parse_cancer_type(row["cancer_type"], line), path=path,
-      split=row.get("split", ""), prior_exam_id=row.get("prior_exam_id", ""),
-      meta=tuple((c, row[c]) for c in options.keep_columns))
+    line=line,
+    patient_id=patient,
+    exam_id=row["exam_id"],
+    laterality=laterality,
+    view=view,
+    time=time,
+    years_to_cancer=to_cancer,
+    years_to_followup=followup,
+    density=parse_density(row["density"]),
+    cancer_type=parse_cancer_type(row["cancer_type"], line),
+    path=path,
+    split=row.get("split", ""),
+    prior_exam_id=row.get("prior_exam_id", ""),
+    meta=tuple((c, row[c]) for c in options.keep_columns),
+  )
 
 
-def _priors(exam: ExamImage, earlier: list[ExamImage], series: list[ExamImage],
-            options: LongitudinalOptions, salt: str):
+def _priors(
+  exam: ExamImage,
+  earlier: list[ExamImage],
+  series: list[ExamImage],
+  options: LongitudinalOptions,
+  salt: str,
+):
   """Yields (prior or None, gap in years) pairs for one current exam."""
   if exam.prior_exam_id and not tabular.is_missing(exam.prior_exam_id):
     named = [e for e in series if e.exam_id == exam.prior_exam_id]
     if not named:
-      raise ValueError(f"line {exam.line}: prior_exam_id {exam.prior_exam_id!r} has no row of "
-                       "the same patient, laterality and view; fix prior_exam_id or leave it "
-                       "empty")
+      raise ValueError(
+        f"line {exam.line}: prior_exam_id {exam.prior_exam_id!r} has no row of "
+        "the same patient, laterality and view; fix prior_exam_id or leave it "
+        "empty"
+      )
     prior = named[0]
     gap = exam.time - prior.time
     if gap < 0:
       raise ValueError(
-          f"line {exam.line} (patient {tabular.pseudonym(exam.patient_id, salt)[:12]}): the "
-          f"prior exam {exam.prior_exam_id!r} (line {prior.line}) is dated {-gap:.2f} years "
-          "after the current exam, a negative time gap; fix study_date / study_date_year or "
-          "prior_exam_id")
+        f"line {exam.line} (patient {tabular.pseudonym(exam.patient_id, salt)[:12]}): the "
+        f"prior exam {exam.prior_exam_id!r} (line {prior.line}) is dated {-gap:.2f} years "
+        "after the current exam, a negative time gap; fix study_date / study_date_year or "
+        "prior_exam_id"
+      )
     yield prior, gap
     return
   eligible = [(e, exam.time - e.time) for e in earlier if e.exam_id != exam.exam_id]
@@ -309,32 +365,48 @@ def _priors(exam: ExamImage, earlier: list[ExamImage], series: list[ExamImage],
     yield from reversed(eligible)
 
 
-def _item(exam: ExamImage, prior: ExamImage | None, gap: float, index: int,
-          options: LongitudinalOptions, salt: str) -> PairItem:
-  target, mask = survival_targets(exam.years_to_cancer, exam.years_to_followup,
-                                  options.num_years)
+def _item(
+  exam: ExamImage,
+  prior: ExamImage | None,
+  gap: float,
+  index: int,
+  options: LongitudinalOptions,
+  salt: str,
+) -> PairItem:
+  target, mask = survival_targets(exam.years_to_cancer, exam.years_to_followup, options.num_years)
   if prior is None:
     target_prior = np.zeros(options.num_years, np.float32)
     mask_prior = np.zeros(options.num_years, np.float32)
   else:
-    target_prior, mask_prior = survival_targets(prior.years_to_cancer, prior.years_to_followup,
-                                                options.num_years)
+    target_prior, mask_prior = survival_targets(
+      prior.years_to_cancer, prior.years_to_followup, options.num_years
+    )
   fields = {
-      "has_prior": np.int32(prior is not None), "time_gap": np.float32(gap),
-      "years_to_cancer": np.float32(exam.years_to_cancer),
-      "years_to_followup": np.float32(exam.years_to_followup),
-      "target": target, "y_mask": mask, "target_prior": target_prior,
-      "y_mask_prior": mask_prior, "density": np.int32(exam.density),
-      "cancer_type": np.int32(exam.cancer_type),
-      "patient_hash": tabular.pseudonym(exam.patient_id, salt), "exam_index": np.int32(index),
+    "has_prior": np.int32(prior is not None),
+    "time_gap": np.float32(gap),
+    "years_to_cancer": np.float32(exam.years_to_cancer),
+    "years_to_followup": np.float32(exam.years_to_followup),
+    "target": target,
+    "y_mask": mask,
+    "target_prior": target_prior,
+    "y_mask_prior": mask_prior,
+    "density": np.int32(exam.density),
+    "cancer_type": np.int32(exam.cancer_type),
+    "patient_hash": tabular.pseudonym(exam.patient_id, salt),
+    "exam_index": np.int32(index),
   }
   fields.update({f"meta_{c}": v for c, v in exam.meta})
   rows = f"line {exam.line}" + (f" (prior line {prior.line})" if prior else "")
-  return PairItem(rows=rows, order=(exam.line, prior.line if prior else 0),
-                  current_path=exam.path, current_laterality=exam.laterality,
-                  prior_path=prior.path if prior else None,
-                  prior_laterality=prior.laterality if prior else None,
-                  fields=fields, preprocess=options.preprocess)
+  return PairItem(
+    rows=rows,
+    order=(exam.line, prior.line if prior else 0),
+    current_path=exam.path,
+    current_laterality=exam.laterality,
+    prior_path=prior.path if prior else None,
+    prior_laterality=prior.laterality if prior else None,
+    fields=fields,
+    preprocess=options.preprocess,
+  )
 
 
 class _ConventionFinder:
@@ -356,17 +428,25 @@ class _ConventionFinder:
         key = (match["patient"], match["side"], match["view"].upper())
         self.index[key].append((date, os.path.join(directory, name)))
 
-  def find(self, patient: str, side: str, view: str, date: datetime.date | None,
-           year: int) -> tuple[str, str]:
+  def find(
+    self, patient: str, side: str, view: str, date: datetime.date | None, year: int
+  ) -> tuple[str, str]:
     """Returns (path, '') or (pattern, reason it was not found uniquely)."""
-    pattern = os.path.join(self.root, f"{patient}_{side}_{view}_"
-                           f"{date.isoformat() if date else f'{year}-??-??'}_<n>.png")
-    candidates = [p for d, p in self.index.get((patient, side, view), ())
-                  if (d == date if date else d.year == year)]
+    pattern = os.path.join(
+      self.root, f"{patient}_{side}_{view}_{date.isoformat() if date else f'{year}-??-??'}_<n>.png"
+    )
+    candidates = [
+      p
+      for d, p in self.index.get((patient, side, view), ())
+      if (d == date if date else d.year == year)
+    ]
     if not candidates:
-      return pattern, ("no image file matches the name convention; add an image_path column "
-                       "or rename the file")
+      return pattern, (
+        "no image file matches the name convention; add an image_path column or rename the file"
+      )
     if len(candidates) > 1:
-      return pattern, (f"{len(candidates)} image files match; add an image_path column (or a "
-                       "study_date column) to say which")
+      return pattern, (
+        f"{len(candidates)} image files match; add an image_path column (or a "
+        "study_date column) to say which"
+      )
     return candidates[0], ""

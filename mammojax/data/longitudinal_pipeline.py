@@ -12,8 +12,18 @@ import numpy as np
 from mammojax.data import records, synthetic_longitudinal
 
 # Record fields the risk models consume besides the two images.
-LABEL_FIELDS = ("time_gap", "has_prior", "target", "y_mask", "target_prior", "y_mask_prior",
-                "years_to_cancer", "years_to_followup", "density", "cancer_type")
+LABEL_FIELDS = (
+  "time_gap",
+  "has_prior",
+  "target",
+  "y_mask",
+  "target_prior",
+  "y_mask_prior",
+  "years_to_cancer",
+  "years_to_followup",
+  "density",
+  "cancer_type",
+)
 
 
 class DecodeLongitudinal(grain.transforms.Map):
@@ -48,25 +58,35 @@ def longitudinal_dataset(directory: str, split: str) -> grain.MapDataset:
   config = manifest["config"]
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
   return grain.MapDataset.source(source).map(
-      DecodeLongitudinal(config["pixel_mean"], config["pixel_std"]))
+    DecodeLongitudinal(config["pixel_mean"], config["pixel_std"])
+  )
 
 
 def default_data_root() -> str:
   """Where synthetic datasets are cached: $MAMMOJAX_DATA or ~/.cache/mammojax/datasets."""
-  return os.environ.get("MAMMOJAX_DATA",
-                        os.path.join(os.path.expanduser("~"), ".cache", "mammojax", "datasets"))
+  return os.environ.get(
+    "MAMMOJAX_DATA", os.path.join(os.path.expanduser("~"), ".cache", "mammojax", "datasets")
+  )
 
 
-def synthetic_spec(data: ml_collections.ConfigDict
-                   ) -> synthetic_longitudinal.SyntheticLongitudinalSpec:
+def synthetic_spec(
+  data: ml_collections.ConfigDict,
+) -> synthetic_longitudinal.SyntheticLongitudinalSpec:
   """The generator settings of a config's ``data`` section."""
   s = data.synthetic
   return synthetic_longitudinal.SyntheticLongitudinalSpec(
-      image_size=tuple(data.image_size), num_train=s.num_train, num_val=s.num_val,
-      num_test=s.num_test, num_years=data.num_years, positive_fraction=s.positive_fraction,
-      missing_prior_fraction=s.missing_prior_fraction, deformation_pixels=s.deformation_pixels,
-      lesion_contrast=s.lesion_contrast, store_displacement=s.get("store_displacement", False),
-      seed=s.seed)
+    image_size=tuple(data.image_size),
+    num_train=s.num_train,
+    num_val=s.num_val,
+    num_test=s.num_test,
+    num_years=data.num_years,
+    positive_fraction=s.positive_fraction,
+    missing_prior_fraction=s.missing_prior_fraction,
+    deformation_pixels=s.deformation_pixels,
+    lesion_contrast=s.lesion_contrast,
+    store_displacement=s.get("store_displacement", False),
+    seed=s.seed,
+  )
 
 
 def resolve_longitudinal_dir(data: ml_collections.ConfigDict) -> str:

@@ -43,6 +43,7 @@ class MammoPreprocessConfig:
     threshold: breast / background threshold as a fraction of the intensity range.
     mask_max_side: segmentation runs on a copy downsampled to at most this many pixels per side.
   """
+
   height: int = 1024
   width: int = 832
   orientation: str = "laterality"
@@ -75,6 +76,7 @@ class Geometry:
     scale: output pixels per source pixel.
     offset: ``(row, col)`` of the resized image's top-left corner in the padded output.
   """
+
   crop: tuple[int, int, int, int]
   flipped: bool
   scale: float
@@ -93,8 +95,7 @@ class Geometry:
     return np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)
 
 
-def breast_mask(pixels: np.ndarray, threshold: float = 0.05,
-                max_side: int = 512) -> np.ndarray:
+def breast_mask(pixels: np.ndarray, threshold: float = 0.05, max_side: int = 512) -> np.ndarray:
   """Boolean ``[H, W]`` mask of the largest bright connected region (the breast).
 
   Raises:
@@ -109,18 +110,21 @@ def breast_mask(pixels: np.ndarray, threshold: float = 0.05,
   fg = ndimage.binary_opening(fg, structure=np.ones((3, 3), bool))
   labels, count = ndimage.label(fg)
   if count == 0:
-    raise ValueError(f"no pixel exceeds {threshold:.0%} of the intensity range; no breast found "
-                     "(lower the threshold or check the image)")
+    raise ValueError(
+      f"no pixel exceeds {threshold:.0%} of the intensity range; no breast found "
+      "(lower the threshold or check the image)"
+    )
   sizes = np.bincount(labels.ravel())[1:]
   mask = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
   mask = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool))
   if stride > 1:
     mask = mask.repeat(stride, axis=0).repeat(stride, axis=1)
-  return mask[:pixels.shape[0], :pixels.shape[1]]
+  return mask[: pixels.shape[0], : pixels.shape[1]]
 
 
-def preprocess_mammogram(pixels: np.ndarray, laterality: str | None,
-                         config: MammoPreprocessConfig) -> tuple[np.ndarray, Geometry]:
+def preprocess_mammogram(
+  pixels: np.ndarray, laterality: str | None, config: MammoPreprocessConfig
+) -> tuple[np.ndarray, Geometry]:
   """Runs the whole pipeline on one image.
 
   Args:
@@ -142,8 +146,8 @@ def preprocess_mammogram(pixels: np.ndarray, laterality: str | None,
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     crop = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-    region = pixels[crop[0]:crop[2], crop[1]:crop[3]]
-    mask = mask[crop[0]:crop[2], crop[1]:crop[3]]
+    region = pixels[crop[0] : crop[2], crop[1] : crop[3]]
+    mask = mask[crop[0] : crop[2], crop[1] : crop[3]]
   else:
     crop = (0, 0) + pixels.shape
     region = pixels
@@ -156,22 +160,24 @@ def preprocess_mammogram(pixels: np.ndarray, laterality: str | None,
   resized, scale = _fit(scaled.astype(np.float32), config.height, config.width)
   out = np.zeros((config.height, config.width), np.uint16)
   top = (config.height - resized.shape[0]) // 2
-  out[top:top + resized.shape[0], :resized.shape[1]] = np.clip(
-      np.rint(resized), 0, UINT16_MAX).astype(np.uint16)
+  out[top : top + resized.shape[0], : resized.shape[1]] = np.clip(
+    np.rint(resized), 0, UINT16_MAX
+  ).astype(np.uint16)
   return out, Geometry(crop=crop, flipped=flipped, scale=scale, offset=(top, 0))
 
 
-def _should_flip(mask: np.ndarray, laterality: str | None,
-                 config: MammoPreprocessConfig) -> bool:
+def _should_flip(mask: np.ndarray, laterality: str | None, config: MammoPreprocessConfig) -> bool:
   if config.orientation == "none":
     return False
   if config.orientation == "laterality":
     if laterality not in ("L", "R"):
-      raise ValueError("laterality unknown (neither the file header nor the CSV gives L or R); "
-                       "fill the CSV's laterality column or use orientation='auto'")
+      raise ValueError(
+        "laterality unknown (neither the file header nor the CSV gives L or R); "
+        "fill the CSV's laterality column or use orientation='auto'"
+      )
     return laterality == config.flip_laterality
   half = mask.shape[1] // 2
-  return int(mask[:, mask.shape[1] - half:].sum()) > int(mask[:, :half].sum())
+  return int(mask[:, mask.shape[1] - half :].sum()) > int(mask[:, :half].sum())
 
 
 def _fit(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float]:
@@ -185,12 +191,14 @@ def _fit(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float]
   if (new_h, new_w) == (h, w):
     return image, 1.0
   resized = Image.fromarray(np.ascontiguousarray(image, np.float32)).resize(
-      (new_w, new_h), Image.Resampling.BILINEAR)
+    (new_w, new_h), Image.Resampling.BILINEAR
+  )
   return np.asarray(resized), scale
 
 
-def load_mammogram(path: str, laterality: str | None,
-                   config: MammoPreprocessConfig) -> tuple[np.ndarray, Geometry]:
+def load_mammogram(
+  path: str, laterality: str | None, config: MammoPreprocessConfig
+) -> tuple[np.ndarray, Geometry]:
   """Reads an image file and preprocesses it; ``laterality`` (from the CSV) overrides the header.
 
   Raises:

@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
 @dataclasses.dataclass(frozen=True)
 class MilOptions:
   """Attributes: label column names, split fractions / seed, preprocessing."""
+
   labels: tuple[str, ...] = ("Mass", "Suspicious_Calcification")
   fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
   seed: int = 0
@@ -65,24 +66,33 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
   """Groups rows by image, parses labels and boxes, assigns patient-level splits."""
   table = tabular.read_table(csv_path, ("laterality", "view"))
   if "image_path" not in table.columns and not {"patient_id", "image_id"} <= set(table.columns):
-    raise ValueError(f"{csv_path}: missing column 'image_path' (or both 'patient_id' and "
-                     f"'image_id'); the CSV has {list(table.columns)}")
+    raise ValueError(
+      f"{csv_path}: missing column 'image_path' (or both 'patient_id' and "
+      f"'image_id'); the CSV has {list(table.columns)}"
+    )
   for label in options.labels:
     if label not in table.columns and "finding_categories" not in table.columns:
-      raise ValueError(f"{csv_path}: missing label column {label!r} (and no "
-                       f"'finding_categories' column); the CSV has {list(table.columns)}")
+      raise ValueError(
+        f"{csv_path}: missing label column {label!r} (and no "
+        f"'finding_categories' column); the CSV has {list(table.columns)}"
+      )
   has_boxes = set(BOX_COLUMNS) <= set(table.columns)
   errors: list[tabular.ErrorRow] = []
   images: dict[str, dict[str, Any]] = {}
   for row, line in zip(table.rows, table.lines):
     path = _image_path(row, images_root)
     if path is None:
-      errors.append(tabular.ErrorRow(f"line {line}", os.path.join(
-          images_root, row.get("patient_id", ""), row.get("image_id", "")),
-          "no .png/.dcm file for this patient_id / image_id"))
+      errors.append(
+        tabular.ErrorRow(
+          f"line {line}",
+          os.path.join(images_root, row.get("patient_id", ""), row.get("image_id", "")),
+          "no .png/.dcm file for this patient_id / image_id",
+        )
+      )
       continue
-    entry = images.setdefault(path, {"lines": [], "labels": np.zeros(len(options.labels)),
-                                     "boxes": [], "row": row})
+    entry = images.setdefault(
+      path, {"lines": [], "labels": np.zeros(len(options.labels)), "boxes": [], "row": row}
+    )
     entry["lines"].append(line)
     entry["labels"] = np.maximum(entry["labels"], _labels(row, line, options.labels))
     if has_boxes and not all(tabular.is_missing(row[c]) for c in BOX_COLUMNS):
@@ -103,21 +113,37 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
     if laterality not in ("L", "R"):
       raise ValueError(f"line {line}: laterality is {row['laterality']!r}; use L or R")
     patient = tabular.pseudonym(row.get("patient_id") or row.get("study_id") or path, salt)
-    fields = {"labels": entry["labels"].astype(np.float32),
-              "laterality": np.int32(laterality == "R"),
-              "view": np.int32(VIEW_CODES.get(row["view"].upper(), 2)), "patient_hash": patient}
+    fields = {
+      "labels": entry["labels"].astype(np.float32),
+      "laterality": np.int32(laterality == "R"),
+      "view": np.int32(VIEW_CODES.get(row["view"].upper(), 2)),
+      "patient_hash": patient,
+    }
     boxes = np.asarray(entry["boxes"], np.float32).reshape(-1, 4)
-    items_by_patient[patient].append(MilItem(
-        rows=", ".join(f"line {l}" for l in entry["lines"]), order=line, path=path,
-        laterality=laterality, fields=fields, source_boxes=boxes, preprocess=options.preprocess))
+    items_by_patient[patient].append(
+      MilItem(
+        rows=", ".join(f"line {n}" for n in entry["lines"]),
+        order=line,
+        path=path,
+        laterality=laterality,
+        fields=fields,
+        source_boxes=boxes,
+        preprocess=options.preprocess,
+      )
+    )
     outcomes[patient] = max(outcomes.get(patient, 0), int(entry["labels"].any()))
     if "split" in table.columns:
-      declared[patient].extend((l, row["split"]) for l in entry["lines"])
+      declared[patient].extend((n, row["split"]) for n in entry["lines"])
   assignment = tabular.assign_patients(declared, outcomes, options.fractions, options.seed)
   splits = tabular.items_by_split(items_by_patient, assignment, options.fractions)
-  config = {"task": "mil", "labels": list(options.labels),
-            "preprocess": options.preprocess.to_dict(), "view_codes": VIEW_CODES,
-            "split_seed": options.seed, "fractions": dict(options.fractions)}
+  config = {
+    "task": "mil",
+    "labels": list(options.labels),
+    "preprocess": options.preprocess.to_dict(),
+    "view_codes": VIEW_CODES,
+    "split_seed": options.seed,
+    "fractions": dict(options.fractions),
+  }
   return tabular.IngestPlan(splits=splits, errors=errors, config=config, stat_fields=("image",))
 
 
@@ -139,8 +165,9 @@ def _labels(row: dict[str, str], line: int, names: tuple[str, ...]) -> np.ndarra
       out[i] = float(tabular.parse_float(row[name], name, line) > 0)
     elif "finding_categories" in row:
       if findings is None:
-        findings = {_norm(f) for f in re.findall(r"[A-Za-z][A-Za-z _-]*[A-Za-z]",
-                                                  row["finding_categories"])}
+        findings = {
+          _norm(f) for f in re.findall(r"[A-Za-z][A-Za-z _-]*[A-Za-z]", row["finding_categories"])
+        }
       out[i] = float(_norm(name) in findings)
   return out
 

@@ -22,15 +22,16 @@ from mammojax.data.longitudinal_pipeline import default_data_root
 @dataclasses.dataclass(frozen=True)
 class PatchSettings:
   """Attributes:
-    image_size: (H, W) every record's image must have.
-    patch_size: patch side in pixels.
-    overlap: fraction shared by neighbouring patches.
-    min_foreground: patches with at most this breast fraction are background.
-    background_threshold: breast = pixels above this fraction of the image maximum.
-    channels: 1, or 3 (grey repeated) for RGB encoders such as Mammo-CLIP's.
-    max_boxes: ground-truth boxes kept per image (padding with zeros).
-    thumbnail_stride: the ``thumbnail`` field (for report overlays) takes every n-th pixel.
+  image_size: (H, W) every record's image must have.
+  patch_size: patch side in pixels.
+  overlap: fraction shared by neighbouring patches.
+  min_foreground: patches with at most this breast fraction are background.
+  background_threshold: breast = pixels above this fraction of the image maximum.
+  channels: 1, or 3 (grey repeated) for RGB encoders such as Mammo-CLIP's.
+  max_boxes: ground-truth boxes kept per image (padding with zeros).
+  thumbnail_stride: the ``thumbnail`` field (for report overlays) takes every n-th pixel.
   """
+
   image_size: tuple[int, int]
   patch_size: int
   overlap: float = 0.0
@@ -49,8 +50,10 @@ def label_index(manifest_config: dict[str, Any], label: str) -> int:
   """Position of ``label`` (e.g. 'Mass') in the dataset's ``labels`` vector."""
   names = list(manifest_config.get("labels", []))
   if label not in names:
-    raise ValueError(f"label {label!r} is not in this dataset's labels {names}; set "
-                     "config.data.label to one of them")
+    raise ValueError(
+      f"label {label!r} is not in this dataset's labels {names}; set "
+      "config.data.label to one of them"
+    )
   return names.index(label)
 
 
@@ -61,12 +64,15 @@ def dataset_image_size(manifest_config: dict[str, Any]) -> tuple[int, int]:
   preprocess = manifest_config.get("preprocess") or {}
   if "height" in preprocess and "width" in preprocess:
     return int(preprocess["height"]), int(preprocess["width"])
-  raise ValueError("the dataset manifest records no image size (neither 'image_size' nor "
-                   "'preprocess.height/width'); re-ingest it with mammojax.ingest")
+  raise ValueError(
+    "the dataset manifest records no image size (neither 'image_size' nor "
+    "'preprocess.height/width'); re-ingest it with mammojax.ingest"
+  )
 
 
-def select_boxes(boxes: np.ndarray, box_labels: np.ndarray | None, label: int | None,
-                 max_boxes: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
+def select_boxes(
+  boxes: np.ndarray, box_labels: np.ndarray | None, label: int | None, max_boxes: int
+) -> tuple[np.ndarray, np.ndarray, np.int32]:
   """Ground-truth boxes of ``label`` padded to ``max_boxes``.
 
   Args:
@@ -80,15 +86,18 @@ def select_boxes(boxes: np.ndarray, box_labels: np.ndarray | None, label: int | 
     ``(boxes [max_boxes, 4], box_labels [max_boxes] int32 (-1 unknown / padding), count)``.
   """
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  box_labels = (np.full(len(boxes), -1, np.int32) if box_labels is None
-                else np.asarray(box_labels, np.int32).reshape(-1))
+  box_labels = (
+    np.full(len(boxes), -1, np.int32)
+    if box_labels is None
+    else np.asarray(box_labels, np.int32).reshape(-1)
+  )
   if label is not None:
     keep = (box_labels == label) | (box_labels < 0)
     boxes, box_labels = boxes[keep], box_labels[keep]
   boxes, box_labels = boxes[:max_boxes], box_labels[:max_boxes]
   padded = np.zeros((max_boxes, 4), np.float32)
   padded_labels = np.full(max_boxes, -1, np.int32)
-  padded[:len(boxes)], padded_labels[:len(boxes)] = boxes, box_labels
+  padded[: len(boxes)], padded_labels[: len(boxes)] = boxes, box_labels
   return padded, padded_labels, np.int32(len(boxes))
 
 
@@ -101,8 +110,14 @@ class DecodeMILPatches(grain.transforms.Map):
   ``label`` is the index of the target in ``labels``; ``filter_boxes`` keeps only its boxes.
   """
 
-  def __init__(self, settings: PatchSettings, pixel_mean: float, pixel_std: float, label: int,
-               filter_boxes: bool = True):
+  def __init__(
+    self,
+    settings: PatchSettings,
+    pixel_mean: float,
+    pixel_std: float,
+    label: int,
+    filter_boxes: bool = True,
+  ):
     self.settings = settings
     self.pixel_mean = float(pixel_mean)
     self.pixel_std = float(pixel_std)
@@ -114,13 +129,21 @@ class DecodeMILPatches(grain.transforms.Map):
     record = records.decode_example(data)
     raw = np.asarray(record["image"])
     if raw.shape != tuple(s.image_size):
-      raise ValueError(f"record image has shape {raw.shape}, the config expects image_size "
-                       f"{tuple(s.image_size)}; every image of a MIL dataset must have one size")
+      raise ValueError(
+        f"record image has shape {raw.shape}, the config expects image_size "
+        f"{tuple(s.image_size)}; every image of a MIL dataset must have one size"
+      )
     image = (raw.astype(np.float32) - self.pixel_mean) / self.pixel_std
     fill = -self.pixel_mean / self.pixel_std  # normalised black
     foreground = raw > s.background_threshold * max(float(raw.max()), 1.0)
-    kept = patching.extract_patches(image, s.patch_size, s.overlap, foreground=foreground,
-                                    min_foreground=s.min_foreground, fill=fill)
+    kept = patching.extract_patches(
+      image,
+      s.patch_size,
+      s.overlap,
+      foreground=foreground,
+      min_foreground=s.min_foreground,
+      fill=fill,
+    )
     grid = patching.grid_coords(s.image_size, s.patch_size, s.overlap)
     patches = np.full((len(grid), s.patch_size, s.patch_size), fill, np.float32)
     coords = np.zeros((len(grid), 2), np.int32)
@@ -128,15 +151,25 @@ class DecodeMILPatches(grain.transforms.Map):
     n = len(kept.coords)
     patches[:n], coords[:n], mask[:n] = kept.patches, kept.coords, True
     boxes, box_labels, num_boxes = select_boxes(
-        record.get("boxes", np.zeros((0, 4))), record.get("box_labels"),
-        self.label if self.filter_boxes else None, s.max_boxes)
+      record.get("boxes", np.zeros((0, 4))),
+      record.get("box_labels"),
+      self.label if self.filter_boxes else None,
+      s.max_boxes,
+    )
     labels = np.asarray(record["labels"], np.float32).reshape(-1)
-    thumb = raw[::s.thumbnail_stride, ::s.thumbnail_stride].astype(np.float32)
+    thumb = raw[:: s.thumbnail_stride, :: s.thumbnail_stride].astype(np.float32)
     thumb = (255.0 * thumb / max(float(thumb.max()), 1.0)).astype(np.uint8)
-    return {"patches": np.repeat(patches[..., None], s.channels, axis=-1),
-            "patch_mask": mask, "patch_coords": coords, "label": labels[self.label],
-            "labels": labels, "boxes": boxes, "box_labels": box_labels, "num_boxes": num_boxes,
-            "thumbnail": thumb}
+    return {
+      "patches": np.repeat(patches[..., None], s.channels, axis=-1),
+      "patch_mask": mask,
+      "patch_coords": coords,
+      "label": labels[self.label],
+      "labels": labels,
+      "boxes": boxes,
+      "box_labels": box_labels,
+      "num_boxes": num_boxes,
+      "thumbnail": thumb,
+    }
 
 
 class DecodeMILFeatures(grain.transforms.Map):
@@ -154,35 +187,47 @@ class DecodeMILFeatures(grain.transforms.Map):
     labels = np.asarray(record["labels"], np.float32).reshape(-1)
     stored = int(record["num_boxes"])
     max_boxes = len(record["boxes"])
-    boxes, box_labels, num_boxes = select_boxes(record["boxes"][:stored],
-                                                record["box_labels"][:stored], self.label,
-                                                max_boxes)
-    out.update(patch_mask=np.asarray(record["patch_mask"], bool),
-               patch_coords=np.asarray(record["patch_coords"], np.int32),
-               label=labels[self.label], labels=labels, boxes=boxes, box_labels=box_labels,
-               num_boxes=num_boxes, thumbnail=np.asarray(record["thumbnail"], np.uint8))
+    boxes, box_labels, num_boxes = select_boxes(
+      record["boxes"][:stored], record["box_labels"][:stored], self.label, max_boxes
+    )
+    out.update(
+      patch_mask=np.asarray(record["patch_mask"], bool),
+      patch_coords=np.asarray(record["patch_coords"], np.int32),
+      label=labels[self.label],
+      labels=labels,
+      boxes=boxes,
+      box_labels=box_labels,
+      num_boxes=num_boxes,
+      thumbnail=np.asarray(record["thumbnail"], np.uint8),
+    )
     return out
 
 
-def patch_dataset(directory: str, split: str, settings: PatchSettings, label: str,
-                  filter_boxes: bool = True) -> grain.MapDataset:
+def patch_dataset(
+  directory: str, split: str, settings: PatchSettings, label: str, filter_boxes: bool = True
+) -> grain.MapDataset:
   """The decoded bags of patches of one split of an image dataset directory."""
   config = records.read_manifest(directory)["config"]
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
-  return grain.MapDataset.source(source).map(DecodeMILPatches(
-      settings, config["pixel_mean"], config["pixel_std"], label_index(config, label),
-      filter_boxes))
+  return grain.MapDataset.source(source).map(
+    DecodeMILPatches(
+      settings, config["pixel_mean"], config["pixel_std"], label_index(config, label), filter_boxes
+    )
+  )
 
 
 def feature_dataset(directory: str, split: str, label: str) -> grain.MapDataset:
   """The decoded bags of stored features of one split (``extract_features`` output)."""
   config = records.read_manifest(directory)["config"]
   if config.get("kind") != "mil_features":
-    raise ValueError(f"{directory} is not a feature dataset (kind={config.get('kind')!r}); "
-                     "write one with python -m mammojax.extract_features")
+    raise ValueError(
+      f"{directory} is not a feature dataset (kind={config.get('kind')!r}); "
+      "write one with python -m mammojax.extract_features"
+    )
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
   return grain.MapDataset.source(source).map(
-      DecodeMILFeatures(tuple(config["scales"]), label_index(config, label)))
+    DecodeMILFeatures(tuple(config["scales"]), label_index(config, label))
+  )
 
 
 def label_counts(directory: str, split: str, label: str) -> tuple[int, int]:
@@ -190,8 +235,10 @@ def label_counts(directory: str, split: str, label: str) -> tuple[int, int]:
   config = records.read_manifest(directory)["config"]
   index = label_index(config, label)
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
-  positives = sum(int(np.asarray(records.decode_example(source[i])["labels"]).reshape(-1)[index]
-                      > 0.5) for i in range(len(source)))
+  positives = sum(
+    int(np.asarray(records.decode_example(source[i])["labels"]).reshape(-1)[index] > 0.5)
+    for i in range(len(source))
+  )
   return len(source) - positives, positives
 
 
@@ -199,16 +246,25 @@ def synthetic_spec(data: ml_collections.ConfigDict) -> synthetic_mil.SyntheticMI
   """The generator settings of a config's ``data`` section."""
   s = data.synthetic
   return synthetic_mil.SyntheticMILSpec(
-      image_size=tuple(data.image_size), num_train=s.num_train, num_val=s.num_val,
-      num_test=s.num_test, mass_fraction=s.mass_fraction, calc_fraction=s.calc_fraction,
-      mass_radius=tuple(s.mass_radius), mass_contrast=s.mass_contrast,
-      calc_spots=tuple(s.calc_spots), calc_cluster_radius=s.calc_cluster_radius,
-      calc_contrast=s.calc_contrast, seed=s.seed)
+    image_size=tuple(data.image_size),
+    num_train=s.num_train,
+    num_val=s.num_val,
+    num_test=s.num_test,
+    mass_fraction=s.mass_fraction,
+    calc_fraction=s.calc_fraction,
+    mass_radius=tuple(s.mass_radius),
+    mass_contrast=s.mass_contrast,
+    calc_spots=tuple(s.calc_spots),
+    calc_cluster_radius=s.calc_cluster_radius,
+    calc_contrast=s.calc_contrast,
+    seed=s.seed,
+  )
 
 
 def resolve_image_dir(data: ml_collections.ConfigDict) -> str:
   """``data.dir`` (an ingested MIL dataset), or the synthetic one, generated on first use."""
   if data.dir:
     return data.dir
-  return synthetic_mil.write_dataset(data.synthetic.root or default_data_root(),
-                                     synthetic_spec(data))
+  return synthetic_mil.write_dataset(
+    data.synthetic.root or default_data_root(), synthetic_spec(data)
+  )

@@ -21,10 +21,11 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Patches:
   """Attributes:
-    patches: [N, P, P] or [N, P, P, C] the kept patches.
-    coords: [N, 2] int32 (row, col) of each patch's top-left pixel.
-    image_shape: (H, W) of the image before padding.
+  patches: [N, P, P] or [N, P, P, C] the kept patches.
+  coords: [N, 2] int32 (row, col) of each patch's top-left pixel.
+  image_shape: (H, W) of the image before padding.
   """
+
   patches: np.ndarray
   coords: np.ndarray
   image_shape: tuple[int, int]
@@ -51,9 +52,15 @@ def grid_coords(image_shape: tuple[int, int], patch_size: int, overlap: float) -
   return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
 
 
-def extract_patches(image: np.ndarray, patch_size: int, overlap: float = 0.0, *,
-                    foreground: np.ndarray | None = None, min_foreground: float = 0.0,
-                    fill: float = 0.0) -> Patches:
+def extract_patches(
+  image: np.ndarray,
+  patch_size: int,
+  overlap: float = 0.0,
+  *,
+  foreground: np.ndarray | None = None,
+  min_foreground: float = 0.0,
+  fill: float = 0.0,
+) -> Patches:
   """Cuts ``image`` into patches and drops the background ones.
 
   Args:
@@ -84,17 +91,25 @@ def extract_patches(image: np.ndarray, patch_size: int, overlap: float = 0.0, *,
   # Foreground fraction of every patch from an integral image: O(H W) whatever the overlap.
   integral = np.pad(np.cumsum(np.cumsum(foreground, 0, dtype=np.int64), 1), ((1, 0), (1, 0)))
   r, c = coords[:, 0], coords[:, 1]
-  counts = (integral[r + patch_size, c + patch_size] - integral[r, c + patch_size]
-            - integral[r + patch_size, c] + integral[r, c])
+  counts = (
+    integral[r + patch_size, c + patch_size]
+    - integral[r, c + patch_size]
+    - integral[r + patch_size, c]
+    + integral[r, c]
+  )
   keep = counts > min_foreground * patch_size * patch_size
   coords = coords[keep]
-  patches = np.stack([image[i:i + patch_size, j:j + patch_size] for i, j in coords]) \
-      if len(coords) else np.zeros((0, patch_size, patch_size) + image.shape[2:], image.dtype)
+  patches = (
+    np.stack([image[i : i + patch_size, j : j + patch_size] for i, j in coords])
+    if len(coords)
+    else np.zeros((0, patch_size, patch_size) + image.shape[2:], image.dtype)
+  )
   return Patches(patches=patches, coords=coords, image_shape=(height, width))
 
 
-def accumulate_patch_maps(maps: np.ndarray, coords: np.ndarray, image_shape: tuple[int, int]
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def accumulate_patch_maps(
+  maps: np.ndarray, coords: np.ndarray, image_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
   """Places per-patch maps back into the image, averaging where patches overlap.
 
   Args:
@@ -115,8 +130,8 @@ def accumulate_patch_maps(maps: np.ndarray, coords: np.ndarray, image_shape: tup
   total = np.zeros((height + patch_size, width + patch_size), np.float64)
   count = np.zeros(total.shape, np.int32)
   for value, (r, c) in zip(maps, coords):
-    total[r:r + patch_size, c:c + patch_size] += value
-    count[r:r + patch_size, c:c + patch_size] += 1
+    total[r : r + patch_size, c : c + patch_size] += value
+    count[r : r + patch_size, c : c + patch_size] += 1
   total, count = total[:height, :width], count[:height, :width]
   average = np.where(count > 0, total / np.maximum(count, 1), 0.0)
   return average.astype(np.float32), count

@@ -22,11 +22,17 @@ class KeepNumeric(grain.transforms.Map):
     return out
 
 
-def train_iterator(examples: grain.MapDataset, *, seed: int, global_batch_size: int,
-                   process_index: int, process_count: int, workers: int = 0,
-                   read_threads: int = 4,
-                   augmentations: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = ()
-                   ) -> grain.DatasetIterator:
+def train_iterator(
+  examples: grain.MapDataset,
+  *,
+  seed: int,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+  workers: int = 0,
+  read_threads: int = 4,
+  augmentations: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
+) -> grain.DatasetIterator:
   """An endless iterator of this host's part of each global batch.
 
   ``augmentations`` run after the shuffle and repeat; a ``RandomMap`` gets a generator seeded
@@ -42,19 +48,24 @@ def train_iterator(examples: grain.MapDataset, *, seed: int, global_batch_size: 
   local_batch = _local_batch(global_batch_size, process_count)
   ds = examples.seed(seed).shuffle().repeat()
   for transform in augmentations:
-    ds = ds.random_map(transform) if isinstance(transform, grain.transforms.RandomMap) \
-        else ds.map(transform)
+    ds = (
+      ds.random_map(transform)
+      if isinstance(transform, grain.transforms.RandomMap)
+      else ds.map(transform)
+    )
   ds = ds.map(KeepNumeric())
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=2 * read_threads))
+  iter_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+  )
   if workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(iter_ds)
 
 
-def eval_batches(examples: grain.MapDataset, *, global_batch_size: int, process_index: int,
-                 process_count: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  examples: grain.MapDataset, *, global_batch_size: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
   """This host's part of every evaluation batch, in order, padded so all hosts yield the same
   number of batches; padded rows repeat a real example and carry ``_valid == 0``."""
   local_batch = _local_batch(global_batch_size, process_count)
@@ -78,8 +89,9 @@ def num_eval_batches(examples: grain.MapDataset, global_batch_size: int) -> int:
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f"train.batch_size {global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
+    raise ValueError(
+      f"train.batch_size {global_batch_size} is not divisible by the {process_count} processes"
+    )
   return global_batch_size // process_count
 
 

@@ -43,6 +43,7 @@ class Image2D:
     laterality: 'L', 'R' or None when the file does not say (PNG never does).
     view: view position such as 'CC' or 'MLO', or None.
   """
+
   pixels: np.ndarray
   laterality: str | None = None
   view: str | None = None
@@ -59,6 +60,7 @@ class Volume:
     affine: ``[4, 4]`` voxel-to-world (RAS+ mm) matrix of the canonical image, whose voxel axes
       are (x, y, z), i.e. ``voxels`` transposed.
   """
+
   voxels: np.ndarray
   spacing: tuple[float, float, float]
   affine: np.ndarray
@@ -72,8 +74,11 @@ def read_image(path: str) -> Image2D:
     return read_png(path)
   if lower.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
     return read_dicom(path)
-  raise ImageReadError(path, "unknown image format: expected a .png or DICOM file "
-                       f"({', '.join(DICOM_SUFFIXES)} or a file with the DICM preamble)")
+  raise ImageReadError(
+    path,
+    "unknown image format: expected a .png or DICOM file "
+    f"({', '.join(DICOM_SUFFIXES)} or a file with the DICM preamble)",
+  )
 
 
 def read_dicom(path: str, apply_voi: bool = True) -> Image2D:
@@ -90,20 +95,28 @@ def read_dicom(path: str, apply_voi: bool = True) -> Image2D:
     raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
   frames = int(ds.get("NumberOfFrames", 1) or 1)
   if frames != 1:
-    raise ImageReadError(path, f"DICOM has {frames} frames; mammogram ingestion expects a "
-                         "single 2-D frame (export one frame per file)")
+    raise ImageReadError(
+      path,
+      f"DICOM has {frames} frames; mammogram ingestion expects a "
+      "single 2-D frame (export one frame per file)",
+    )
   syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
   try:
     raw = ds.pixel_array
   except Exception as e:
     name = getattr(syntax, "name", str(syntax))
-    raise ImageReadError(path, f"cannot decode pixel data with transfer syntax {name!r} "
-                         f"({type(e).__name__}); for JPEG Lossless / JPEG-LS install "
-                         "pylibjpeg and pylibjpeg-libjpeg, for JPEG 2000 pylibjpeg-openjpeg"
-                         ) from None
+    raise ImageReadError(
+      path,
+      f"cannot decode pixel data with transfer syntax {name!r} "
+      f"({type(e).__name__}); for JPEG Lossless / JPEG-LS install "
+      "pylibjpeg and pylibjpeg-libjpeg, for JPEG 2000 pylibjpeg-openjpeg",
+    ) from None
   if raw.ndim != 2:
-    raise ImageReadError(path, f"decoded pixel array has shape {raw.shape}; expected a 2-D "
-                         "grayscale image (SamplesPerPixel 1)")
+    raise ImageReadError(
+      path,
+      f"decoded pixel array has shape {raw.shape}; expected a 2-D "
+      "grayscale image (SamplesPerPixel 1)",
+    )
   pixels = np.asarray(dcm_pixels.apply_modality_lut(raw, ds), np.float32)
   if apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
     pixels = np.asarray(dcm_pixels.apply_voi_lut(pixels, ds, index=0), np.float32)
@@ -155,8 +168,11 @@ def read_nifti(path: str) -> Volume:
     raise ImageReadError(path, "NIfTI voxels contain NaN or infinity")
   zooms = [float(z) for z in img.header.get_zooms()[:3]]
   # RAS+ array axes are (x, y, z); store (z, y, x) so axial slices lead.
-  return Volume(voxels=np.ascontiguousarray(data.transpose(2, 1, 0)),
-                spacing=(zooms[2], zooms[1], zooms[0]), affine=np.asarray(img.affine))
+  return Volume(
+    voxels=np.ascontiguousarray(data.transpose(2, 1, 0)),
+    spacing=(zooms[2], zooms[1], zooms[0]),
+    affine=np.asarray(img.affine),
+  )
 
 
 def _check_exists(path: str) -> None:

@@ -35,8 +35,10 @@ def encode_example(example: Mapping[str, Any]) -> bytes:
     elif isinstance(value, (bool, int, float, str, bytes)):
       clean[key] = value
     else:
-      raise TypeError(f"record field {key!r} has unsupported type {type(value).__name__}; "
-                      "use numpy arrays, numbers or strings")
+      raise TypeError(
+        f"record field {key!r} has unsupported type {type(value).__name__}; "
+        "use numpy arrays, numbers or strings"
+      )
   return serialization.msgpack_serialize(clean)
 
 
@@ -69,13 +71,15 @@ def shard_paths(directory: str, split: str) -> list[str]:
   """The shard files of one split, as listed in the directory's manifest."""
   manifest = read_manifest(directory)
   if split not in manifest["splits"]:
-    raise KeyError(f"{directory}/{MANIFEST} has no split {split!r}; it has "
-                   f"{sorted(manifest['splits'])}")
+    raise KeyError(
+      f"{directory}/{MANIFEST} has no split {split!r}; it has {sorted(manifest['splits'])}"
+    )
   return [os.path.join(directory, s) for s in manifest["splits"][split]["shards"]]
 
 
-def write_manifest(directory: str, splits: Mapping[str, Mapping[str, Any]],
-                   config: Mapping[str, Any]) -> None:
+def write_manifest(
+  directory: str, splits: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]
+) -> None:
   """Writes ``manifest.json`` atomically (the dataset counts as complete once it exists)."""
   body = {"schema_version": SCHEMA_VERSION, "splits": dict(splits), "config": dict(config)}
   tmp = os.path.join(directory, f".{MANIFEST}.tmp-{os.getpid()}")
@@ -87,13 +91,17 @@ def write_manifest(directory: str, splits: Mapping[str, Mapping[str, Any]],
 def read_manifest(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {directory!r} is not a finished mammojax "
-                            "dataset (write it with mammojax.ingest or the synthetic generator)")
+    raise FileNotFoundError(
+      f"{path} does not exist: {directory!r} is not a finished mammojax "
+      "dataset (write it with mammojax.ingest or the synthetic generator)"
+    )
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("schema_version") != SCHEMA_VERSION:
-    raise ValueError(f"{path}: schema_version {manifest.get('schema_version')} is not "
-                     f"{SCHEMA_VERSION}; re-create the dataset with this mammojax version")
+    raise ValueError(
+      f"{path}: schema_version {manifest.get('schema_version')} is not "
+      f"{SCHEMA_VERSION}; re-create the dataset with this mammojax version"
+    )
   return manifest
 
 

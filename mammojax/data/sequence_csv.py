@@ -30,11 +30,13 @@ REQUIRED_COLUMNS = ("patient_id", "date", "image_path", "label")
 class SequenceOptions:
   """Attributes: max_length (0 = unlimited), split fractions / seed, preprocessing (generic
   images: no breast crop or orientation by default)."""
+
   max_length: int = 0
   fractions: tuple[tuple[str, float], ...] = (("train", 0.8), ("test", 0.2))
   seed: int = 0
   preprocess: MammoPreprocessConfig = MammoPreprocessConfig(
-      height=256, width=256, orientation="none", crop=False)
+    height=256, width=256, orientation="none", crop=False
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,9 @@ class SequenceItem:
     return {"images": images, **self.fields}
 
 
-def plan(csv_path: str, images_root: str, options: SequenceOptions,
-         salt: str) -> tabular.IngestPlan:
+def plan(
+  csv_path: str, images_root: str, options: SequenceOptions, salt: str
+) -> tabular.IngestPlan:
   """Orders each patient's images by date and emits one sequence per image."""
   if options.max_length < 0:
     raise ValueError(f"max_length must be >= 0, got {options.max_length}")
@@ -78,25 +81,36 @@ def plan(csv_path: str, images_root: str, options: SequenceOptions,
     key = tabular.pseudonym(patient, salt)
     rows.sort()
     items = []
-    for i, (date, line, path, label, _) in enumerate(rows):
+    for i, (date, line, _path, label, _) in enumerate(rows):
       start = 0 if options.max_length == 0 else max(0, i + 1 - options.max_length)
-      window = rows[start:i + 1]
+      window = rows[start : i + 1]
       fields = {
-          "time_offsets": np.asarray([tabular.years_between(r[0], date) for r in window],
-                                     np.float32),
-          "image_labels": np.asarray([r[3] for r in window], np.int32),
-          "label": np.int32(label), "length": np.int32(len(window)), "patient_hash": key}
-      items.append(SequenceItem(rows=f"line {line}", order=line,
-                                paths=tuple(r[2] for r in window), fields=fields,
-                                preprocess=options.preprocess))
+        "time_offsets": np.asarray([tabular.years_between(r[0], date) for r in window], np.float32),
+        "image_labels": np.asarray([r[3] for r in window], np.int32),
+        "label": np.int32(label),
+        "length": np.int32(len(window)),
+        "patient_hash": key,
+      }
+      items.append(
+        SequenceItem(
+          rows=f"line {line}",
+          order=line,
+          paths=tuple(r[2] for r in window),
+          fields=fields,
+          preprocess=options.preprocess,
+        )
+      )
     items_by_patient[key] = items
     outcomes[key] = max(r[3] for r in rows)
     if "split" in table.columns:
       declared[key] = [(r[1], r[4]) for r in rows]
   assignment = tabular.assign_patients(declared, outcomes, options.fractions, options.seed)
   splits = tabular.items_by_split(items_by_patient, assignment, options.fractions)
-  config = {"task": "sequence", "max_length": options.max_length,
-            "preprocess": options.preprocess.to_dict(), "split_seed": options.seed,
-            "fractions": dict(options.fractions)}
-  return tabular.IngestPlan(splits=splits, errors=errors, config=config,
-                            stat_fields=("images",))
+  config = {
+    "task": "sequence",
+    "max_length": options.max_length,
+    "preprocess": options.preprocess.to_dict(),
+    "split_seed": options.seed,
+    "fractions": dict(options.fractions),
+  }
+  return tabular.IngestPlan(splits=splits, errors=errors, config=config, stat_fields=("images",))

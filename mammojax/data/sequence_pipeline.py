@@ -36,7 +36,7 @@ class PadSequence(grain.transforms.Map):
     pad = self.max_length - keep
     out: dict[str, Any] = {}
     for key in PER_IMAGE_FIELDS:
-      values = np.asarray(record[key])[length - keep:length]
+      values = np.asarray(record[key])[length - keep : length]
       widths = [(pad, 0)] + [(0, 0)] * (values.ndim - 1)
       out[key] = np.pad(values, widths)
     images = (out["images"].astype(np.float32) - self.pixel_mean) / self.pixel_std
@@ -54,7 +54,8 @@ def sequence_dataset(directory: str, split: str, max_length: int) -> grain.MapDa
   config = records.read_manifest(directory)["config"]
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
   return grain.MapDataset.source(source).map(
-      PadSequence(max_length, config.get("pixel_mean", 0.0), config.get("pixel_std", 1.0)))
+    PadSequence(max_length, config.get("pixel_mean", 0.0), config.get("pixel_std", 1.0))
+  )
 
 
 def _mask(pad: int, keep: int) -> np.ndarray:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def survival_targets(years_to_cancer: float, years_to_followup: float,
-                     num_years: int) -> tuple[np.ndarray, np.ndarray]:
+def survival_targets(
+  years_to_cancer: float, years_to_followup: float, num_years: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Target and mask for one exam, both ``[num_years]`` float32.
 
   Args:
@@ -23,8 +24,10 @@ def survival_targets(years_to_cancer: float, years_to_followup: float,
     years_to_followup: whole years of cancer-free follow-up after the exam.
     num_years: horizon of the cumulative risk heads.
   """
-  for name, value in (("years_to_cancer", years_to_cancer),
-                      ("years_to_followup", years_to_followup)):
+  for name, value in (
+    ("years_to_cancer", years_to_cancer),
+    ("years_to_followup", years_to_followup),
+  ):
     if not np.isfinite(value) or value < 0:
       raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
   target = np.zeros(num_years, np.float32)
@@ -32,8 +35,8 @@ def survival_targets(years_to_cancer: float, years_to_followup: float,
   years_to_cancer = int(years_to_cancer)
   if years_to_cancer < num_years:
     target[years_to_cancer:] = 1.0
-    mask[:years_to_cancer + 1] = 1.0
+    mask[: years_to_cancer + 1] = 1.0
   else:
     last_observed = min(int(years_to_followup), num_years) - 1
-    mask[:last_observed + 1] = 1.0
+    mask[: last_observed + 1] = 1.0
   return target, mask

@@ -39,6 +39,7 @@ NO_CANCER = 100.0
 @dataclasses.dataclass(frozen=True)
 class SyntheticLongitudinalSpec(SplitCounts):
   """What to generate. ``image_size`` is (H, W); counts are examples per split."""
+
   image_size: tuple[int, int] = (128, 96)
   num_train: int = 512
   num_val: int = 128
@@ -74,8 +75,12 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
 
   # Stable benign densities: same place in both exams (drawn in the prior's anatomy frame).
   for _ in range(int(rng.integers(0, 3))):
-    anatomy += _blob(rng, breast_mask, radius=rng.uniform(2.0, 5.0),
-                     contrast=spec.lesion_contrast * rng.uniform(0.7, 1.3))
+    anatomy += _blob(
+      rng,
+      breast_mask,
+      radius=rng.uniform(2.0, 5.0),
+      contrast=spec.lesion_contrast * rng.uniform(0.7, 1.3),
+    )
   current_anatomy = anatomy.copy()
   prior_anatomy = anatomy
   if positive:
@@ -83,11 +88,13 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
     radius_now = 6.0 - 0.9 * years_to_cancer + rng.uniform(-0.5, 0.5)
     grows = rng.random() < 0.4
     center = _point_in(rng, breast_mask)
-    current_anatomy = current_anatomy + _blob(rng, breast_mask, radius_now,
-                                              spec.lesion_contrast, center)
+    current_anatomy = current_anatomy + _blob(
+      rng, breast_mask, radius_now, spec.lesion_contrast, center
+    )
     if grows:
-      prior_anatomy = prior_anatomy + _blob(rng, breast_mask, radius_now * 0.45,
-                                            spec.lesion_contrast, center)
+      prior_anatomy = prior_anatomy + _blob(
+        rng, breast_mask, radius_now * 0.45, spec.lesion_contrast, center
+      )
 
   displacement = _smooth_deformation(rng, height, width, spec.deformation_pixels)
   # current(x) = anatomy(x); prior is the anatomy seen through the inverse positioning, so that
@@ -95,11 +102,19 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
   # approximated by -u(x - u(x)) (accurate for the small, smooth fields used here).
   grid = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), -1)
   back = grid - displacement
-  inverse = -np.stack([ndimage.map_coordinates(displacement[..., c], [back[..., 0], back[..., 1]],
-                                               order=1, mode="nearest") for c in range(2)], -1)
+  inverse = -np.stack(
+    [
+      ndimage.map_coordinates(
+        displacement[..., c], [back[..., 0], back[..., 1]], order=1, mode="nearest"
+      )
+      for c in range(2)
+    ],
+    -1,
+  )
   pulled = grid + inverse
-  prior_img = ndimage.map_coordinates(prior_anatomy, [pulled[..., 0], pulled[..., 1]], order=1,
-                                      mode="constant", cval=0.0)
+  prior_img = ndimage.map_coordinates(
+    prior_anatomy, [pulled[..., 0], pulled[..., 1]], order=1, mode="constant", cval=0.0
+  )
   gain, offset = rng.uniform(0.85, 1.15), rng.uniform(-0.05, 0.05)
   prior_img = np.where(prior_img > 0, prior_img * gain + offset, 0.0)
 
@@ -111,18 +126,24 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
 
   target, mask = survival_targets(years_to_cancer, years_to_followup, spec.num_years)
   prior_ytc = years_to_cancer if not positive else years_to_cancer + np.ceil(time_gap)
-  target_prior, mask_prior = survival_targets(prior_ytc, years_to_followup + np.ceil(time_gap),
-                                              spec.num_years)
+  target_prior, mask_prior = survival_targets(
+    prior_ytc, years_to_followup + np.ceil(time_gap), spec.num_years
+  )
   example = {
-      "current_image": current, "previous_image": prior,
-      "has_prior": np.int32(has_prior),
-      "time_gap": np.float32(time_gap if has_prior else 0.0),
-      "years_to_cancer": np.float32(years_to_cancer),
-      "years_to_followup": np.float32(years_to_followup),
-      "target": target, "y_mask": mask, "target_prior": target_prior, "y_mask_prior": mask_prior,
-      "density": np.int32(density), "cancer_type": np.int32(cancer_type),
-      "patient_hash": hashlib.sha256(f"synthetic-{spec.seed}-{split}-{index}".encode()).hexdigest(),
-      "exam_index": np.int32(index),
+    "current_image": current,
+    "previous_image": prior,
+    "has_prior": np.int32(has_prior),
+    "time_gap": np.float32(time_gap if has_prior else 0.0),
+    "years_to_cancer": np.float32(years_to_cancer),
+    "years_to_followup": np.float32(years_to_followup),
+    "target": target,
+    "y_mask": mask,
+    "target_prior": target_prior,
+    "y_mask_prior": mask_prior,
+    "density": np.int32(density),
+    "cancer_type": np.int32(cancer_type),
+    "patient_hash": hashlib.sha256(f"synthetic-{spec.seed}-{split}-{index}".encode()).hexdigest(),
+    "exam_index": np.int32(index),
   }
   if spec.store_displacement:
     example["displacement"] = displacement.astype(np.float32)
@@ -134,8 +155,9 @@ def write_dataset(directory: str, spec: SyntheticLongitudinalSpec) -> str:
 
   Reuses a finished dataset with the same spec; returns the dataset directory.
   """
-  return write_splits(directory, "synthetic_longitudinal", spec, generate_example,
-                      image_key="current_image")
+  return write_splits(
+    directory, "synthetic_longitudinal", spec, generate_example, image_key="current_image"
+  )
 
 
 def _breast_anatomy(rng: np.random.Generator, height: int, width: int, density: int) -> np.ndarray:
@@ -152,8 +174,13 @@ def _breast_anatomy(rng: np.random.Generator, height: int, width: int, density: 
   noise = rng.standard_normal((height, width))
   texture = ndimage.gaussian_filter(noise, 1.5) - ndimage.gaussian_filter(noise, 6.0)
   streaks = ndimage.gaussian_filter(rng.standard_normal((height, width)), sigma=(3.0, 0.7))
-  tissue = np.clip(0.6 * texture / (texture.std() + 1e-8) + 0.4 * streaks / (streaks.std() + 1e-8)
-                   + (density - 2.5) * 0.6, -2.0, 3.0)
+  tissue = np.clip(
+    0.6 * texture / (texture.std() + 1e-8)
+    + 0.4 * streaks / (streaks.std() + 1e-8)
+    + (density - 2.5) * 0.6,
+    -2.0,
+    3.0,
+  )
   glandular = (1.0 / (1.0 + np.exp(-tissue))) * np.exp(-radial * 1.2) * (0.15 + 0.12 * density)
   return np.where(inside, (fat + glandular) * skin_falloff, 0.0)
 
@@ -165,22 +192,31 @@ def _point_in(rng: np.random.Generator, mask: np.ndarray) -> tuple[float, float]
   return float(r), float(c)
 
 
-def _blob(rng: np.random.Generator, mask: np.ndarray, radius: float, contrast: float,
-          center: tuple[float, float] | None = None) -> np.ndarray:
+def _blob(
+  rng: np.random.Generator,
+  mask: np.ndarray,
+  radius: float,
+  contrast: float,
+  center: tuple[float, float] | None = None,
+) -> np.ndarray:
   """A dense mass with an irregular (lobulated) margin, inside the breast."""
   if center is None:
     center = _point_in(rng, mask)
   height, width = mask.shape
   rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
   angle = np.arctan2(rows - center[0], cols - center[1])
-  lobes = 1.0 + 0.25 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi)) \
-      + 0.15 * np.sin(5 * angle + rng.uniform(0, 2 * np.pi))
+  lobes = (
+    1.0
+    + 0.25 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
+    + 0.15 * np.sin(5 * angle + rng.uniform(0, 2 * np.pi))
+  )
   dist = np.hypot(rows - center[0], cols - center[1]) / (max(radius, 0.5) * lobes)
   return np.where(mask, contrast / (1.0 + np.exp(np.minimum((dist - 1.0) * 6.0, 50.0))), 0.0)
 
 
-def _smooth_deformation(rng: np.random.Generator, height: int, width: int,
-                        magnitude: float) -> np.ndarray:
+def _smooth_deformation(
+  rng: np.random.Generator, height: int, width: int, magnitude: float
+) -> np.ndarray:
   """A positioning/compression change: small affine plus a low-frequency field, pixels 'ij'."""
   rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
   rc, cc = rows - height / 2, cols - width / 2
@@ -190,8 +226,10 @@ def _smooth_deformation(rng: np.random.Generator, height: int, width: int,
   affine_r = (np.cos(angle) * scale[0] - 1) * rc - np.sin(angle) * cc + shift[0]
   affine_c = np.sin(angle) * rc + (np.cos(angle) * scale[1] - 1) * cc + shift[1]
   coarse = rng.standard_normal((2, 4, 4))
-  field = np.stack([ndimage.zoom(coarse[c], (height / 4, width / 4), order=3)[:height, :width]
-                    for c in range(2)], -1)
+  field = np.stack(
+    [ndimage.zoom(coarse[c], (height / 4, width / 4), order=3)[:height, :width] for c in range(2)],
+    -1,
+  )
   field *= magnitude / (np.abs(field).max() + 1e-8)
   return np.stack([affine_r, affine_c], -1) + field
 

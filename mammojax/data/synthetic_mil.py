@@ -25,8 +25,13 @@ import hashlib
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data.synthetic_longitudinal import _acquisition_noise, _blob, _breast_anatomy, \
-    _point_in, _to_uint16
+from mammojax.data.synthetic_longitudinal import (
+  _acquisition_noise,
+  _blob,
+  _breast_anatomy,
+  _point_in,
+  _to_uint16,
+)
 from mammojax.data.synthetic_splits import SPLITS, SplitCounts, write_splits
 
 LABEL_NAMES = ("Mass", "Suspicious_Calcification")
@@ -35,6 +40,7 @@ LABEL_NAMES = ("Mass", "Suspicious_Calcification")
 @dataclasses.dataclass(frozen=True)
 class SyntheticMILSpec(SplitCounts):
   """What to generate. ``image_size`` is (H, W) pixels; counts are examples per split."""
+
   image_size: tuple[int, int] = (256, 192)
   num_train: int = 512
   num_val: int = 128
@@ -79,16 +85,17 @@ def generate_example(spec: SyntheticMILSpec, split: str, index: int) -> dict:
     anatomy = anatomy + _spots(rng, breast, [_point_in(rng, breast)], spec.calc_contrast)
   image = _to_uint16(_acquisition_noise(rng, anatomy))
   return {
-      "image": image,
-      "labels": np.asarray([has_mass, has_calc], np.float32),
-      "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-      "box_labels": np.asarray(box_labels, np.int32),
-      "num_boxes": np.int32(len(boxes)),
-      "laterality": np.int32(0),
-      "view": np.int32(int(rng.integers(0, 2))),
-      "density": np.int32(density),
-      "patient_hash": hashlib.sha256(f"synthetic-mil-{spec.seed}-{split}-{index}".encode())
-      .hexdigest(),
+    "image": image,
+    "labels": np.asarray([has_mass, has_calc], np.float32),
+    "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+    "box_labels": np.asarray(box_labels, np.int32),
+    "num_boxes": np.int32(len(boxes)),
+    "laterality": np.int32(0),
+    "view": np.int32(int(rng.integers(0, 2))),
+    "density": np.int32(density),
+    "patient_hash": hashlib.sha256(
+      f"synthetic-mil-{spec.seed}-{split}-{index}".encode()
+    ).hexdigest(),
   }
 
 
@@ -97,12 +104,20 @@ def write_dataset(directory: str, spec: SyntheticMILSpec) -> str:
 
   Reuses a finished dataset with the same spec; returns the dataset directory.
   """
-  return write_splits(directory, "synthetic_mil", spec, generate_example, image_key="image",
-                      task="mil", labels=list(LABEL_NAMES))
+  return write_splits(
+    directory,
+    "synthetic_mil",
+    spec,
+    generate_example,
+    image_key="image",
+    task="mil",
+    labels=list(LABEL_NAMES),
+  )
 
 
-def _calcification_cluster(rng: np.random.Generator, breast: np.ndarray,
-                           spec: SyntheticMILSpec) -> np.ndarray:
+def _calcification_cluster(
+  rng: np.random.Generator, breast: np.ndarray, spec: SyntheticMILSpec
+) -> np.ndarray:
   center = np.asarray(_point_in(rng, breast))
   count = int(rng.integers(spec.calc_spots[0], spec.calc_spots[1] + 1))
   offsets = rng.normal(0.0, spec.calc_cluster_radius / 2.0, size=(count, 2))
@@ -127,5 +142,9 @@ def _box_of(mask: np.ndarray, margin: int = 0) -> list[float]:
   """(x0, y0, x1, y1) pixel box (exclusive upper corner) around the True pixels of ``mask``."""
   rows, cols = np.nonzero(mask)
   height, width = mask.shape
-  return [float(max(cols.min() - margin, 0)), float(max(rows.min() - margin, 0)),
-          float(min(cols.max() + 1 + margin, width)), float(min(rows.max() + 1 + margin, height))]
+  return [
+    float(max(cols.min() - margin, 0)),
+    float(max(rows.min() - margin, 0)),
+    float(min(cols.max() + 1 + margin, width)),
+    float(min(rows.max() + 1 + margin, height)),
+  ]

@@ -28,9 +28,14 @@ class SplitCounts:
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
-def write_splits(directory: str, kind: str, spec: Any,
-                 generate: Callable[[Any, str, int], dict], image_key: str,
-                 **manifest_config: Any) -> str:
+def write_splits(
+  directory: str,
+  kind: str,
+  spec: Any,
+  generate: Callable[[Any, str, int], dict],
+  image_key: str,
+  **manifest_config: Any,
+) -> str:
   """Writes every split of ``generate(spec, split, index)`` under ``directory/<kind>_<fp>``.
 
   A finished dataset with the same spec is reused. The manifest records the spec and the mean
@@ -55,7 +60,12 @@ def write_splits(directory: str, kind: str, spec: Any,
       names.append(name)
     splits[split] = {"shards": names, "count": count}
   sample = np.concatenate(pixels).astype(np.float64) if pixels else np.zeros(1)
-  config = dict(dataclasses.asdict(spec), kind=kind, **manifest_config,
-                pixel_mean=float(sample.mean()), pixel_std=float(sample.std() + 1e-6))
+  config = dict(
+    dataclasses.asdict(spec),
+    kind=kind,
+    **manifest_config,
+    pixel_mean=float(sample.mean()),
+    pixel_std=float(sample.std() + 1e-6),
+  )
   records.write_manifest(out, splits, config)
   return out

@@ -19,14 +19,23 @@ from typing import Any
 import numpy as np
 
 SALT_FILE = "salt.txt"
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+  "train": "train",
+  "training": "train",
+  "val": "val",
+  "valid": "val",
+  "validation": "val",
+  "dev": "val",
+  "test": "test",
+  "testing": "test",
+}
 MISSING = ("", "nan", "na", "n/a", "none", "null")
 
 
 @dataclasses.dataclass(frozen=True)
 class ErrorRow:
   """One input that could not be ingested (written to ``DIR/errors.csv``)."""
+
   rows: str
   file: str
   reason: str
@@ -35,6 +44,7 @@ class ErrorRow:
 @dataclasses.dataclass(frozen=True)
 class Table:
   """A CSV file: its header and rows (stripped strings), each with its line number."""
+
   path: str
   columns: tuple[str, ...]
   rows: tuple[dict[str, str], ...]
@@ -54,8 +64,10 @@ def read_table(path: str, required: Sequence[str]) -> Table:
       lines.append(reader.line_num)
   missing = [c for c in required if c not in columns]
   if missing:
-    raise ValueError(f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
-                     f"the CSV has columns {list(columns)}. Add or rename the column(s).")
+    raise ValueError(
+      f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
+      f"the CSV has columns {list(columns)}. Add or rename the column(s)."
+    )
   if not rows:
     raise ValueError(f"{path}: the CSV has a header but no rows")
   return Table(path=path, columns=columns, rows=tuple(rows), lines=tuple(lines))
@@ -65,8 +77,9 @@ def is_missing(value: str) -> bool:
   return value.strip().lower() in MISSING
 
 
-def parse_float(value: str, column: str, line: int, *, allow_missing: bool = False,
-                minimum: float | None = None) -> float:
+def parse_float(
+  value: str, column: str, line: int, *, allow_missing: bool = False, minimum: float | None = None
+) -> float:
   """Parses a number; missing values become NaN when allowed, otherwise a clear error."""
   if is_missing(value):
     if allow_missing:
@@ -91,8 +104,7 @@ def parse_date(value: str, column: str, line: int) -> datetime.date:
       return datetime.datetime.strptime(text[:length], fmt).date()
     except ValueError:
       continue
-  raise ValueError(f"line {line}: column {column!r} holds {value!r}, not a date "
-                   "(use YYYY-MM-DD)")
+  raise ValueError(f"line {line}: column {column!r} holds {value!r}, not a date (use YYYY-MM-DD)")
 
 
 def years_between(earlier: datetime.date, later: datetime.date) -> float:
@@ -150,8 +162,9 @@ def parse_fractions(text: str) -> dict[str, float]:
   return fractions
 
 
-def stratified_patient_split(outcomes: Mapping[str, int], fractions: Mapping[str, float],
-                             seed: int) -> dict[str, str]:
+def stratified_patient_split(
+  outcomes: Mapping[str, int], fractions: Mapping[str, float], seed: int
+) -> dict[str, str]:
   """Assigns every patient to one split, keeping the outcome mix in each split.
 
   Args:
@@ -168,15 +181,18 @@ def stratified_patient_split(outcomes: Mapping[str, int], fractions: Mapping[str
     counts = _largest_remainder([fractions[n] * len(members) for n in names])
     start = 0
     for name, count in zip(names, counts):
-      for key in members[start:start + count]:
+      for key in members[start : start + count]:
         assignment[key] = name
       start += count
   return assignment
 
 
-def assign_patients(declared: Mapping[str, Sequence[tuple[int, str]]],
-                    outcomes: Mapping[str, int], fractions: Sequence[tuple[str, float]],
-                    seed: int) -> dict[str, str]:
+def assign_patients(
+  declared: Mapping[str, Sequence[tuple[int, str]]],
+  outcomes: Mapping[str, int],
+  fractions: Sequence[tuple[str, float]],
+  seed: int,
+) -> dict[str, str]:
   """Patient key -> split: from the CSV ``split`` column when it was given (``declared``
   non-empty), else a seeded split of ``outcomes``' patients stratified by outcome."""
   if declared:
@@ -184,18 +200,27 @@ def assign_patients(declared: Mapping[str, Sequence[tuple[int, str]]],
   return stratified_patient_split(outcomes, dict(fractions), seed)
 
 
-def items_by_split(items_by_key: Mapping[str, Sequence[Any]], assignment: Mapping[str, str],
-                   fractions: Sequence[tuple[str, float]]) -> dict[str, list[Any]]:
+def items_by_split(
+  items_by_key: Mapping[str, Sequence[Any]],
+  assignment: Mapping[str, str],
+  fractions: Sequence[tuple[str, float]],
+) -> dict[str, list[Any]]:
   """Split name -> the items of its patients sorted by ``item.order``; the configured splits
   come first (possibly empty), then any other split named in a ``split`` column."""
   names = [n for n, _ in fractions]
   names += sorted(set(assignment.values()) - set(names))
-  return {n: sorted((i for key, items in items_by_key.items() if assignment[key] == n
-                     for i in items), key=lambda i: i.order) for n in names}
+  return {
+    n: sorted(
+      (i for key, items in items_by_key.items() if assignment[key] == n for i in items),
+      key=lambda i: i.order,
+    )
+    for n in names
+  }
 
 
-def split_from_column(values: Mapping[str, Sequence[tuple[int, str]]],
-                      column: str) -> dict[str, str]:
+def split_from_column(
+  values: Mapping[str, Sequence[tuple[int, str]]], column: str
+) -> dict[str, str]:
   """Patient key -> split from a CSV ``split`` column, refusing patients in two splits.
 
   Args:
@@ -208,13 +233,17 @@ def split_from_column(values: Mapping[str, Sequence[tuple[int, str]]],
     for line, value in entries:
       name = SPLIT_ALIASES.get(value.strip().lower())
       if name is None:
-        raise ValueError(f"line {line}: column {column!r} holds {value!r}; use one of "
-                         f"{sorted(set(SPLIT_ALIASES.values()))}")
+        raise ValueError(
+          f"line {line}: column {column!r} holds {value!r}; use one of "
+          f"{sorted(set(SPLIT_ALIASES.values()))}"
+        )
       seen.setdefault(name, line)
     if len(seen) > 1:
-      where = ", ".join(f"{n} (line {l})" for n, l in seen.items())
-      raise ValueError(f"patient {key[:12]} appears in several splits: {where}; a patient "
-                       "must be in one split only (fix the split column)")
+      where = ", ".join(f"{n} (line {at})" for n, at in seen.items())
+      raise ValueError(
+        f"patient {key[:12]} appears in several splits: {where}; a patient "
+        "must be in one split only (fix the split column)"
+      )
     assignment[key] = next(iter(seen))
   return assignment
 
@@ -241,6 +270,7 @@ class IngestPlan:
     config: task settings recorded in the manifest.
     stat_fields: uint16 record fields whose pixels give the normalisation statistics.
   """
+
   splits: dict[str, list]
   errors: list[ErrorRow]
   config: dict
@@ -259,5 +289,4 @@ def run_item(item) -> tuple[str, object]:
   except ImageReadError as e:
     return "error", ErrorRow(rows=item.rows, file=e.path, reason=e.reason)
   except (ValueError, OSError) as e:
-    return "error", ErrorRow(rows=item.rows, file=item.files[0],
-                             reason=f"{type(e).__name__}: {e}")
+    return "error", ErrorRow(rows=item.rows, file=item.files[0], reason=f"{type(e).__name__}: {e}")

@@ -35,6 +35,7 @@ CSV_NAME = "meta.csv"
 @dataclasses.dataclass
 class LongitudinalConfig(tfds.core.BuilderConfig):
   """Output size and pairing settings (see ``LongitudinalOptions``)."""
+
   height: int = 1024
   width: int = 832
   num_years: int = 5
@@ -49,11 +50,16 @@ class LongitudinalConfig(tfds.core.BuilderConfig):
   def options(self) -> longitudinal.LongitudinalOptions:
     test = round(1.0 - self.train_fraction - self.val_fraction, 9)
     return longitudinal.LongitudinalOptions(
-        num_years=self.num_years, prior=self.prior, min_gap_years=self.min_gap_years,
-        missing_prior=self.missing_prior, seed=self.split_seed,
-        fractions=(("train", self.train_fraction), ("val", self.val_fraction), ("test", test)),
-        preprocess=MammoPreprocessConfig(height=self.height, width=self.width,
-                                         orientation=self.orientation))
+      num_years=self.num_years,
+      prior=self.prior,
+      min_gap_years=self.min_gap_years,
+      missing_prior=self.missing_prior,
+      seed=self.split_seed,
+      fractions=(("train", self.train_fraction), ("val", self.val_fraction), ("test", test)),
+      preprocess=MammoPreprocessConfig(
+        height=self.height, width=self.width, orientation=self.orientation
+      ),
+    )
 
 
 class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
@@ -62,13 +68,15 @@ class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Place {CSV_NAME} (longitudinal CSV) and the images it references (image_path column "
-      "relative to this folder, or the <patient_id>_<L|R>_<view>_<YYYY-MM-DD>_<n>.png naming) in "
-      "the manual directory.")
+    f"Place {CSV_NAME} (longitudinal CSV) and the images it references (image_path column "
+    "relative to this folder, or the <patient_id>_<L|R>_<view>_<YYYY-MM-DD>_<n>.png naming) in "
+    "the manual directory."
+  )
   BUILDER_CONFIGS = [
-      LongitudinalConfig(name="default", description="1024x832, most recent prior"),
-      LongitudinalConfig(name="small", height=256, width=208,
-                         description="256x208, most recent prior"),
+    LongitudinalConfig(name="default", description="1024x832, most recent prior"),
+    LongitudinalConfig(
+      name="small", height=256, width=208, description="256x208, most recent prior"
+    ),
   ]
 
   def __init__(self, **kwargs):
@@ -77,20 +85,34 @@ class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
-    image = tfds.features.Tensor(shape=(c.height, c.width), dtype=np.uint16,
-                                 encoding=tfds.features.Encoding.ZLIB)
+    image = tfds.features.Tensor(
+      shape=(c.height, c.width), dtype=np.uint16, encoding=tfds.features.Encoding.ZLIB
+    )
     years = tfds.features.Tensor(shape=(c.num_years,), dtype=np.float32)
     scalar = lambda dtype: tfds.features.Tensor(shape=(), dtype=dtype)  # noqa: E731
     return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "current_image": image, "previous_image": image, "has_prior": scalar(np.int32),
-            "time_gap": scalar(np.float32), "years_to_cancer": scalar(np.float32),
-            "years_to_followup": scalar(np.float32), "target": years, "y_mask": years,
-            "target_prior": years, "y_mask_prior": years, "density": scalar(np.int32),
-            "cancer_type": scalar(np.int32), "exam_index": scalar(np.int32),
-            "patient_hash": tfds.features.Text()}),
-        metadata=tfds.core.MetadataDict())
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "current_image": image,
+          "previous_image": image,
+          "has_prior": scalar(np.int32),
+          "time_gap": scalar(np.float32),
+          "years_to_cancer": scalar(np.float32),
+          "years_to_followup": scalar(np.float32),
+          "target": years,
+          "y_mask": years,
+          "target_prior": years,
+          "y_mask_prior": years,
+          "density": scalar(np.int32),
+          "cancer_type": scalar(np.int32),
+          "exam_index": scalar(np.int32),
+          "patient_hash": tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+    )
 
   def _split_generators(self, dl_manager):
     manual = str(dl_manager.manual_dir)
@@ -102,8 +124,11 @@ class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
     for error in plan.errors:
       logging.warning("skipped %s (%s): %s", error.rows, error.file, error.reason)
     self._stats = np.zeros(3)
-    return {name: self._generate_examples(items, name == "train")
-            for name, items in plan.splits.items() if items}
+    return {
+      name: self._generate_examples(items, name == "train")
+      for name, items in plan.splits.items()
+      if items
+    }
 
   def _generate_examples(self, items, is_train: bool):
     for item in items:
@@ -113,10 +138,15 @@ class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
         continue
       if is_train:
         pixels = payload["current_image"]
-        self._stats += (pixels.size, np.sum(pixels, dtype=np.float64),
-                        np.sum(np.square(pixels, dtype=np.float64)))
+        self._stats += (
+          pixels.size,
+          np.sum(pixels, dtype=np.float64),
+          np.sum(np.square(pixels, dtype=np.float64)),
+        )
         n, s, ss = self._stats
         self.info.metadata["pixel_mean"] = s / n
         self.info.metadata["pixel_std"] = math.sqrt(max(ss / n - (s / n) ** 2, 0.0))
-      yield f"{item.order[0]}-{item.order[1]}", {
-          k: (v.item() if isinstance(v, np.generic) else v) for k, v in payload.items()}
+      yield (
+        f"{item.order[0]}-{item.order[1]}",
+        {k: (v.item() if isinstance(v, np.generic) else v) for k, v in payload.items()},
+      )

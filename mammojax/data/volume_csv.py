@@ -33,6 +33,7 @@ RESERVED = ("subject", "mask", "split")
 @dataclasses.dataclass(frozen=True)
 class VolumeOptions:
   """Attributes: output size (D, H, W); contrast columns (empty = all others); splits."""
+
   size: tuple[int, int, int] = (96, 96, 96)
   contrasts: tuple[str, ...] = ()
   fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -58,12 +59,17 @@ class VolumeItem:
     first = next(iter(volumes.values()))
     for i, vol in volumes.items():
       if vol.voxels.shape != first.voxels.shape:
-        raise ImageReadError(self.paths[i], f"shape {vol.voxels.shape} differs from the "
-                             f"subject's other contrasts {first.voxels.shape}; co-register them")
+        raise ImageReadError(
+          self.paths[i],
+          f"shape {vol.voxels.shape} differs from the "
+          f"subject's other contrasts {first.voxels.shape}; co-register them",
+        )
     mask = read_nifti(self.mask_path) if self.mask_path else None
     if mask is not None and mask.voxels.shape != first.voxels.shape:
-      raise ImageReadError(self.mask_path, f"mask shape {mask.voxels.shape} differs from the "
-                           f"image shape {first.voxels.shape}")
+      raise ImageReadError(
+        self.mask_path,
+        f"mask shape {mask.voxels.shape} differs from the image shape {first.voxels.shape}",
+      )
     stack = np.stack([v.voxels for v in volumes.values()])
     nonzero = np.argwhere(np.any(stack != 0, axis=0))
     if nonzero.size == 0:
@@ -78,19 +84,23 @@ class VolumeItem:
       if values.size:
         resized = np.where(fg, (resized - values.mean()) / (values.std() + 1e-6), 0.0)
       out[..., i] = resized
-    record = {"volume": out,
-              "contrast_present": np.asarray([p is not None for p in self.paths], np.int32),
-              "subject_hash": self.subject_hash}
+    record = {
+      "volume": out,
+      "contrast_present": np.asarray([p is not None for p in self.paths], np.int32),
+      "subject_hash": self.subject_hash,
+    }
     if self.with_mask:
-      labels = (np.zeros(self.size, np.uint8) if mask is None else
-                _fit(np.rint(mask.voxels[crop]), first.spacing, self.size, order=0))
+      labels = (
+        np.zeros(self.size, np.uint8)
+        if mask is None
+        else _fit(np.rint(mask.voxels[crop]), first.spacing, self.size, order=0)
+      )
       record["mask"] = labels.astype(np.uint8)
       record["has_mask"] = np.int32(mask is not None)
     return record
 
 
-def plan(csv_path: str, images_root: str, options: VolumeOptions,
-         salt: str) -> tabular.IngestPlan:
+def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> tabular.IngestPlan:
   """One item per subject row; missing files go to the errors list."""
   table = tabular.read_table(csv_path, ("subject",) + options.contrasts)
   contrasts = options.contrasts or tuple(c for c in table.columns if c not in RESERVED)
@@ -100,10 +110,14 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions,
   errors: list[tabular.ErrorRow] = []
   items, declared = {}, defaultdict(list)
   for row, line in zip(table.rows, table.lines):
-    paths = tuple(None if tabular.is_missing(row[c]) else os.path.join(images_root, row[c])
-                  for c in contrasts)
-    mask_path = (os.path.join(images_root, row["mask"])
-                 if with_mask and not tabular.is_missing(row["mask"]) else None)
+    paths = tuple(
+      None if tabular.is_missing(row[c]) else os.path.join(images_root, row[c]) for c in contrasts
+    )
+    mask_path = (
+      os.path.join(images_root, row["mask"])
+      if with_mask and not tabular.is_missing(row["mask"])
+      else None
+    )
     if not any(paths):
       errors.append(tabular.ErrorRow(f"line {line}", "", "the subject has no contrast"))
       continue
@@ -113,31 +127,48 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions,
       continue
     key = tabular.pseudonym(row["subject"], salt)
     if key in items:
-      raise ValueError(f"line {line}: subject appears on more than one row (first on "
-                       f"{items[key].rows}); one row per subject")
-    items[key] = VolumeItem(rows=f"line {line}", order=line, paths=paths, mask_path=mask_path,
-                            with_mask=with_mask, size=tuple(options.size), subject_hash=key)
+      raise ValueError(
+        f"line {line}: subject appears on more than one row (first on "
+        f"{items[key].rows}); one row per subject"
+      )
+    items[key] = VolumeItem(
+      rows=f"line {line}",
+      order=line,
+      paths=paths,
+      mask_path=mask_path,
+      with_mask=with_mask,
+      size=tuple(options.size),
+      subject_hash=key,
+    )
     if "split" in table.columns:
       declared[key].append((line, row["split"]))
-  assignment = tabular.assign_patients(declared, {k: 0 for k in items}, options.fractions,
-                                       options.seed)
-  splits = tabular.items_by_split({k: [i] for k, i in items.items()}, assignment,
-                                  options.fractions)
-  config = {"task": "volume", "contrasts": list(contrasts), "size": list(options.size),
-            "has_mask": with_mask, "volume_dtype": "float16", "split_seed": options.seed,
-            "fractions": dict(options.fractions)}
+  assignment = tabular.assign_patients(
+    declared, {k: 0 for k in items}, options.fractions, options.seed
+  )
+  splits = tabular.items_by_split({k: [i] for k, i in items.items()}, assignment, options.fractions)
+  config = {
+    "task": "volume",
+    "contrasts": list(contrasts),
+    "size": list(options.size),
+    "has_mask": with_mask,
+    "volume_dtype": "float16",
+    "split_seed": options.seed,
+    "fractions": dict(options.fractions),
+  }
   return tabular.IngestPlan(splits=splits, errors=errors, config=config)
 
 
-def _fit(volume: np.ndarray, spacing: tuple[float, float, float],
-         size: tuple[int, int, int], order: int) -> np.ndarray:
+def _fit(
+  volume: np.ndarray, spacing: tuple[float, float, float], size: tuple[int, int, int], order: int
+) -> np.ndarray:
   """Resamples ``[d, h, w]`` to fit ``size`` keeping physical aspect, then pads centrally."""
   extent = np.asarray(volume.shape) * np.asarray(spacing)
   scale = min(s / e for s, e in zip(size, extent))
   shape = [min(s, max(1, int(round(e * scale)))) for s, e in zip(size, extent)]
   zoom = [n / o for n, o in zip(shape, volume.shape)]
-  resized = ndimage.zoom(volume.astype(np.float32), zoom, order=order, mode="nearest",
-                         grid_mode=True)
+  resized = ndimage.zoom(
+    volume.astype(np.float32), zoom, order=order, mode="nearest", grid_mode=True
+  )
   out = np.zeros(size, np.float32)
   starts = [(s - r) // 2 for s, r in zip(size, resized.shape)]
   out[tuple(slice(a, a + r) for a, r in zip(starts, resized.shape))] = resized

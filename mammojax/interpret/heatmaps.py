@@ -63,10 +63,17 @@ def _normalize(values: np.ndarray, region: np.ndarray) -> np.ndarray:
   return np.where(region, scaled, 0.0)
 
 
-def scale_heatmap(attention: np.ndarray, coords: np.ndarray, image_shape: tuple[int, int],
-                  patch_size: int, *, patch_mask: np.ndarray | None = None,
-                  foreground: np.ndarray | None = None, smooth_sigma: float = 0.0,
-                  patch_normalization: bool = False) -> np.ndarray:
+def scale_heatmap(
+  attention: np.ndarray,
+  coords: np.ndarray,
+  image_shape: tuple[int, int],
+  patch_size: int,
+  *,
+  patch_mask: np.ndarray | None = None,
+  foreground: np.ndarray | None = None,
+  smooth_sigma: float = 0.0,
+  patch_normalization: bool = False,
+) -> np.ndarray:
   """The heatmap [H, W] in [0, 1] of one scale.
 
   Args:
@@ -98,8 +105,9 @@ def scale_heatmap(attention: np.ndarray, coords: np.ndarray, image_shape: tuple[
   return _normalize(heatmap, region).astype(np.float32)
 
 
-def aggregate_heatmaps(heatmaps: Mapping[Any, np.ndarray], weights: Sequence[float] | None = None
-                       ) -> np.ndarray:
+def aggregate_heatmaps(
+  heatmaps: Mapping[Any, np.ndarray], weights: Sequence[float] | None = None
+) -> np.ndarray:
   """Weighted mean of the scale heatmaps (weights, e.g. the scale aggregator's softmax,
   normalised to sum 1; equal by default), so [0, 1] heatmaps give a [0, 1] heatmap."""
   maps = list(heatmaps.values())
@@ -107,8 +115,9 @@ def aggregate_heatmaps(heatmaps: Mapping[Any, np.ndarray], weights: Sequence[flo
     raise ValueError("aggregate_heatmaps needs at least one heatmap")
   weights = np.ones(len(maps)) if weights is None else np.asarray(weights, np.float64)
   if weights.shape != (len(maps),) or weights.sum() <= 0:
-    raise ValueError(f"need one non-negative weight per heatmap ({len(maps)}) with a positive "
-                     f"sum, got {weights}")
+    raise ValueError(
+      f"need one non-negative weight per heatmap ({len(maps)}) with a positive sum, got {weights}"
+    )
   weights = weights / weights.sum()
   return sum(w * m.astype(np.float64) for w, m in zip(weights, maps)).astype(np.float32)
 
@@ -126,8 +135,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return intersection / np.maximum(union, np.finfo(np.float64).eps)
 
 
-def heatmap_boxes(heatmap: np.ndarray, *, quantile: float = 0.98, min_value: float = 0.5,
-                  min_area: int = 230, max_boxes: int = 3, nms_iou: float = 0.5) -> np.ndarray:
+def heatmap_boxes(
+  heatmap: np.ndarray,
+  *,
+  quantile: float = 0.98,
+  min_value: float = 0.5,
+  min_area: int = 230,
+  max_boxes: int = 3,
+  nms_iou: float = 0.5,
+) -> np.ndarray:
   """Boxes of the hot regions of a [0, 1] heatmap [H, W]: [K, 5] (x0, y0, x1, y1, score).
 
   Defaults are FPN-MIL's (quantile 0.98, value above 0.5, components of at least 230 pixels,
@@ -167,8 +183,11 @@ def heatmap_boxes(heatmap: np.ndarray, *, quantile: float = 0.98, min_value: flo
   return boxes[~contained].astype(np.float32)
 
 
-def detection_report(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray],
-                     iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS) -> dict[str, float]:
+def detection_report(
+  predicted: Sequence[np.ndarray],
+  truth: Sequence[np.ndarray],
+  iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
+) -> dict[str, float]:
   """Detection metrics over images.
 
   Args:
@@ -197,18 +216,25 @@ def detection_report(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray
   truth_iou = np.asarray(best_per_truth)
   pred_iou = np.asarray(best_per_prediction)
   report: dict[str, float] = {
-      "num_images": float(sum(len(np.asarray(g).reshape(-1, 4)) > 0 for g in truth)),
-      "num_truth": float(truth_iou.size), "num_predicted": float(pred_iou.size),
-      "mean_iou": float(truth_iou.mean()) if truth_iou.size else float("nan")}
+    "num_images": float(sum(len(np.asarray(g).reshape(-1, 4)) > 0 for g in truth)),
+    "num_truth": float(truth_iou.size),
+    "num_predicted": float(pred_iou.size),
+    "mean_iou": float(truth_iou.mean()) if truth_iou.size else float("nan"),
+  }
   for t in iou_thresholds:
     report[f"recall_iou{t:g}"] = float((truth_iou >= t).mean()) if truth_iou.size else float("nan")
     report[f"precision_iou{t:g}"] = float((pred_iou >= t).mean()) if pred_iou.size else float("nan")
   return report
 
 
-def save_overlay(path: str, image: np.ndarray, heatmap: np.ndarray | None = None,
-                 predicted: np.ndarray | None = None, truth: np.ndarray | None = None,
-                 title: str = "") -> None:
+def save_overlay(
+  path: str,
+  image: np.ndarray,
+  heatmap: np.ndarray | None = None,
+  predicted: np.ndarray | None = None,
+  truth: np.ndarray | None = None,
+  title: str = "",
+) -> None:
   """Writes a PNG: the image in grey, the heatmap in colour on top, predicted boxes in red
   (with scores), ground-truth boxes in green. All boxes in the image's pixel frame."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -226,8 +252,16 @@ def save_overlay(path: str, image: np.ndarray, heatmap: np.ndarray | None = None
     if boxes is None:
       continue
     for box in np.asarray(boxes).reshape(-1, np.asarray(boxes).shape[-1] if np.size(boxes) else 4):
-      ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                             edgecolor=colour, linewidth=1.2))
+      ax.add_patch(
+        Rectangle(
+          (box[0], box[1]),
+          box[2] - box[0],
+          box[3] - box[1],
+          fill=False,
+          edgecolor=colour,
+          linewidth=1.2,
+        )
+      )
       if len(box) > 4:
         ax.text(box[0], box[1], f"{box[4]:.0f}", color=colour, fontsize=6, va="bottom")
   ax.set_axis_off()

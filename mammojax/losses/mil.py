@@ -10,8 +10,9 @@ VINDR_MASS_POS_WEIGHT = 15.573306370070778
 VINDR_CALCIFICATION_POS_WEIGHT = 37.296728971962615
 
 
-def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array,
-                             pos_weight: float | jax.Array | None = None) -> jax.Array:
+def weighted_bce_with_logits(
+  logits: jax.Array, labels: jax.Array, pos_weight: float | jax.Array | None = None
+) -> jax.Array:
   """Mean binary cross-entropy on logits, the positive term scaled by ``pos_weight``.
 
   Matches torch's ``BCEWithLogitsLoss(pos_weight=...)``: ``-[w y log s(x) + (1 - y) log(1 -
@@ -26,7 +27,7 @@ def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array,
     Scalar float32 loss.
   """
   if logits.shape != labels.shape:
-    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must have the same shape.')
+    raise ValueError(f"logits {logits.shape} and labels {labels.shape} must have the same shape.")
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.float32)
   log_p = jax.nn.log_sigmoid(logits)
@@ -35,9 +36,13 @@ def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array,
   return -jnp.mean(weight * labels * log_p + (1.0 - labels) * log_not_p)
 
 
-def deep_supervision_loss(logits: jax.Array, scale_logits: jax.Array | None, labels: jax.Array,
-                          pos_weight: float | jax.Array | None = None,
-                          side_weight: float = 1.0) -> jax.Array:
+def deep_supervision_loss(
+  logits: jax.Array,
+  scale_logits: jax.Array | None,
+  labels: jax.Array,
+  pos_weight: float | jax.Array | None = None,
+  side_weight: float = 1.0,
+) -> jax.Array:
   """FPN-MIL's total loss: BCE of the aggregated logits plus ``side_weight`` x each scale's BCE.
 
   The reference adds every side loss with weight 1 (``side_weight=1``).
@@ -56,8 +61,9 @@ def deep_supervision_loss(logits: jax.Array, scale_logits: jax.Array | None, lab
   if scale_logits is None:
     return total
   if scale_logits.ndim != 2 or scale_logits.shape[0] != labels.shape[0]:
-    raise ValueError(f'scale_logits must be [B, S] with B = {labels.shape[0]}, got '
-                     f'{scale_logits.shape}.')
+    raise ValueError(
+      f"scale_logits must be [B, S] with B = {labels.shape[0]}, got {scale_logits.shape}."
+    )
   for s in range(scale_logits.shape[1]):
     total = total + side_weight * weighted_bce_with_logits(scale_logits[:, s], labels, pos_weight)
   return total

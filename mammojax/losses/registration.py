@@ -51,8 +51,15 @@ def ncc_loss(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
   return 1.0 - jnp.mean(_standardise(a, eps) * _standardise(b, eps))
 
 
-def lncc_loss(a: jax.Array, b: jax.Array, sigma: float = 2.0, *, squared: bool = False,
-              mask: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
+def lncc_loss(
+  a: jax.Array,
+  b: jax.Array,
+  sigma: float = 2.0,
+  *,
+  squared: bool = False,
+  mask: jax.Array | None = None,
+  eps: float = 1e-5,
+) -> jax.Array:
   """``1 - mean(local NCC)`` with a Gaussian window (ICON's ``LNCC`` / ``SquaredLNCC``).
 
   Local moments are Gaussian blurs (std ``sigma`` pixels, radius ``round(2 sigma)``, zero
@@ -72,11 +79,11 @@ def lncc_loss(a: jax.Array, b: jax.Array, sigma: float = 2.0, *, squared: bool =
   blur = lambda x: gaussian_blur(x, sigma)  # noqa: E731
   mean_a, mean_b = blur(a), blur(b)
   cov = blur(a * b) - mean_a * mean_b
-  var_a = jax.nn.relu(blur(a * a) - mean_a ** 2) + eps
-  var_b = jax.nn.relu(blur(b * b) - mean_b ** 2) + eps
+  var_a = jax.nn.relu(blur(a * a) - mean_a**2) + eps
+  var_b = jax.nn.relu(blur(b * b) - mean_b**2) + eps
   corr = cov / jnp.sqrt(var_a * var_b)
   if squared:
-    corr = corr ** 2
+    corr = corr**2
   if mask is not None:
     corr = corr * (mask != 0)
   return 1.0 - jnp.mean(corr)
@@ -97,15 +104,26 @@ def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
     padding = [(0, 0)] * num_spatial
     padding[axis] = (radius, radius)
     spec = ("NHWC", "HWIO", "NHWC") if num_spatial == 2 else ("NDHWC", "DHWIO", "NDHWC")
-    x = jax.lax.conv_general_dilated(x, weights, (1,) * num_spatial, padding,
-                                     dimension_numbers=spec, feature_group_count=channels,
-                                     precision=jax.lax.Precision.HIGHEST)
+    x = jax.lax.conv_general_dilated(
+      x,
+      weights,
+      (1,) * num_spatial,
+      padding,
+      dimension_numbers=spec,
+      feature_group_count=channels,
+      precision=jax.lax.Precision.HIGHEST,
+    )
   return x
 
 
-def mutual_information_loss(a: jax.Array, b: jax.Array, *, num_bins: int = 32,
-                            value_range: tuple[float, float] = (0.0, 1.0),
-                            bin_sigma: float | None = None) -> jax.Array:
+def mutual_information_loss(
+  a: jax.Array,
+  b: jax.Array,
+  *,
+  num_bins: int = 32,
+  value_range: tuple[float, float] = (0.0, 1.0),
+  bin_sigma: float | None = None,
+) -> jax.Array:
   """Negative mutual information (nats) from a Gaussian Parzen-window joint histogram.
 
   Intensities are clipped to ``value_range``; each pixel spreads a Gaussian of std
@@ -121,8 +139,9 @@ def mutual_information_loss(a: jax.Array, b: jax.Array, *, num_bins: int = 32,
   _check_same_shape(a, b)
   low, high = value_range
   if not high > low or num_bins < 2:
-    raise ValueError(f"need value_range low < high and num_bins >= 2, got {value_range}, "
-                     f"{num_bins}")
+    raise ValueError(
+      f"need value_range low < high and num_bins >= 2, got {value_range}, {num_bins}"
+    )
   centres = jnp.linspace(low, high, num_bins, dtype=a.dtype)
   sigma = bin_sigma if bin_sigma is not None else 0.5 * (high - low) / (num_bins - 1)
 
@@ -132,8 +151,10 @@ def mutual_information_loss(a: jax.Array, b: jax.Array, *, num_bins: int = 32,
     return jax.nn.softmax(logits, axis=-1)
 
   weights_a, weights_b = parzen(a), parzen(b)
-  joint = jnp.einsum("bnk,bnl->bkl", weights_a, weights_b,
-                     precision=jax.lax.Precision.HIGHEST) / weights_a.shape[1]
+  joint = (
+    jnp.einsum("bnk,bnl->bkl", weights_a, weights_b, precision=jax.lax.Precision.HIGHEST)
+    / weights_a.shape[1]
+  )
   marginal_a = jnp.sum(joint, axis=2, keepdims=True)
   marginal_b = jnp.sum(joint, axis=1, keepdims=True)
   tiny = jnp.finfo(joint.dtype).tiny
@@ -158,6 +179,7 @@ def mind_loss(a: jax.Array, b: jax.Array, *, sigma: float = 0.8, eps: float = 1e
     Scalar; 0 for images with the same local self-similarity (e.g. one an intensity inversion
     of the other).
   """
+
   def descriptor(image):
     num_axes = image.ndim - 2
     pad = [(0, 0)] + [(1, 1)] * num_axes + [(0, 0)]
@@ -220,19 +242,29 @@ def bending_energy(displacement: jax.Array) -> jax.Array:
     second = shifted({i: 1}) - 2 * shifted({}) + shifted({i: -1})
     energy = energy + jnp.mean(jnp.square(second))
     for j in range(i + 1, num_axes):
-      mixed = (shifted({i: 1, j: 1}) + shifted({i: -1, j: -1}) - shifted({i: 1, j: -1})
-               - shifted({i: -1, j: 1})) / 4.0
+      mixed = (
+        shifted({i: 1, j: 1})
+        + shifted({i: -1, j: -1})
+        - shifted({i: 1, j: -1})
+        - shifted({i: -1, j: 1})
+      ) / 4.0
       energy = energy + 2.0 * jnp.mean(jnp.square(mixed))
-  return energy / num_axes ** 2
+  return energy / num_axes**2
 
 
 # ----------------------------------------------------------------------------- inverse consistency
 
 
-def inverse_consistency(phi_ab: FieldOrTransform, phi_ba: FieldOrTransform, key: jax.Array,
-                        spatial_shape: Sequence[int], *, noise: float = 1.0,
-                        spacing: Sequence[float] | None = None,
-                        batch_size: int | None = None) -> jax.Array:
+def inverse_consistency(
+  phi_ab: FieldOrTransform,
+  phi_ba: FieldOrTransform,
+  key: jax.Array,
+  spatial_shape: Sequence[int],
+  *,
+  noise: float = 1.0,
+  spacing: Sequence[float] | None = None,
+  batch_size: int | None = None,
+) -> jax.Array:
   """ICON's inverse-consistency penalty on grid points jittered by Gaussian noise.
 
   With ``x = grid + noise * N(0, 1)`` (pixels),
@@ -251,19 +283,27 @@ def inverse_consistency(phi_ab: FieldOrTransform, phi_ba: FieldOrTransform, key:
     Scalar; 0 when the maps are exact inverses of each other at the sampled points.
   """
   f, g = _as_transform(phi_ab), _as_transform(phi_ba)
-  points = _jittered_grid(key, _batch_of(batch_size, phi_ab, phi_ba), spatial_shape, noise,
-                          stride=1)
+  points = _jittered_grid(
+    key, _batch_of(batch_size, phi_ab, phi_ba), spatial_shape, noise, stride=1
+  )
   scale = _spacing_array(spacing, spatial_shape)
   error_ab = (points - f(g(points))) * scale
   error_ba = (points - g(f(points))) * scale
   return jnp.mean(jnp.square(error_ab)) + jnp.mean(jnp.square(error_ba))
 
 
-def gradient_inverse_consistency(phi_ab: FieldOrTransform, phi_ba: FieldOrTransform,
-                                 key: jax.Array, spatial_shape: Sequence[int], *,
-                                 noise: float = 1.0, stride: int = 1, delta: float = 0.01,
-                                 spacing: Sequence[float] | None = None,
-                                 batch_size: int | None = None) -> jax.Array:
+def gradient_inverse_consistency(
+  phi_ab: FieldOrTransform,
+  phi_ba: FieldOrTransform,
+  key: jax.Array,
+  spatial_shape: Sequence[int],
+  *,
+  noise: float = 1.0,
+  stride: int = 1,
+  delta: float = 0.01,
+  spacing: Sequence[float] | None = None,
+  batch_size: int | None = None,
+) -> jax.Array:
   """GradICON: squared Frobenius norm of the Jacobian of ``x - phi_ab(phi_ba(x))``.
 
   The Jacobian is estimated by forward differences of step ``delta`` pixels along each axis at
@@ -284,8 +324,7 @@ def gradient_inverse_consistency(phi_ab: FieldOrTransform, phi_ba: FieldOrTransf
     Scalar, dimensionless; 0 when the composition is locally a translation.
   """
   f, g = _as_transform(phi_ab), _as_transform(phi_ba)
-  points = _jittered_grid(key, _batch_of(batch_size, phi_ab, phi_ba), spatial_shape, noise,
-                          stride)
+  points = _jittered_grid(key, _batch_of(batch_size, phi_ab, phi_ba), spatial_shape, noise, stride)
   scale = _spacing_array(spacing, spatial_shape)
   error = (points - f(g(points))) * scale
   total = 0.0
@@ -300,10 +339,18 @@ def gradient_inverse_consistency(phi_ab: FieldOrTransform, phi_ba: FieldOrTransf
 # ----------------------------------------------------------------------------- loss wrappers
 
 
-def icon_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransform,
-              phi_ba: FieldOrTransform, key: jax.Array, *, lmbda: float,
-              similarity: Similarity = ssd_loss, noise: float = 1.0,
-              spacing: Sequence[float] | None = None) -> dict[str, jax.Array]:
+def icon_loss(
+  moving: jax.Array,
+  fixed: jax.Array,
+  phi_ab: FieldOrTransform,
+  phi_ba: FieldOrTransform,
+  key: jax.Array,
+  *,
+  lmbda: float,
+  similarity: Similarity = ssd_loss,
+  noise: float = 1.0,
+  spacing: Sequence[float] | None = None,
+) -> dict[str, jax.Array]:
   """ICON (``InverseConsistentNet``): symmetric similarity + ``lmbda`` * inverse consistency.
 
   Args:
@@ -320,19 +367,31 @@ def icon_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransform,
   spatial = moving.shape[1:-1]
   field_ab, field_ba = _as_field(phi_ab, moving), _as_field(phi_ba, moving)
   sim = _symmetric_similarity(moving, fixed, field_ab, field_ba, similarity)
-  consistency = inverse_consistency(phi_ab, phi_ba, key, spatial, noise=noise, spacing=spacing,
-                                    batch_size=moving.shape[0])
-  return {"loss": sim + lmbda * consistency, "similarity": sim,
-          "inverse_consistency": consistency,
-          "transform_magnitude": transform_magnitude(field_ab, spacing),
-          "folds": _mean_folds(field_ba)}
+  consistency = inverse_consistency(
+    phi_ab, phi_ba, key, spatial, noise=noise, spacing=spacing, batch_size=moving.shape[0]
+  )
+  return {
+    "loss": sim + lmbda * consistency,
+    "similarity": sim,
+    "inverse_consistency": consistency,
+    "transform_magnitude": transform_magnitude(field_ab, spacing),
+    "folds": _mean_folds(field_ba),
+  }
 
 
-def gradicon_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransform,
-                  phi_ba: FieldOrTransform, key: jax.Array, *, lmbda: float,
-                  similarity: Similarity = ssd_loss, sparse: bool = False,
-                  delta: float = 0.01,
-                  spacing: Sequence[float] | None = None) -> dict[str, jax.Array]:
+def gradicon_loss(
+  moving: jax.Array,
+  fixed: jax.Array,
+  phi_ab: FieldOrTransform,
+  phi_ba: FieldOrTransform,
+  key: jax.Array,
+  *,
+  lmbda: float,
+  similarity: Similarity = ssd_loss,
+  sparse: bool = False,
+  delta: float = 0.01,
+  spacing: Sequence[float] | None = None,
+) -> dict[str, jax.Array]:
   """GradICON (``GradientICON`` / ``GradientICONSparse`` with ``sparse=True``).
 
   Dense: jitter std 1 pixel on every grid point. Sparse: jitter std 2 pixels on every second
@@ -346,18 +405,35 @@ def gradicon_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransform,
   field_ab, field_ba = _as_field(phi_ab, moving), _as_field(phi_ba, moving)
   sim = _symmetric_similarity(moving, fixed, field_ab, field_ba, similarity)
   consistency = gradient_inverse_consistency(
-      phi_ab, phi_ba, key, spatial, noise=2.0 if sparse else 1.0, stride=2 if sparse else 1,
-      delta=delta, spacing=spacing, batch_size=moving.shape[0])
-  return {"loss": sim + lmbda * consistency, "similarity": sim,
-          "inverse_consistency": consistency,
-          "transform_magnitude": transform_magnitude(field_ab, spacing),
-          "folds": _mean_folds(field_ba)}
+    phi_ab,
+    phi_ba,
+    key,
+    spatial,
+    noise=2.0 if sparse else 1.0,
+    stride=2 if sparse else 1,
+    delta=delta,
+    spacing=spacing,
+    batch_size=moving.shape[0],
+  )
+  return {
+    "loss": sim + lmbda * consistency,
+    "similarity": sim,
+    "inverse_consistency": consistency,
+    "transform_magnitude": transform_magnitude(field_ab, spacing),
+    "folds": _mean_folds(field_ba),
+  }
 
 
-def regularized_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransform, *,
-                     lmbda: float, similarity: Similarity = ssd_loss,
-                     regularizer: str = "diffusion",
-                     spacing: Sequence[float] | None = None) -> dict[str, jax.Array]:
+def regularized_loss(
+  moving: jax.Array,
+  fixed: jax.Array,
+  phi_ab: FieldOrTransform,
+  *,
+  lmbda: float,
+  similarity: Similarity = ssd_loss,
+  regularizer: str = "diffusion",
+  spacing: Sequence[float] | None = None,
+) -> dict[str, jax.Array]:
   """One-way loss with a smoothness penalty (ICON's ``DiffusionRegularizedNet`` /
   ``BendingEnergyNet``): ``2 * sim(A ∘ phi_ab, B) + lmbda * regularity``.
 
@@ -379,13 +455,18 @@ def regularized_loss(moving: jax.Array, fixed: jax.Array, phi_ab: FieldOrTransfo
     raise ValueError(f"regularizer must be 'diffusion' or 'bending', got {regularizer!r}")
   warped = warp_lib.warp(moving, field_ab, padding="border")
   sim = 2.0 * similarity(warped, fixed)
-  return {"loss": sim + lmbda * regularity, "similarity": sim, "regularity": regularity,
-          "transform_magnitude": transform_magnitude(field_ab, spacing),
-          "folds": _mean_folds(field_ab)}
+  return {
+    "loss": sim + lmbda * regularity,
+    "similarity": sim,
+    "regularity": regularity,
+    "transform_magnitude": transform_magnitude(field_ab, spacing),
+    "folds": _mean_folds(field_ab),
+  }
 
 
-def transform_magnitude(displacement: jax.Array,
-                        spacing: Sequence[float] | None = None) -> jax.Array:
+def transform_magnitude(
+  displacement: jax.Array, spacing: Sequence[float] | None = None
+) -> jax.Array:
   """``mean(u**2)`` over examples, positions and components (``spacing`` units)."""
   scale = _spacing_array(spacing, displacement.shape[1:-1])
   return jnp.mean(jnp.square(displacement * scale))
@@ -407,10 +488,16 @@ def mammoregnet_ncc(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(value), 0.0, value)
 
 
-def mammoregnet_loss(fixed: jax.Array, warped: jax.Array, affine_warped: jax.Array,
-                     displacement: jax.Array, *, regularity_weight: float = 1.0,
-                     jacobian_weight: float = 1e-5,
-                     reference_jacobian: bool = False) -> dict[str, jax.Array]:
+def mammoregnet_loss(
+  fixed: jax.Array,
+  warped: jax.Array,
+  affine_warped: jax.Array,
+  displacement: jax.Array,
+  *,
+  regularity_weight: float = 1.0,
+  jacobian_weight: float = 1e-5,
+  reference_jacobian: bool = False,
+) -> dict[str, jax.Array]:
   """The published MammoRegNet training loss (Longitudinal_Mammogram_Alignment).
 
   ``(1 - NCC(fixed, affine_warped)) + (1 - NCC(fixed, warped))
@@ -434,8 +521,9 @@ def mammoregnet_loss(fixed: jax.Array, warped: jax.Array, affine_warped: jax.Arr
   """
   _check_displacement(displacement)
   if displacement.ndim != 4:
-    raise ValueError(f"mammoregnet_loss is 2D: displacement must be [B, H, W, 2], got "
-                     f"{displacement.shape}")
+    raise ValueError(
+      f"mammoregnet_loss is 2D: displacement must be [B, H, W, 2], got {displacement.shape}"
+    )
   ncc_final = mammoregnet_ncc(fixed, warped)
   ncc_affine = mammoregnet_ncc(fixed, affine_warped)
   similarity = (1.0 - ncc_affine) + (1.0 - ncc_final)
@@ -450,9 +538,15 @@ def mammoregnet_loss(fixed: jax.Array, warped: jax.Array, affine_warped: jax.Arr
     det = warp_lib.jacobian_determinant(displacement, method="forward")
   negative_jacobian = jnp.sum(jax.nn.relu(-det))
   regularity = smoothness + jacobian_weight * negative_jacobian
-  return {"loss": similarity + regularity_weight * regularity, "ncc": ncc_final,
-          "ncc_affine": ncc_affine, "similarity": similarity, "smoothness": smoothness,
-          "negative_jacobian": negative_jacobian, "regularity": regularity}
+  return {
+    "loss": similarity + regularity_weight * regularity,
+    "ncc": ncc_final,
+    "ncc_affine": ncc_affine,
+    "similarity": similarity,
+    "smoothness": smoothness,
+    "negative_jacobian": negative_jacobian,
+    "regularity": regularity,
+  }
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -491,8 +585,9 @@ def _as_field(phi: FieldOrTransform, image: jax.Array) -> jax.Array:
   spatial = image.shape[1:-1]
   if callable(phi):
     dtype = jnp.promote_types(image.dtype, jnp.float32)  # bfloat16 can't hold pixel indices
-    grid = jnp.broadcast_to(warp_lib.identity_map(spatial, dtype),
-                            (image.shape[0], *spatial, len(spatial)))
+    grid = jnp.broadcast_to(
+      warp_lib.identity_map(spatial, dtype), (image.shape[0], *spatial, len(spatial))
+    )
     return phi(grid) - grid
   _check_displacement(phi)
   if phi.shape[:-1] != image.shape[:-1]:
@@ -510,8 +605,9 @@ def _batch_of(batch_size: int | None, *phis: FieldOrTransform) -> int:
 
 
 def _jittered_grid(key, batch, spatial_shape, noise, stride):
-  grid = warp_lib.identity_map(spatial_shape)[tuple(slice(None, None, stride)
-                                                    for _ in spatial_shape)]
+  grid = warp_lib.identity_map(spatial_shape)[
+    tuple(slice(None, None, stride) for _ in spatial_shape)
+  ]
   grid = jnp.broadcast_to(grid, (batch, *grid.shape))
   return grid + noise * jax.random.normal(key, grid.shape, grid.dtype)
 
@@ -530,9 +626,12 @@ def _check_same_shape(a, b):
 
 
 def _check_displacement(displacement):
-  if (not hasattr(displacement, "ndim") or displacement.ndim not in (4, 5)
-      or displacement.shape[-1] != displacement.ndim - 2):
+  if (
+    not hasattr(displacement, "ndim")
+    or displacement.ndim not in (4, 5)
+    or displacement.shape[-1] != displacement.ndim - 2
+  ):
     shape = getattr(displacement, "shape", type(displacement).__name__)
-    raise ValueError(f"displacement must be [B, H, W, 2] or [B, D, H, W, 3] (pixels, 'ij'), "
-                     f"got {shape}")
-
+    raise ValueError(
+      f"displacement must be [B, H, W, 2] or [B, D, H, W, 3] (pixels, 'ij'), got {shape}"
+    )

@@ -21,8 +21,10 @@ DEFAULT_HEAD_WEIGHTS: Mapping[str, float] = {"fused": 1.0, "cur": 0.2, "pri": 0.
 def masked_bce_with_logits(logits: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean BCE over observed entries; all arguments ``[B, Y]``, returns a scalar (0 if none)."""
   if logits.shape != target.shape or logits.shape != mask.shape:
-    raise ValueError(f"logits {logits.shape}, target {target.shape} and mask {mask.shape} must "
-                     "have one shape [B, num_years]")
+    raise ValueError(
+      f"logits {logits.shape}, target {target.shape} and mask {mask.shape} must "
+      "have one shape [B, num_years]"
+    )
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   losses = optax.sigmoid_binary_cross_entropy(logits, target.astype(jnp.float32))
@@ -30,8 +32,9 @@ def masked_bce_with_logits(logits: jax.Array, target: jax.Array, mask: jax.Array
   return jnp.where(count > 0, jnp.sum(losses * mask) / jnp.maximum(count, 1.0), 0.0)
 
 
-def risk_loss(heads: RiskHeads, head_weights: Mapping[str, float] | None = None,
-              valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def risk_loss(
+  heads: RiskHeads, head_weights: Mapping[str, float] | None = None, valid: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of :func:`masked_bce_with_logits` over heads.
 
   Args:

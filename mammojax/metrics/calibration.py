@@ -16,8 +16,9 @@ import numpy as np
 from mammojax.metrics import risk
 
 
-def calibration_by_bin(probs: Any, years_to_cancer: Any, years_to_followup: Any,
-                       num_bins: int = 10) -> dict[str, np.ndarray]:
+def calibration_by_bin(
+  probs: Any, years_to_cancer: Any, years_to_followup: Any, num_bins: int = 10
+) -> dict[str, np.ndarray]:
   """Predicted and Kaplan-Meier observed cumulative risk per year and risk bin.
 
   Args:
@@ -30,12 +31,14 @@ def calibration_by_bin(probs: Any, years_to_cancer: Any, years_to_followup: Any,
     ``predicted``, ``observed``: ``[Y, num_bins]`` risks; ``num_exams``: ``[Y, num_bins]`` exams
     per bin; ``num_cancers``: ``[Y, num_bins]`` cancers within year ``k`` in the bin.
   """
-  probs, years_to_cancer, years_to_followup = risk.check_inputs(probs, years_to_cancer,
-                                                                years_to_followup)
+  probs, years_to_cancer, years_to_followup = risk.check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   num_exams, num_years = probs.shape
   if (probs < 0).any() or (probs > 1).any():
-    raise ValueError("probs must be probabilities in [0, 1] for calibration (apply the "
-                     "sigmoid to logits first)")
+    raise ValueError(
+      "probs must be probabilities in [0, 1] for calibration (apply the sigmoid to logits first)"
+    )
   if not 1 <= num_bins <= num_exams:
     raise ValueError(f"num_bins must be in [1, N = {num_exams}], got {num_bins}")
   time, event = risk.event_times(years_to_cancer, years_to_followup, num_years)
@@ -54,5 +57,4 @@ def calibration_by_bin(probs: Any, years_to_cancer: Any, years_to_followup: Any,
     counts[column] = membership.sum(axis=1).astype(np.int64)
     predicted[column] = membership @ probs[:, column] / counts[column]
     cancers[column] = membership @ (event & (time <= column)).astype(np.float64)
-  return {"predicted": predicted, "observed": observed, "num_exams": counts,
-          "num_cancers": cancers}
+  return {"predicted": predicted, "observed": observed, "num_exams": counts, "num_cancers": cancers}

@@ -51,9 +51,12 @@ def threshold_metrics(probs: Any, labels: Any, threshold: float) -> dict[str, fl
   tn = float(np.sum(~predicted & ~labels))
   sensitivity = tp / (tp + fn) if tp + fn else float("nan")
   specificity = tn / (tn + fp) if tn + fp else float("nan")
-  return {"balanced_accuracy": float(np.nanmean([sensitivity, specificity])),
-          "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-          "sensitivity": sensitivity, "specificity": specificity}
+  return {
+    "balanced_accuracy": float(np.nanmean([sensitivity, specificity])),
+    "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    "sensitivity": sensitivity,
+    "specificity": specificity,
+  }
 
 
 def youden_threshold(probs: Any, labels: Any) -> float:
@@ -83,5 +86,9 @@ def classification_metrics(probs: Any, labels: Any, threshold: float = 0.5) -> d
   """
   youden = youden_threshold(probs, labels)
   at_youden = threshold_metrics(probs, labels, youden)
-  return {"auc": roc_auc(probs, labels), **threshold_metrics(probs, labels, threshold),
-          "youden_threshold": youden, **{f"{k}_youden": v for k, v in at_youden.items()}}
+  return {
+    "auc": roc_auc(probs, labels),
+    **threshold_metrics(probs, labels, threshold),
+    "youden_threshold": youden,
+    **{f"{k}_youden": v for k, v in at_youden.items()},
+  }

@@ -44,33 +44,41 @@ _CHUNK_ENTRIES = 4_000_000
 def _as_probs(probs: Any) -> np.ndarray:
   probs = np.asarray(probs, dtype=np.float64)
   if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
-    raise ValueError(f"probs must be [N, Y] with N, Y >= 1 (risk of years 1..Y per exam), "
-                     f"got shape {probs.shape}")
+    raise ValueError(
+      f"probs must be [N, Y] with N, Y >= 1 (risk of years 1..Y per exam), got shape {probs.shape}"
+    )
   bad = ~np.isfinite(probs)
   if bad.any():
     exam = int(np.argwhere(bad)[0, 0])
-    raise ValueError(f"probs has {int(bad.sum())} NaN/inf entries (first at exam {exam}); "
-                     f"drop or fix those exams before computing metrics")
+    raise ValueError(
+      f"probs has {int(bad.sum())} NaN/inf entries (first at exam {exam}); "
+      f"drop or fix those exams before computing metrics"
+    )
   return probs
 
 
 def _as_years(name: str, values: Any, num_exams: int, allow_inf: bool) -> np.ndarray:
   values = np.asarray(values, dtype=np.float64)
   if values.shape != (num_exams,):
-    raise ValueError(f"{name} must have shape [{num_exams}] (one value per row of probs), "
-                     f"got {values.shape}")
+    raise ValueError(
+      f"{name} must have shape [{num_exams}] (one value per row of probs), got {values.shape}"
+    )
   bad = np.isnan(values) | (values < 0) | (np.isinf(values) & (not allow_inf))
   if bad.any():
     exam = int(np.argmax(bad))
-    hint = (" (use a sentinel >= Y, such as 100, for 'no cancer')"
-            if name == "years_to_cancer" else "")
-    raise ValueError(f"{name} must be >= 0 and not NaN{'' if allow_inf else ' or inf'}; "
-                     f"exam {exam} has {values[exam]!r}{hint}")
+    hint = (
+      " (use a sentinel >= Y, such as 100, for 'no cancer')" if name == "years_to_cancer" else ""
+    )
+    raise ValueError(
+      f"{name} must be >= 0 and not NaN{'' if allow_inf else ' or inf'}; "
+      f"exam {exam} has {values[exam]!r}{hint}"
+    )
   return values
 
 
-def check_inputs(probs: Any, years_to_cancer: Any, years_to_followup: Any
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_inputs(
+  probs: Any, years_to_cancer: Any, years_to_followup: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Validated float64 copies of ``probs`` ``[N, Y]`` and the two ``[N]`` year arrays.
 
   Raises ValueError naming the array for a wrong shape, NaN/inf risk, NaN or negative years,
@@ -89,15 +97,17 @@ def _as_weights(sample_weight: Any, num_exams: int) -> tuple[np.ndarray, bool]:
   weights = np.asarray(sample_weight, dtype=np.float64)
   batched = weights.ndim == 2
   if weights.ndim not in (1, 2) or weights.shape[-1] != num_exams:
-    raise ValueError(f"sample_weight must be [N] or [B, N] with N = {num_exams}, "
-                     f"got shape {weights.shape}")
+    raise ValueError(
+      f"sample_weight must be [N] or [B, N] with N = {num_exams}, got shape {weights.shape}"
+    )
   if not np.isfinite(weights).all() or (weights < 0).any():
     raise ValueError("sample_weight must be finite and >= 0")
   return (weights if batched else weights[None]), batched
 
 
-def event_times(years_to_cancer: Any, years_to_followup: Any,
-                num_years: int) -> tuple[np.ndarray, np.ndarray]:
+def event_times(
+  years_to_cancer: Any, years_to_followup: Any, num_years: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Year index of the event or censoring, and whether it is a cancer.
 
   Args:
@@ -109,10 +119,15 @@ def event_times(years_to_cancer: Any, years_to_followup: Any,
     ``time`` ``[N]`` int64 in ``[-1, Y - 1]`` and ``event`` ``[N]`` bool (see module docstring).
   """
   years_to_cancer = np.asarray(years_to_cancer, dtype=np.float64)
-  years_to_cancer = _as_years("years_to_cancer", years_to_cancer,
-                              years_to_cancer.shape[0] if years_to_cancer.ndim else -1, True)
-  years_to_followup = _as_years("years_to_followup", years_to_followup,
-                                years_to_cancer.shape[0], False)
+  years_to_cancer = _as_years(
+    "years_to_cancer",
+    years_to_cancer,
+    years_to_cancer.shape[0] if years_to_cancer.ndim else -1,
+    True,
+  )
+  years_to_followup = _as_years(
+    "years_to_followup", years_to_followup, years_to_cancer.shape[0], False
+  )
   event = years_to_cancer < num_years
   censored_time = np.minimum(np.floor(years_to_followup), num_years) - 1
   time = np.where(event, np.floor(np.where(event, years_to_cancer, 0.0)), censored_time)
@@ -133,8 +148,9 @@ def years_from_targets(target: Any, y_mask: Any) -> tuple[np.ndarray, np.ndarray
   target = np.asarray(target)
   y_mask = np.asarray(y_mask)
   if target.ndim != 2 or target.shape != y_mask.shape:
-    raise ValueError(f"target and y_mask must both be [N, Y]; got {target.shape} and "
-                     f"{y_mask.shape}")
+    raise ValueError(
+      f"target and y_mask must both be [N, Y]; got {target.shape} and {y_mask.shape}"
+    )
   positive = target > 0.5
   event = positive[:, -1]
   first_positive = np.argmax(positive, axis=1).astype(np.float64)
@@ -143,8 +159,9 @@ def years_from_targets(target: Any, y_mask: Any) -> tuple[np.ndarray, np.ndarray
   return years_to_cancer, years_to_followup
 
 
-def km_survival(time: np.ndarray, event: np.ndarray, num_years: int,
-                sample_weight: Any = None) -> np.ndarray:
+def km_survival(
+  time: np.ndarray, event: np.ndarray, num_years: int, sample_weight: Any = None
+) -> np.ndarray:
   """Kaplan-Meier curve at year indices ``0..Y-1`` (right-continuous, as lifelines' predict).
 
   ``S(t) = prod_{s <= t} (1 - d_s / n_s)`` with ``d_s`` weighted events at ``s`` and ``n_s``
@@ -166,8 +183,9 @@ def km_survival(time: np.ndarray, event: np.ndarray, num_years: int,
   return survival if batched else survival[0]
 
 
-def reference_weight_survival(years_to_cancer: Any, years_to_followup: Any,
-                              num_years: int) -> np.ndarray:
+def reference_weight_survival(
+  years_to_cancer: Any, years_to_followup: Any, num_years: int
+) -> np.ndarray:
   """The references' IPCW curve ``S`` ``[Y]``: Kaplan-Meier with cancer as the event.
 
   Mirai fits it on the training set; BCRBench on the evaluated set. Pass the result as
@@ -181,8 +199,9 @@ def reference_weight_survival(years_to_cancer: Any, years_to_followup: Any,
 # Weighted pair counting.
 
 
-def _weighted_greater_equal(pool_scores: np.ndarray, pool_weights: np.ndarray,
-                            query_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _weighted_greater_equal(
+  pool_scores: np.ndarray, pool_weights: np.ndarray, query_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """For each query: total pool weight with a strictly greater score, and with an equal score.
 
   Args:
@@ -203,8 +222,14 @@ def _weighted_greater_equal(pool_scores: np.ndarray, pool_weights: np.ndarray,
   return greater, equal
 
 
-def _c_index_batch(probs: np.ndarray, time: np.ndarray, event: np.ndarray,
-                   weights: np.ndarray, survival: np.ndarray, convention: str) -> np.ndarray:
+def _c_index_batch(
+  probs: np.ndarray,
+  time: np.ndarray,
+  event: np.ndarray,
+  weights: np.ndarray,
+  survival: np.ndarray,
+  convention: str,
+) -> np.ndarray:
   """C-index per weight row. ``survival`` is ``[B, Y]``; returns ``[B]`` (NaN: no pairs)."""
   num_years = probs.shape[1]
   concordant = np.zeros(weights.shape[0])
@@ -223,12 +248,13 @@ def _c_index_batch(probs: np.ndarray, time: np.ndarray, event: np.ndarray,
     at_t = np.zeros(weights.shape[0])
     pairs_t = np.zeros(weights.shape[0])
     # An event at t is compared with earlier events only; a censoring at t also with events at t.
-    for pool_weights, queries in ((pool_weights_before, exit_is_event),
-                                  (pool_weights_all, ~exit_is_event)):
+    for pool_weights, queries in (
+      (pool_weights_before, exit_is_event),
+      (pool_weights_all, ~exit_is_event),
+    ):
       if not queries.any():
         continue
-      greater, equal = _weighted_greater_equal(probs[pool, t], pool_weights,
-                                               query_scores[queries])
+      greater, equal = _weighted_greater_equal(probs[pool, t], pool_weights, query_scores[queries])
       weight_q = query_weights[:, queries]
       at_t += np.sum(weight_q * (greater + 0.5 * equal), axis=1)
       pairs_t += weight_q.sum(axis=1) * pool_weights.sum(axis=1)
@@ -239,9 +265,16 @@ def _c_index_batch(probs: np.ndarray, time: np.ndarray, event: np.ndarray,
     return np.where(pairs > 0, concordant / np.where(pairs > 0, pairs, 1.0), np.nan)
 
 
-def c_index(probs: Any, years_to_cancer: Any, years_to_followup: Any, *,
-            weighting: str = "reference", weight_survival: Any = None,
-            convention: str = "mirai", sample_weight: Any = None) -> float | np.ndarray:
+def c_index(
+  probs: Any,
+  years_to_cancer: Any,
+  years_to_followup: Any,
+  *,
+  weighting: str = "reference",
+  weight_survival: Any = None,
+  convention: str = "mirai",
+  sample_weight: Any = None,
+) -> float | np.ndarray:
   """Time-dependent, IPCW-weighted concordance index of Mirai / BCRBench.
 
   Args:
@@ -261,8 +294,9 @@ def c_index(probs: Any, years_to_cancer: Any, years_to_followup: Any, *,
   Returns:
     a float, or ``[B]`` for batched weights; NaN when no pair is comparable.
   """
-  probs, years_to_cancer, years_to_followup = check_inputs(probs, years_to_cancer,
-                                                           years_to_followup)
+  probs, years_to_cancer, years_to_followup = check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   if convention not in CONVENTIONS:
@@ -275,8 +309,9 @@ def c_index(probs: Any, years_to_cancer: Any, years_to_followup: Any, *,
   elif weight_survival is not None:
     survival = np.asarray(weight_survival, dtype=np.float64)
     if survival.shape != (num_years,) or not np.all((survival > 0) & (survival <= 1)):
-      raise ValueError(f"weight_survival must be [{num_years}] with values in (0, 1], got "
-                       f"shape {survival.shape}")
+      raise ValueError(
+        f"weight_survival must be [{num_years}] with values in (0, 1], got shape {survival.shape}"
+      )
     survival = np.broadcast_to(survival, (weights.shape[0], num_years))
   else:
     survival = np.maximum(km_survival(time, event, num_years, weights), SURVIVAL_FLOOR)
@@ -288,8 +323,9 @@ def c_index(probs: Any, years_to_cancer: Any, years_to_followup: Any, *,
 # Per-year AUC.
 
 
-def year_labels(years_to_cancer: Any, years_to_followup: Any,
-                num_years: int) -> tuple[np.ndarray, np.ndarray]:
+def year_labels(
+  years_to_cancer: Any, years_to_followup: Any, num_years: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Which exams count for the AUC of each year, and their label.
 
   Returns:
@@ -302,8 +338,9 @@ def year_labels(years_to_cancer: Any, years_to_followup: Any,
   return included, positive
 
 
-def _auc_batch(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-               weights: np.ndarray) -> np.ndarray:
+def _auc_batch(
+  scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
   """Weighted Mann-Whitney AUC per weight row (ties count one half); NaN with one class."""
   positives = np.flatnonzero(positive)
   negatives = np.flatnonzero(negative)
@@ -318,23 +355,26 @@ def _auc_batch(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray,
     return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
 
 
-def auc_per_year(probs: Any, years_to_cancer: Any, years_to_followup: Any, *,
-                 sample_weight: Any = None) -> dict[int, float | np.ndarray]:
+def auc_per_year(
+  probs: Any, years_to_cancer: Any, years_to_followup: Any, *, sample_weight: Any = None
+) -> dict[int, float | np.ndarray]:
   """AUC of column ``k - 1`` among the exams that count for year ``k``, for ``k = 1..Y``.
 
   Returns:
     ``{k: auc}`` (floats, or ``[B]`` arrays for batched weights); NaN for a year with a single
     class.
   """
-  probs, years_to_cancer, years_to_followup = check_inputs(probs, years_to_cancer,
-                                                           years_to_followup)
+  probs, years_to_cancer, years_to_followup = check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   num_years = probs.shape[1]
   weights, batched = _as_weights(sample_weight, probs.shape[0])
   included, positive = year_labels(years_to_cancer, years_to_followup, num_years)
   result: dict[int, float | np.ndarray] = {}
   for column in range(num_years):
-    values = _auc_batch(probs[:, column], positive[:, column],
-                        included[:, column] & ~positive[:, column], weights)
+    values = _auc_batch(
+      probs[:, column], positive[:, column], included[:, column] & ~positive[:, column], weights
+    )
     result[column + 1] = values if batched else float(values[0])
   return result
 
@@ -371,13 +411,15 @@ def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 class BootstrapCI(NamedTuple):
   """Point estimate on all exams and the percentile interval of the resampled values."""
+
   point: float
   low: float
   high: float
 
 
-def _bootstrap_units(num_exams: int, patient_ids: Any, strata: Any
-                     ) -> tuple[np.ndarray, list[np.ndarray], int]:
+def _bootstrap_units(
+  num_exams: int, patient_ids: Any, strata: Any
+) -> tuple[np.ndarray, list[np.ndarray], int]:
   """Resampling unit of each exam ``[N]``, the units of each stratum, and the unit count."""
   if patient_ids is None:
     unit_of_exam = np.arange(num_exams)
@@ -402,9 +444,15 @@ def _bootstrap_units(num_exams: int, patient_ids: Any, strata: Any
   return unit_of_exam, members, num_units
 
 
-def bootstrap_samples(metric_fn: Callable[[np.ndarray], np.ndarray], num_exams: int, *,
-                      n_resamples: int, seed: int, patient_ids: Any = None,
-                      strata: Any = None) -> np.ndarray:
+def bootstrap_samples(
+  metric_fn: Callable[[np.ndarray], np.ndarray],
+  num_exams: int,
+  *,
+  n_resamples: int,
+  seed: int,
+  patient_ids: Any = None,
+  strata: Any = None,
+) -> np.ndarray:
   """Metric values on ``n_resamples`` bootstrap resamples.
 
   Args:
@@ -431,8 +479,11 @@ def bootstrap_samples(metric_fn: Callable[[np.ndarray], np.ndarray], num_exams: 
     rows = min(chunk, n_resamples - start)
     row_offset = (np.arange(rows) * num_units)[:, None]
     flat_draws = np.concatenate(
-        [(units[rng.integers(0, units.size, size=(rows, units.size))] + row_offset).ravel()
-         for units in members])
+      [
+        (units[rng.integers(0, units.size, size=(rows, units.size))] + row_offset).ravel()
+        for units in members
+      ]
+    )
     unit_counts = np.bincount(flat_draws, minlength=rows * num_units).reshape(rows, num_units)
     values.append(np.asarray(metric_fn(unit_counts[:, unit_of_exam].astype(np.float64))))
   return np.concatenate(values, axis=0)
@@ -446,9 +497,16 @@ def _percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, floa
   return float(low), float(high)
 
 
-def bootstrap_ci(metric_fn: Callable[[np.ndarray], np.ndarray], num_exams: int, *,
-                 n_resamples: int, seed: int, alpha: float = 0.05, patient_ids: Any = None,
-                 strata: Any = None) -> BootstrapCI:
+def bootstrap_ci(
+  metric_fn: Callable[[np.ndarray], np.ndarray],
+  num_exams: int,
+  *,
+  n_resamples: int,
+  seed: int,
+  alpha: float = 0.05,
+  patient_ids: Any = None,
+  strata: Any = None,
+) -> BootstrapCI:
   """Point estimate and ``1 - alpha`` percentile interval of a scalar metric.
 
   ``metric_fn`` and the resampling options are those of ``bootstrap_samples``; the point
@@ -458,8 +516,9 @@ def bootstrap_ci(metric_fn: Callable[[np.ndarray], np.ndarray], num_exams: int, 
   if not 0 < alpha < 1:
     raise ValueError(f"alpha must be in (0, 1), got {alpha}")
   point = float(np.asarray(metric_fn(np.ones((1, num_exams)))).reshape(-1)[0])
-  samples = bootstrap_samples(metric_fn, num_exams, n_resamples=n_resamples, seed=seed,
-                              patient_ids=patient_ids, strata=strata).reshape(-1)
+  samples = bootstrap_samples(
+    metric_fn, num_exams, n_resamples=n_resamples, seed=seed, patient_ids=patient_ids, strata=strata
+  ).reshape(-1)
   return BootstrapCI(point, *_percentile_interval(samples, alpha))
 
 
@@ -477,15 +536,25 @@ def _interval(point: float, samples: np.ndarray | None, alpha: float) -> dict[st
   if samples is not None:
     low, high = _percentile_interval(samples, alpha)
     valid = samples[np.isfinite(samples)]
-    block.update(low=_json_float(low), high=_json_float(high),
-                 bootstrap_mean=_json_float(valid.mean()) if valid.size else None,
-                 valid_resamples=int(valid.size))
+    block.update(
+      low=_json_float(low),
+      high=_json_float(high),
+      bootstrap_mean=_json_float(valid.mean()) if valid.size else None,
+      valid_resamples=int(valid.size),
+    )
   return block
 
 
-def _metric_block(probs: np.ndarray, years_to_cancer: np.ndarray, years_to_followup: np.ndarray,
-                  survival: np.ndarray, n_bootstrap: int, seed: int, alpha: float,
-                  patient_ids: np.ndarray | None) -> dict[str, Any]:
+def _metric_block(
+  probs: np.ndarray,
+  years_to_cancer: np.ndarray,
+  years_to_followup: np.ndarray,
+  survival: np.ndarray,
+  n_bootstrap: int,
+  seed: int,
+  alpha: float,
+  patient_ids: np.ndarray | None,
+) -> dict[str, Any]:
   """C-index and per-year AUC (with intervals when ``n_bootstrap > 0``) of one set of exams."""
   num_years = probs.shape[1]
   included, positive = year_labels(years_to_cancer, years_to_followup, num_years)
@@ -493,34 +562,59 @@ def _metric_block(probs: np.ndarray, years_to_cancer: np.ndarray, years_to_follo
   time, event = event_times(years_to_cancer, years_to_followup, num_years)
 
   def all_metrics(weights: np.ndarray) -> np.ndarray:
-    columns = [_c_index_batch(probs, time, event, weights,
-                              np.broadcast_to(survival, (weights.shape[0], num_years)), "mirai")]
-    columns += [_auc_batch(probs[:, k], positive[:, k], negative[:, k], weights)
-                for k in range(num_years)]
+    columns = [
+      _c_index_batch(
+        probs,
+        time,
+        event,
+        weights,
+        np.broadcast_to(survival, (weights.shape[0], num_years)),
+        "mirai",
+      )
+    ]
+    columns += [
+      _auc_batch(probs[:, k], positive[:, k], negative[:, k], weights) for k in range(num_years)
+    ]
     return np.stack(columns, axis=1)
 
   point = all_metrics(np.ones((1, probs.shape[0])))[0]
   samples = None
   if n_bootstrap > 0:
-    samples = bootstrap_samples(all_metrics, probs.shape[0], n_resamples=n_bootstrap, seed=seed,
-                                patient_ids=patient_ids, strata=event)
+    samples = bootstrap_samples(
+      all_metrics,
+      probs.shape[0],
+      n_resamples=n_bootstrap,
+      seed=seed,
+      patient_ids=patient_ids,
+      strata=event,
+    )
   column = (lambda i: None) if samples is None else (lambda i: samples[:, i])
   return {
-      "num_exams": int(probs.shape[0]),
-      "num_cancers": int(event.sum()),
-      "c_index": _interval(point[0], column(0), alpha),
-      "auc_year": {str(k + 1): _interval(point[k + 1], column(k + 1), alpha)
-                   for k in range(num_years)},
-      "counts_year": {str(k + 1): {"positives": int(positive[:, k].sum()),
-                                   "negatives": int(negative[:, k].sum())}
-                      for k in range(num_years)},
+    "num_exams": int(probs.shape[0]),
+    "num_cancers": int(event.sum()),
+    "c_index": _interval(point[0], column(0), alpha),
+    "auc_year": {
+      str(k + 1): _interval(point[k + 1], column(k + 1), alpha) for k in range(num_years)
+    },
+    "counts_year": {
+      str(k + 1): {"positives": int(positive[:, k].sum()), "negatives": int(negative[:, k].sum())}
+      for k in range(num_years)
+    },
   }
 
 
-def subgroup_metrics(probs: Any, years_to_cancer: Any, years_to_followup: Any,
-                     subgroups: Mapping[str, Any], *, n_bootstrap: int = 0, seed: int = 0,
-                     alpha: float = 0.05, weight_survival: Any = None,
-                     patient_ids: Any = None) -> dict[str, dict[str, dict[str, Any]]]:
+def subgroup_metrics(
+  probs: Any,
+  years_to_cancer: Any,
+  years_to_followup: Any,
+  subgroups: Mapping[str, Any],
+  *,
+  n_bootstrap: int = 0,
+  seed: int = 0,
+  alpha: float = 0.05,
+  weight_survival: Any = None,
+  patient_ids: Any = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
   """The report's metric block for every value of every subgroup column.
 
   Args:
@@ -533,11 +627,15 @@ def subgroup_metrics(probs: Any, years_to_cancer: Any, years_to_followup: Any,
     ``{column: {str(value): block}}`` where a block has ``num_exams``, ``num_cancers``,
     ``c_index``, ``auc_year`` and ``counts_year``.
   """
-  probs, years_to_cancer, years_to_followup = check_inputs(probs, years_to_cancer,
-                                                           years_to_followup)
+  probs, years_to_cancer, years_to_followup = check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   num_exams, num_years = probs.shape
-  survival = (reference_weight_survival(years_to_cancer, years_to_followup, num_years)
-              if weight_survival is None else np.asarray(weight_survival, dtype=np.float64))
+  survival = (
+    reference_weight_survival(years_to_cancer, years_to_followup, num_years)
+    if weight_survival is None
+    else np.asarray(weight_survival, dtype=np.float64)
+  )
   if patient_ids is not None:
     patient_ids = np.asarray(patient_ids)
     if patient_ids.shape != (num_exams,):
@@ -551,16 +649,31 @@ def subgroup_metrics(probs: Any, years_to_cancer: Any, years_to_followup: Any,
     for value in np.unique(values):
       members = np.flatnonzero(values == value)
       blocks[str(value.item() if hasattr(value, "item") else value)] = _metric_block(
-          probs[members], years_to_cancer[members], years_to_followup[members], survival,
-          n_bootstrap, seed, alpha, None if patient_ids is None else patient_ids[members])
+        probs[members],
+        years_to_cancer[members],
+        years_to_followup[members],
+        survival,
+        n_bootstrap,
+        seed,
+        alpha,
+        None if patient_ids is None else patient_ids[members],
+      )
     result[name] = blocks
   return result
 
 
-def risk_report(probs: Any, years_to_cancer: Any, years_to_followup: Any,
-                subgroups: Mapping[str, Any] | None = None, n_bootstrap: int = 1000,
-                seed: int = 0, *, alpha: float = 0.05, weight_survival: Any = None,
-                patient_ids: Any = None) -> dict[str, Any]:
+def risk_report(
+  probs: Any,
+  years_to_cancer: Any,
+  years_to_followup: Any,
+  subgroups: Mapping[str, Any] | None = None,
+  n_bootstrap: int = 1000,
+  seed: int = 0,
+  *,
+  alpha: float = 0.05,
+  weight_survival: Any = None,
+  patient_ids: Any = None,
+) -> dict[str, Any]:
   """All risk metrics of one evaluation as a JSON-serialisable dict (NaN written as null).
 
   Args:
@@ -581,8 +694,9 @@ def risk_report(probs: Any, years_to_cancer: Any, years_to_followup: Any,
     valid_resamples}, auc_year: {"k": {...}}, counts_year: {"k": {positives, negatives}},
     weight_survival: [Y], bootstrap: {...}, subgroups: {column: {value: block}}}``.
   """
-  probs, years_to_cancer, years_to_followup = check_inputs(probs, years_to_cancer,
-                                                           years_to_followup)
+  probs, years_to_cancer, years_to_followup = check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   num_years = probs.shape[1]
   if weight_survival is None:
     survival = reference_weight_survival(years_to_cancer, years_to_followup, num_years)
@@ -593,17 +707,28 @@ def risk_report(probs: Any, years_to_cancer: Any, years_to_followup: Any,
   if patient_ids is not None:
     patient_ids = np.asarray(patient_ids)
     if patient_ids.shape != (probs.shape[0],):
-      raise ValueError(f"patient_ids must have shape [{probs.shape[0]}], got "
-                       f"{patient_ids.shape}")
-  report = _metric_block(probs, years_to_cancer, years_to_followup, survival, n_bootstrap,
-                         seed, alpha, patient_ids)
+      raise ValueError(f"patient_ids must have shape [{probs.shape[0]}], got {patient_ids.shape}")
+  report = _metric_block(
+    probs, years_to_cancer, years_to_followup, survival, n_bootstrap, seed, alpha, patient_ids
+  )
   report["num_years"] = int(num_years)
   report["weight_survival"] = [float(s) for s in survival]
-  report["bootstrap"] = {"n_resamples": int(n_bootstrap), "seed": int(seed),
-                         "alpha": float(alpha),
-                         "unit": "exam" if patient_ids is None else "patient",
-                         "stratified_by": "cancer within horizon"}
+  report["bootstrap"] = {
+    "n_resamples": int(n_bootstrap),
+    "seed": int(seed),
+    "alpha": float(alpha),
+    "unit": "exam" if patient_ids is None else "patient",
+    "stratified_by": "cancer within horizon",
+  }
   report["subgroups"] = subgroup_metrics(
-      probs, years_to_cancer, years_to_followup, subgroups or {}, n_bootstrap=n_bootstrap,
-      seed=seed, alpha=alpha, weight_survival=survival, patient_ids=patient_ids)
+    probs,
+    years_to_cancer,
+    years_to_followup,
+    subgroups or {},
+    n_bootstrap=n_bootstrap,
+    seed=seed,
+    alpha=alpha,
+    weight_survival=survival,
+    patient_ids=patient_ids,
+  )
   return report

@@ -36,8 +36,7 @@ from mammojax.nn.warp import resize_displacement, warp
 # Torch nn.Linear's default init (uniform +-1/sqrt(fan_in)).
 _torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 _dense_init = nn.with_logical_partitioning(_torch_linear_init, ("embed", "mlp"))
-_qkv_init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                         ("embed", "heads", None))
+_qkv_init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", None))
 _attn_out_init = nn.with_logical_partitioning(_torch_linear_init, ("heads", None, "embed"))
 
 
@@ -54,12 +53,13 @@ def resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     lower = np.floor(position).astype(np.int32)
     upper = np.minimum(lower + 1, old - 1)
     frac = jnp.asarray(position - lower, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-    x = (jnp.take(x, lower, axis=axis) * (1 - frac) + jnp.take(x, upper, axis=axis) * frac)
+    x = jnp.take(x, lower, axis=axis) * (1 - frac) + jnp.take(x, upper, axis=axis) * frac
   return x
 
 
-def feature_displacement(flow: jax.Array, feature_size: tuple[int, int],
-                         bcrbench_flow_compat: bool) -> jax.Array:
+def feature_displacement(
+  flow: jax.Array, feature_size: tuple[int, int], bcrbench_flow_compat: bool
+) -> jax.Array:
   """Image-resolution flow ``[B, H, W, 2]`` ('ij' pixels) -> feature-grid 'ij' pixels ``[B, h, w, 2]``.
 
   ``bcrbench_flow_compat`` reproduces BCRBench's resize and its reading of channel 0 as columns.
@@ -85,6 +85,7 @@ class TemporalAttentionBlock(nn.Module):
   ``x = LN1(x + MHA(x)); x = LN2(x + W2 relu(W1 x))`` with dropout on the attention weights only
   (as torch ``nn.MultiheadAttention`` + BCRBench's feed-forward, which has no dropout).
   """
+
   num_heads: int = 8
   dropout_rate: float = 0.1
   ffn_expansion: int = 4
@@ -94,14 +95,24 @@ class TemporalAttentionBlock(nn.Module):
   def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
     dim = tokens.shape[-1]
     attended = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout_rate, broadcast_dropout=False,
-        kernel_init=_qkv_init, out_kernel_init=_attn_out_init, dtype=self.dtype, name="attn")(
-            tokens, tokens, deterministic=deterministic)
-    layer_norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False,  # noqa: E731
-                                           dtype=self.dtype, name=name)
+      num_heads=self.num_heads,
+      dropout_rate=self.dropout_rate,
+      broadcast_dropout=False,
+      kernel_init=_qkv_init,
+      out_kernel_init=_attn_out_init,
+      dtype=self.dtype,
+      name="attn",
+    )(tokens, tokens, deterministic=deterministic)
+    layer_norm = lambda name: nn.LayerNorm(
+      epsilon=1e-5,
+      use_fast_variance=False,  # noqa: E731
+      dtype=self.dtype,
+      name=name,
+    )
     x = layer_norm("norm1")(tokens + attended)
-    hidden = nn.relu(nn.Dense(dim * self.ffn_expansion, kernel_init=_dense_init, dtype=self.dtype,
-                              name="ff_in")(x))
+    hidden = nn.relu(
+      nn.Dense(dim * self.ffn_expansion, kernel_init=_dense_init, dtype=self.dtype, name="ff_in")(x)
+    )
     ff = nn.Dense(dim, kernel_init=_dense_init, dtype=self.dtype, name="ff_out")(hidden)
     return layer_norm("norm2")(x + ff)
 
@@ -115,6 +126,7 @@ class AttentionRiskFusion(nn.Module):
 
   Attributes mirror :class:`ImgFeatAlign`.
   """
+
   num_years: int = 5
   num_heads: int = 8
   dropout_rate: float = 0.1
@@ -127,9 +139,15 @@ class AttentionRiskFusion(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, current: jax.Array, prior: jax.Array | None,
-               aligned_prior: jax.Array | None, difference: jax.Array | None,
-               time_gap: jax.Array, deterministic: bool) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    current: jax.Array,
+    prior: jax.Array | None,
+    aligned_prior: jax.Array | None,
+    difference: jax.Array | None,
+    time_gap: jax.Array,
+    deterministic: bool,
+  ) -> dict[str, jax.Array]:
     """Args: feature maps ``[B, h, w, D]``; time_gap ``[B]`` years. Returns logits ``[B, Y]``."""
     batch, _, _, dim = current.shape
     current_pooled = global_average_pool(current)
@@ -137,22 +155,28 @@ class AttentionRiskFusion(nn.Module):
       difference_tokens = difference.reshape(batch, -1, dim)
       if self.use_time_encoding:
         difference_tokens = ContinuousTimeEncoding(
-            self.max_time, self.time_steps, self.time_dropout_rate, name="time_encoding")(
-                difference_tokens, time_gap, deterministic=deterministic)
+          self.max_time, self.time_steps, self.time_dropout_rate, name="time_encoding"
+        )(difference_tokens, time_gap, deterministic=deterministic)
       prior_pooled = global_average_pool(prior)
-      sequence = jnp.stack([global_average_pool(aligned_prior),
-                            jnp.mean(difference_tokens, axis=1), current_pooled], axis=1)
+      sequence = jnp.stack(
+        [global_average_pool(aligned_prior), jnp.mean(difference_tokens, axis=1), current_pooled],
+        axis=1,
+      )
     else:
       prior_pooled = jnp.zeros_like(current_pooled)
       sequence = current_pooled[:, None, :]
-    attended = TemporalAttentionBlock(self.num_heads, self.dropout_rate, self.ffn_expansion,
-                                      self.dtype, name="attention")(sequence, deterministic)
+    attended = TemporalAttentionBlock(
+      self.num_heads, self.dropout_rate, self.ffn_expansion, self.dtype, name="attention"
+    )(sequence, deterministic)
     fused = nn.Dense(dim, kernel_init=_dense_init, dtype=self.dtype, name="feature_projection")(
-        jnp.mean(attended, axis=1))
+      jnp.mean(attended, axis=1)
+    )
     head = lambda name: CumulativeRiskHead(self.num_years, self.dtype, name=name)  # noqa: E731
-    return {"pred_fused": head("head_fused")(fused),
-            "pred_cur": head("head_cur")(current_pooled),
-            "pred_pri": head("head_pri")(prior_pooled)}
+    return {
+      "pred_fused": head("head_fused")(fused),
+      "pred_cur": head("head_cur")(current_pooled),
+      "pred_pri": head("head_pri")(prior_pooled),
+    }
 
 
 class ImgFeatAlign(nn.Module, RiskModel):
@@ -183,6 +207,7 @@ class ImgFeatAlign(nn.Module, RiskModel):
     warp_impl: ``'gather'`` or ``'map_coordinates'`` (:func:`mammojax.nn.warp.warp`).
     dtype: computation dtype.
   """
+
   registration: nn.Module
   num_years: int = 5
   num_heads: int = 8
@@ -201,8 +226,9 @@ class ImgFeatAlign(nn.Module, RiskModel):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, current_image: jax.Array, previous_image: jax.Array, time_gap: jax.Array,
-               train: bool) -> dict[str, Any]:
+  def __call__(
+    self, current_image: jax.Array, previous_image: jax.Array, time_gap: jax.Array, train: bool
+  ) -> dict[str, Any]:
     """Risk logits and intermediate features.
 
     Args:
@@ -229,8 +255,7 @@ class ImgFeatAlign(nn.Module, RiskModel):
     if self.use_prior:
       prior = encode(previous_image)
       if self.align:
-        flow = jax.lax.stop_gradient(
-            self.registration(current_image, previous_image)["flow"])
+        flow = jax.lax.stop_gradient(self.registration(current_image, previous_image)["flow"])
         displacement = feature_displacement(flow, feature_size, self.bcrbench_flow_compat)
         aligned = warp(prior, displacement.astype(prior.dtype), impl=self.warp_impl)
       else:
@@ -241,19 +266,34 @@ class ImgFeatAlign(nn.Module, RiskModel):
       prior = aligned = difference = jnp.zeros_like(current)
 
     risk = AttentionRiskFusion(
-        self.num_years, self.num_heads, self.dropout_rate, self.ffn_expansion, self.max_time,
-        self.time_steps, self.time_dropout_rate, self.use_prior, self.use_time_encoding,
-        self.dtype, name="risk_model")(current, prior, aligned, difference, time_gap,
-                                       deterministic=not train)
-    return {"risk_prediction": risk, "deformation_field": flow,
-            "aligned_prior_feature": aligned, "prior_feature": prior,
-            "current_feature": current, "diff_feature": difference}
+      self.num_years,
+      self.num_heads,
+      self.dropout_rate,
+      self.ffn_expansion,
+      self.max_time,
+      self.time_steps,
+      self.time_dropout_rate,
+      self.use_prior,
+      self.use_time_encoding,
+      self.dtype,
+      name="risk_model",
+    )(current, prior, aligned, difference, time_gap, deterministic=not train)
+    return {
+      "risk_prediction": risk,
+      "deformation_field": flow,
+      "aligned_prior_feature": aligned,
+      "prior_feature": prior,
+      "current_feature": current,
+      "diff_feature": difference,
+    }
 
   def risk_heads(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> RiskHeads:
     """fused and cur against ``target``/``y_mask``; pri against ``target_prior``/``y_mask_prior``."""
     risk = outputs["risk_prediction"]
-    heads = {"fused": (risk["pred_fused"], batch["target"], batch["y_mask"]),
-             "cur": (risk["pred_cur"], batch["target"], batch["y_mask"])}
+    heads = {
+      "fused": (risk["pred_fused"], batch["target"], batch["y_mask"]),
+      "cur": (risk["pred_cur"], batch["target"], batch["y_mask"]),
+    }
     if self.use_prior:
       heads["pri"] = (risk["pred_pri"], batch["target_prior"], batch["y_mask_prior"])
     return heads
@@ -267,8 +307,10 @@ class ImgFeatAlign(nn.Module, RiskModel):
     if current_image.ndim != 4 or current_image.shape[-1] != 1:
       raise ValueError(f"current_image must be [B, H, W, 1], got {current_image.shape}")
     if previous_image.shape != current_image.shape:
-      raise ValueError(f"previous_image {previous_image.shape} must have the shape of "
-                       f"current_image {current_image.shape}")
+      raise ValueError(
+        f"previous_image {previous_image.shape} must have the shape of "
+        f"current_image {current_image.shape}"
+      )
     gap_shape = jnp.shape(time_gap)
     if gap_shape not in ((current_image.shape[0],), (current_image.shape[0], 1)):
       raise ValueError(f"time_gap must be [B] = [{current_image.shape[0]}] years, got {gap_shape}")

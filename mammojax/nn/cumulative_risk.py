@@ -20,6 +20,7 @@ class CumulativeRiskHead(nn.Module):
   Attributes:
     num_years: horizon (Mirai / BCRBench ``max_followup``: 5).
   """
+
   num_years: int = 5
   dtype: jnp.dtype = jnp.float32
 
@@ -28,8 +29,10 @@ class CumulativeRiskHead(nn.Module):
     # Torch nn.Linear init: kaiming_uniform(a=sqrt(5)) == uniform(+-1/sqrt(fan_in)) == variance
     # scaling 1/3, fan_in, uniform.
     init = nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), _DENSE_AXES)
-    hazards = nn.relu(nn.Dense(self.num_years, kernel_init=init, dtype=self.dtype,
-                               name="hazard_fc")(features))
+      nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), _DENSE_AXES
+    )
+    hazards = nn.relu(
+      nn.Dense(self.num_years, kernel_init=init, dtype=self.dtype, name="hazard_fc")(features)
+    )
     base = nn.Dense(1, kernel_init=init, dtype=self.dtype, name="base_hazard_fc")(features)
     return jnp.cumsum(hazards, axis=-1) + base

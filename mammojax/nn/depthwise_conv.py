@@ -33,6 +33,7 @@ class DepthwiseConv(nn.Module):
       (shifted multiply-adds) or ``'auto'`` (``'taps'`` on the CPU backend, else ``'conv'``).
     kernel_init: initialiser of the ``[kh, kw, 1, C]`` kernel.
   """
+
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
   padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
@@ -52,15 +53,21 @@ class DepthwiseConv(nn.Module):
       impl = "taps" if jax.default_backend() == "cpu" else "conv"
     if impl == "conv":
       return jax.lax.conv_general_dilated(
-          x, kernel, window_strides=tuple(self.strides), padding=tuple(self.padding),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        x,
+        kernel,
+        window_strides=tuple(self.strides),
+        padding=tuple(self.padding),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+      )
     if impl == "taps":
       return _depthwise_taps(x, kernel[:, :, 0, :], tuple(self.strides), tuple(self.padding))
     raise ValueError(f"impl must be 'auto', 'conv' or 'taps', got {self.impl!r}")
 
 
-def _depthwise_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                    padding: tuple[tuple[int, int], ...]) -> jax.Array:
+def _depthwise_taps(
+  x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
+) -> jax.Array:
   """``x [B, H, W, C]``, ``kernel [kh, kw, C]`` -> the depthwise convolution, one tap at a time."""
   kh, kw, _ = kernel.shape
   sh, sw = strides
@@ -72,7 +79,7 @@ def _depthwise_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   out = None
   for u in range(kh):
     for v in range(kw):
-      window = x[:, u:u + sh * (out_h - 1) + 1:sh, v:v + sw * (out_w - 1) + 1:sw, :]
+      window = x[:, u : u + sh * (out_h - 1) + 1 : sh, v : v + sw * (out_w - 1) + 1 : sw, :]
       term = window * kernel[u, v]
       out = term if out is None else out + term
   return out

@@ -40,6 +40,7 @@ BN_MOMENTUM = 0.99
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """One stage of the B0 template before width/depth scaling."""
+
   repeats: int
   kernel: int
   stride: int
@@ -51,19 +52,20 @@ class StageSpec:
 
 # The EfficientNet-B0 template (Tan & Le 2019, Table 1); other variants scale it.
 B0_STAGES = (
-    StageSpec(1, 3, 1, 1, 32, 16),
-    StageSpec(2, 3, 2, 6, 16, 24),
-    StageSpec(2, 5, 2, 6, 24, 40),
-    StageSpec(3, 3, 2, 6, 40, 80),
-    StageSpec(3, 5, 1, 6, 80, 112),
-    StageSpec(4, 5, 2, 6, 112, 192),
-    StageSpec(1, 3, 1, 6, 192, 320),
+  StageSpec(1, 3, 1, 1, 32, 16),
+  StageSpec(2, 3, 2, 6, 16, 24),
+  StageSpec(2, 5, 2, 6, 24, 40),
+  StageSpec(3, 3, 2, 6, 40, 80),
+  StageSpec(3, 5, 1, 6, 80, 112),
+  StageSpec(4, 5, 2, 6, 112, 192),
+  StageSpec(1, 3, 1, 6, 192, 320),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """One MBConv block after scaling."""
+
   kernel: int
   stride: int
   expand: int
@@ -86,16 +88,25 @@ def round_repeats(repeats: int, depth: float) -> int:
   return int(math.ceil(depth * repeats))
 
 
-def block_specs(width: float, depth: float,
-                stages: Sequence[StageSpec] = B0_STAGES) -> tuple[BlockSpec, ...]:
+def block_specs(
+  width: float, depth: float, stages: Sequence[StageSpec] = B0_STAGES
+) -> tuple[BlockSpec, ...]:
   """The MBConv blocks of a scaled EfficientNet, in order (23 for B2: width 1.1, depth 1.2)."""
   blocks = []
   for stage in stages:
     in_f = round_filters(stage.in_filters, width)
     out_f = round_filters(stage.out_filters, width)
     for i in range(round_repeats(stage.repeats, depth)):
-      blocks.append(BlockSpec(stage.kernel, stage.stride if i == 0 else 1, stage.expand,
-                              in_f if i == 0 else out_f, out_f, stage.se_ratio))
+      blocks.append(
+        BlockSpec(
+          stage.kernel,
+          stage.stride if i == 0 else 1,
+          stage.expand,
+          in_f if i == 0 else out_f,
+          out_f,
+          stage.se_ratio,
+        )
+      )
   return tuple(blocks)
 
 
@@ -106,26 +117,28 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _padding_2d(size_hw: tuple[int, int], kernel: int, stride: int
-                ) -> tuple[tuple[int, int], tuple[int, int]]:
+def _padding_2d(
+  size_hw: tuple[int, int], kernel: int, stride: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
   return same_padding(size_hw[0], kernel, stride), same_padding(size_hw[1], kernel, stride)
 
 
-_HE_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+_HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv_kernel_init() -> nn.initializers.Initializer:
-  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, 'embed', 'mlp'))
+  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, "embed", "mlp"))
 
 
 def _depthwise_kernel_init() -> nn.initializers.Initializer:
   # A depthwise kernel is [k, k, 1, C]: its channels are the output axis.
-  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, None, 'mlp'))
+  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, None, "mlp"))
 
 
 def _batch_norm(train: bool, name: str, dtype: jnp.dtype, momentum: float) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON, dtype=dtype, name=name
+  )
 
 
 class MBConvBlock(nn.Module):
@@ -138,11 +151,12 @@ class MBConvBlock(nn.Module):
     batch_norm_momentum: decay of the batch-norm running averages.
     depthwise_impl: lowering of the depthwise convolution (``mammojax.nn.depthwise_conv``).
   """
+
   spec: BlockSpec
   drop_connect_rate: float = 0.0
   static_input_size: tuple[int, int] | None = None
   batch_norm_momentum: float = BN_MOMENTUM
-  depthwise_impl: DepthwiseImpl = 'auto'
+  depthwise_impl: DepthwiseImpl = "auto"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -152,30 +166,51 @@ class MBConvBlock(nn.Module):
     inputs = x
     expanded = spec.in_filters * spec.expand
     if spec.expand != 1:
-      x = nn.Conv(expanded, (1, 1), use_bias=False, dtype=self.dtype,
-                  kernel_init=_conv_kernel_init(), name='expand_conv')(x)
-      x = nn.swish(_batch_norm(train, 'bn0', self.dtype, self.batch_norm_momentum)(x))
+      x = nn.Conv(
+        expanded,
+        (1, 1),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_kernel_init(),
+        name="expand_conv",
+      )(x)
+      x = nn.swish(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
     size = self.static_input_size or (x.shape[1], x.shape[2])
-    x = DepthwiseConv((spec.kernel, spec.kernel), strides=(spec.stride, spec.stride),
-                      padding=_padding_2d(size, spec.kernel, spec.stride),
-                      impl=self.depthwise_impl, dtype=self.dtype,
-                      kernel_init=_depthwise_kernel_init(), name='depthwise_conv')(x)
-    x = nn.swish(_batch_norm(train, 'bn1', self.dtype, self.batch_norm_momentum)(x))
+    x = DepthwiseConv(
+      (spec.kernel, spec.kernel),
+      strides=(spec.stride, spec.stride),
+      padding=_padding_2d(size, spec.kernel, spec.stride),
+      impl=self.depthwise_impl,
+      dtype=self.dtype,
+      kernel_init=_depthwise_kernel_init(),
+      name="depthwise_conv",
+    )(x)
+    x = nn.swish(_batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(x))
     if 0 < spec.se_ratio <= 1:
       squeezed = max(1, int(spec.in_filters * spec.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = nn.swish(nn.Conv(squeezed, (1, 1), dtype=self.dtype, kernel_init=_conv_kernel_init(),
-                           name='se_reduce')(s))
-      s = nn.Conv(expanded, (1, 1), dtype=self.dtype, kernel_init=_conv_kernel_init(),
-                  name='se_expand')(s)
+      s = nn.swish(
+        nn.Conv(
+          squeezed, (1, 1), dtype=self.dtype, kernel_init=_conv_kernel_init(), name="se_reduce"
+        )(s)
+      )
+      s = nn.Conv(
+        expanded, (1, 1), dtype=self.dtype, kernel_init=_conv_kernel_init(), name="se_expand"
+      )(s)
       x = x * nn.sigmoid(s)
-    x = nn.Conv(spec.out_filters, (1, 1), use_bias=False, dtype=self.dtype,
-                kernel_init=_conv_kernel_init(), name='project_conv')(x)
-    x = _batch_norm(train, 'bn2', self.dtype, self.batch_norm_momentum)(x)
+    x = nn.Conv(
+      spec.out_filters,
+      (1, 1),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=_conv_kernel_init(),
+      name="project_conv",
+    )(x)
+    x = _batch_norm(train, "bn2", self.dtype, self.batch_norm_momentum)(x)
     if spec.stride == 1 and spec.in_filters == spec.out_filters:
       if train and self.drop_connect_rate > 0:
         keep = 1.0 - self.drop_connect_rate
-        rng = self.make_rng('dropout')
+        rng = self.make_rng("dropout")
         alive = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
         x = jnp.where(alive, x / keep, jnp.zeros_like(x))
       x = x + inputs
@@ -199,13 +234,14 @@ class EfficientNet(nn.Module):
     depthwise_impl: 'auto' (shifted multiply-adds on CPU, the native grouped convolution
       elsewhere), 'conv' or 'taps'; same parameters and outputs (``mammojax.nn.depthwise_conv``).
   """
+
   width: float = 1.1
   depth: float = 1.2
   static_padding_size: tuple[int, int] | None = None
   drop_connect_rate: float = 0.2
   include_head: bool = False
   batch_norm_momentum: float = BN_MOMENTUM
-  depthwise_impl: DepthwiseImpl = 'auto'
+  depthwise_impl: DepthwiseImpl = "auto"
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -243,29 +279,47 @@ class EfficientNet(nn.Module):
       ceilings for dynamic padding), plus 'head': [B, H/32, W/32, 1408] with ``include_head``.
     """
     if images.ndim != 4:
-      raise ValueError(f'EfficientNet expects images [B, H, W, C], got shape {images.shape}.')
+      raise ValueError(f"EfficientNet expects images [B, H, W, C], got shape {images.shape}.")
     static = self.static_padding_size
     size = static or (images.shape[1], images.shape[2])
-    x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding=_padding_2d(size, 3, 2),
-                use_bias=False, dtype=self.dtype, kernel_init=_conv_kernel_init(),
-                name='conv_stem')(images)
-    x = nn.swish(_batch_norm(train, 'bn0', self.dtype, self.batch_norm_momentum)(x))
+    x = nn.Conv(
+      round_filters(32, self.width),
+      (3, 3),
+      strides=2,
+      padding=_padding_2d(size, 3, 2),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=_conv_kernel_init(),
+      name="conv_stem",
+    )(images)
+    x = nn.swish(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
     size = (-(-size[0] // 2), -(-size[1] // 2))
     blocks = self.blocks
     features = {}
     for i, spec in enumerate(blocks):
-      x = MBConvBlock(spec, drop_connect_rate=self.drop_connect_rate * i / len(blocks),
-                      static_input_size=size if static else None,
-                      batch_norm_momentum=self.batch_norm_momentum,
-                      depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                      name=f'blocks_{i}')(x, train)
+      x = MBConvBlock(
+        spec,
+        drop_connect_rate=self.drop_connect_rate * i / len(blocks),
+        static_input_size=size if static else None,
+        batch_norm_momentum=self.batch_norm_momentum,
+        depthwise_impl=self.depthwise_impl,
+        dtype=self.dtype,
+        name=f"blocks_{i}",
+      )(x, train)
       size = (-(-size[0] // spec.stride), -(-size[1] // spec.stride))
       if i == self.stride16_index:
-        features['stride_16'] = x
-    features['stride_32'] = x
+        features["stride_16"] = x
+    features["stride_32"] = x
     if self.include_head:
-      h = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, dtype=self.dtype,
-                  kernel_init=_conv_kernel_init(), name='conv_head')(x)
-      features['head'] = nn.swish(
-          _batch_norm(train, 'bn1', self.dtype, self.batch_norm_momentum)(h))
+      h = nn.Conv(
+        round_filters(1280, self.width),
+        (1, 1),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_kernel_init(),
+        name="conv_head",
+      )(x)
+      features["head"] = nn.swish(
+        _batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(h)
+      )
     return features

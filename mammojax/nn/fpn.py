@@ -37,6 +37,7 @@ class FPN(nn.Module):
       reference's 'backbone_pyramid' (laterals and output convs only).
     group_norm: GroupNorm(num_groups=1) after every conv, convs without bias.
   """
+
   features: int = 256
   top_down: bool = True
   group_norm: bool = False
@@ -54,21 +55,33 @@ class FPN(nn.Module):
       {16: [B, H16, W16, F], 32: [B, H32, W32, F], 128: [B, ceil(H32/4), ceil(W32/4), F]}.
     """
     if stride16.ndim != 4 or stride32.ndim != 4:
-      raise ValueError('FPN expects [B, H, W, C] maps, got stride16 '
-                       f'{stride16.shape} and stride32 {stride32.shape}.')
-    norm = nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=self.dtype,
-                        name='norm') if self.group_norm else (lambda y: y)
+      raise ValueError(
+        "FPN expects [B, H, W, C] maps, got stride16 "
+        f"{stride16.shape} and stride32 {stride32.shape}."
+      )
+    norm = (
+      nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=self.dtype, name="norm")
+      if self.group_norm
+      else (lambda y: y)
+    )
 
     def conv(kernel: int, name: str):
-      return nn.Conv(self.features, (kernel, kernel), padding=kernel // 2,
-                     use_bias=not self.group_norm, dtype=self.dtype, name=name,
-                     kernel_init=nn.with_logical_partitioning(
-                         nn.initializers.kaiming_uniform(), (None, None, 'embed', 'mlp')))
+      return nn.Conv(
+        self.features,
+        (kernel, kernel),
+        padding=kernel // 2,
+        use_bias=not self.group_norm,
+        dtype=self.dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.kaiming_uniform(), (None, None, "embed", "mlp")
+        ),
+      )
 
-    inner32 = norm(conv(1, 'inner_block_1')(stride32))
-    out32 = norm(conv(3, 'layer_block_1')(inner32))
-    inner16 = norm(conv(1, 'inner_block_0')(stride16))
+    inner32 = norm(conv(1, "inner_block_1")(stride32))
+    out32 = norm(conv(3, "layer_block_1")(inner32))
+    inner16 = norm(conv(1, "inner_block_0")(stride16))
     if self.top_down:
       inner16 = inner16 + nearest_resize(inner32, (inner16.shape[1], inner16.shape[2]))
-    out16 = norm(conv(3, 'layer_block_0')(inner16))
+    out16 = norm(conv(3, "layer_block_0")(inner16))
     return {16: out16, 32: out32, 128: out32[:, ::4, ::4]}

@@ -19,22 +19,24 @@ import jax.numpy as jnp
 
 from mammojax.nn.set_transformer import ISAB, PMA, SAB, masked_softmax
 
-ENCODER_TYPES = ('mlp', 'sab', 'isab')
-POOLING_TYPES = ('mean', 'max', 'attention', 'gated-attention', 'pma')
+ENCODER_TYPES = ("mlp", "sab", "isab")
+POOLING_TYPES = ("mean", "max", "attention", "gated-attention", "pma")
 
 
 def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, name=name, kernel_init=nn.with_logical_partitioning(
-      nn.initializers.lecun_normal(), ('embed', 'mlp')))
+  return nn.Dense(
+    features,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+  )
 
 
 def check_bag(x: jax.Array, mask: jax.Array | None) -> None:
   """Raises a ValueError naming the shapes when ``x`` is not [B, N, D] or ``mask`` not [B, N]."""
   if x.ndim != 3:
-    raise ValueError(f'MIL bags must be [B, N, D], got shape {x.shape}.')
+    raise ValueError(f"MIL bags must be [B, N, D], got shape {x.shape}.")
   if mask is not None and mask.shape != x.shape[:2]:
-    raise ValueError(f'MIL mask must be [B, N] = {x.shape[:2]} matching the bag, '
-                     f'got {mask.shape}.')
+    raise ValueError(f"MIL mask must be [B, N] = {x.shape[:2]} matching the bag, got {mask.shape}.")
 
 
 class InstanceEncoder(nn.Module):
@@ -49,7 +51,8 @@ class InstanceEncoder(nn.Module):
     layer_norm: LayerNorm inside SAB / ISAB.
     dropout: dropout after the MLP's ReLU.
   """
-  kind: str = 'mlp'
+
+  kind: str = "mlp"
   features: int = 256
   num_blocks: int = 2
   num_heads: int = 4
@@ -58,31 +61,34 @@ class InstanceEncoder(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> jax.Array:
     """[B, N, D] -> [B, N, features]."""
     check_bag(x, mask)
-    if self.kind == 'mlp':
-      x = nn.relu(_dense(self.features, 'fc')(x))
+    if self.kind == "mlp":
+      x = nn.relu(_dense(self.features, "fc")(x))
       return nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    if self.kind == 'sab':
+    if self.kind == "sab":
       for i in range(self.num_blocks):
-        x = SAB(self.features, self.num_heads, self.layer_norm, name=f'blocks_{i}')(x, mask)
+        x = SAB(self.features, self.num_heads, self.layer_norm, name=f"blocks_{i}")(x, mask)
       return x
-    if self.kind == 'isab':
+    if self.kind == "isab":
       for i in range(self.num_blocks):
-        x = ISAB(self.features, self.num_inducing, self.num_heads, self.layer_norm,
-                 name=f'blocks_{i}')(x, mask)
+        x = ISAB(
+          self.features, self.num_inducing, self.num_heads, self.layer_norm, name=f"blocks_{i}"
+        )(x, mask)
       return x
-    raise ValueError(f'InstanceEncoder kind must be one of {ENCODER_TYPES}, got {self.kind!r}.')
+    raise ValueError(f"InstanceEncoder kind must be one of {ENCODER_TYPES}, got {self.kind!r}.")
 
 
 class MeanPooling(nn.Module):
   """Mean over the valid instances."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, None]:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> tuple[jax.Array, None]:
     check_bag(x, mask)
     if mask is None:
       return jnp.mean(x, axis=1), None
@@ -94,8 +100,9 @@ class MaxPooling(nn.Module):
   """Feature-wise maximum over the valid instances (zeros for a bag with none)."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, None]:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> tuple[jax.Array, None]:
     check_bag(x, mask)
     if mask is None:
       return jnp.max(x, axis=1), None
@@ -115,50 +122,64 @@ class AttentionPooling(nn.Module):
     gated: use the sigmoid gate U.
     dropout: dropout rate inside the scoring network.
   """
+
   hidden: int = 128
   gated: bool = True
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
     check_bag(x, mask)
-    a = nn.Dropout(self.dropout)(jnp.tanh(_dense(self.hidden, 'attention_V')(x)),
-                                 deterministic=deterministic)
+    a = nn.Dropout(self.dropout)(
+      jnp.tanh(_dense(self.hidden, "attention_V")(x)), deterministic=deterministic
+    )
     if self.gated:
-      gate = nn.Dropout(self.dropout)(nn.sigmoid(_dense(self.hidden, 'attention_U')(x)),
-                                      deterministic=deterministic)
+      gate = nn.Dropout(self.dropout)(
+        nn.sigmoid(_dense(self.hidden, "attention_U")(x)), deterministic=deterministic
+      )
       a = a * gate
-    scores = _dense(1, 'attention_weights')(a)[..., 0]
+    scores = _dense(1, "attention_weights")(a)[..., 0]
     weights = masked_softmax(scores, mask).astype(x.dtype)
-    return jnp.einsum('bn,bnd->bd', weights, x), weights
+    return jnp.einsum("bn,bnd->bd", weights, x), weights
 
 
 class PMAPooling(nn.Module):
   """Set Transformer pooling by multihead attention with one seed; weights averaged over heads."""
+
   features: int = 256
   num_heads: int = 1
   layer_norm: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
     check_bag(x, mask)
-    pooled, attention = PMA(self.features, self.num_heads, self.layer_norm, name='pma')(x, mask)
+    pooled, attention = PMA(self.features, self.num_heads, self.layer_norm, name="pma")(x, mask)
     return pooled, jnp.mean(attention, axis=1)
 
 
-def make_pooling(kind: str, *, features: int, attention_hidden: int = 128,
-                 dropout: float = 0.0, num_heads: int = 1, layer_norm: bool = False,
-                 name: str | None = None) -> nn.Module:
+def make_pooling(
+  kind: str,
+  *,
+  features: int,
+  attention_hidden: int = 128,
+  dropout: float = 0.0,
+  num_heads: int = 1,
+  layer_norm: bool = False,
+  name: str | None = None,
+) -> nn.Module:
   """Builds the pooling module ``kind`` (one of `POOLING_TYPES`) for bags of width ``features``."""
-  if kind == 'mean':
+  if kind == "mean":
     return MeanPooling(name=name)
-  if kind == 'max':
+  if kind == "max":
     return MaxPooling(name=name)
-  if kind in ('attention', 'gated-attention'):
-    return AttentionPooling(attention_hidden, gated=kind == 'gated-attention', dropout=dropout,
-                            name=name)
-  if kind == 'pma':
+  if kind in ("attention", "gated-attention"):
+    return AttentionPooling(
+      attention_hidden, gated=kind == "gated-attention", dropout=dropout, name=name
+    )
+  if kind == "pma":
     return PMAPooling(features, num_heads, layer_norm, name=name)
-  raise ValueError(f'pooling type must be one of {POOLING_TYPES}, got {kind!r}.')
+  raise ValueError(f"pooling type must be one of {POOLING_TYPES}, got {kind!r}.")

@@ -21,10 +21,19 @@ from flax import linen as nn
 _CONV_AXES = (None, None, "embed", "mlp")
 # Torch initialises these convs with normal(0, sqrt(2 / (k*k*out))): He init on fan-out.
 _conv_init = nn.with_logical_partitioning(
-    nn.initializers.variance_scaling(2.0, "fan_out", "normal"), _CONV_AXES)
+  nn.initializers.variance_scaling(2.0, "fan_out", "normal"), _CONV_AXES
+)
 
-STAGE_NAMES = ("layer1_0", "layer1_1", "layer2_0", "layer2_1", "layer3_0", "layer3_1",
-               "layer4_0", "layer4_1")
+STAGE_NAMES = (
+  "layer1_0",
+  "layer1_1",
+  "layer2_0",
+  "layer2_1",
+  "layer3_0",
+  "layer3_1",
+  "layer4_0",
+  "layer4_1",
+)
 
 
 def _batch_norm(name: str, momentum: float, epsilon: float, dtype) -> nn.BatchNorm:
@@ -36,6 +45,7 @@ class BasicBlock(nn.Module):
 
   ``[B, H, W, C_in] -> [B, H / stride, W / stride, features]``.
   """
+
   features: int
   stride: int = 1
   project: bool = False
@@ -46,8 +56,15 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
     conv = lambda feats, k, s, pad, name: nn.Conv(  # noqa: E731
-        feats, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)), use_bias=False,
-        kernel_init=_conv_init, dtype=self.dtype, name=name)
+      feats,
+      (k, k),
+      strides=(s, s),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=_conv_init,
+      dtype=self.dtype,
+      name=name,
+    )
     bn = lambda name: _batch_norm(name, self.bn_momentum, self.bn_epsilon, self.dtype)  # noqa: E731
 
     out = conv(self.features, 3, self.stride, 1, "conv1")(x)
@@ -63,6 +80,7 @@ class BasicBlock(nn.Module):
 
 class Downsampler(nn.Module):
   """conv 7x7 / 2 -> BN -> ReLU -> max-pool 3x3 / 2: ``[B, H, W, C] -> [B, H/4, W/4, features]``."""
+
   features: int = 64
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -70,10 +88,19 @@ class Downsampler(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    x = nn.Conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
+    x = nn.Conv(
+      self.features,
+      (7, 7),
+      strides=(2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      kernel_init=_conv_init,
+      dtype=self.dtype,
+      name="conv1",
+    )(x)
     x = _batch_norm("bn1", self.bn_momentum, self.bn_epsilon, self.dtype)(
-        x, use_running_average=use_running_average)
+      x, use_running_average=use_running_average
+    )
     x = nn.relu(x)
     # Flax pads max-pool windows with -inf, as torch does.
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -89,6 +116,7 @@ class MiraiResNet18(nn.Module):
     bn_epsilon: BatchNorm epsilon (torch default 1e-5).
     dtype: computation dtype (parameters stay float32).
   """
+
   base_width: int = 64
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -116,11 +144,16 @@ class MiraiResNet18(nn.Module):
       images = jnp.repeat(images, 3, axis=-1)
     common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
     x = Downsampler(self.base_width, name="downsampler", **common)(
-        images, use_running_average=use_running_average)
+      images, use_running_average=use_running_average
+    )
     for index, name in enumerate(STAGE_NAMES):
       stage = index // 2
       first_of_strided_stage = stage > 0 and index % 2 == 0
-      x = BasicBlock(self.base_width * 2**stage, stride=2 if first_of_strided_stage else 1,
-                     project=first_of_strided_stage, name=name, **common)(
-                         x, use_running_average=use_running_average)
+      x = BasicBlock(
+        self.base_width * 2**stage,
+        stride=2 if first_of_strided_stage else 1,
+        project=first_of_strided_stage,
+        name=name,
+        **common,
+      )(x, use_running_average=use_running_average)
     return x

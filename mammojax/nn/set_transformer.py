@@ -17,8 +17,11 @@ import jax.numpy as jnp
 
 
 def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, name=name, kernel_init=nn.with_logical_partitioning(
-      nn.initializers.lecun_normal(), ('embed', 'mlp')))
+  return nn.Dense(
+    features,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+  )
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
@@ -43,40 +46,44 @@ class MAB(nn.Module):
     num_heads: heads; must divide ``features``.
     layer_norm: LayerNorm after each residual (``ln0``, ``ln1``).
   """
+
   features: int
   num_heads: int = 1
   layer_norm: bool = False
 
   @nn.compact
-  def __call__(self, queries: jax.Array, keys: jax.Array,
-               key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, queries: jax.Array, keys: jax.Array, key_mask: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """Returns (output [B, Nq, features], attention [B, heads, Nq, Nk])."""
     if self.features % self.num_heads:
-      raise ValueError(f'MAB features={self.features} is not divisible by '
-                       f'num_heads={self.num_heads}.')
-    q = _dense(self.features, 'fc_q')(queries)
-    k = _dense(self.features, 'fc_k')(keys)
-    v = _dense(self.features, 'fc_v')(keys)
+      raise ValueError(
+        f"MAB features={self.features} is not divisible by num_heads={self.num_heads}."
+      )
+    q = _dense(self.features, "fc_q")(queries)
+    k = _dense(self.features, "fc_k")(keys)
+    v = _dense(self.features, "fc_v")(keys)
     head_dim = self.features // self.num_heads
 
     def split(t: jax.Array) -> jax.Array:
       return t.reshape(t.shape[0], t.shape[1], self.num_heads, head_dim)
 
-    scores = jnp.einsum('bqhd,bkhd->bhqk', split(q), split(k)) / math.sqrt(self.features)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / math.sqrt(self.features)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     attention = masked_softmax(scores, mask).astype(v.dtype)
-    heads = split(q) + jnp.einsum('bhqk,bkhd->bqhd', attention, split(v))
+    heads = split(q) + jnp.einsum("bhqk,bkhd->bqhd", attention, split(v))
     out = heads.reshape(q.shape)
     if self.layer_norm:
-      out = nn.LayerNorm(epsilon=1e-5, name='ln0')(out)
-    out = out + nn.relu(_dense(self.features, 'fc_o')(out))
+      out = nn.LayerNorm(epsilon=1e-5, name="ln0")(out)
+    out = out + nn.relu(_dense(self.features, "fc_o")(out))
     if self.layer_norm:
-      out = nn.LayerNorm(epsilon=1e-5, name='ln1')(out)
+      out = nn.LayerNorm(epsilon=1e-5, name="ln1")(out)
     return out, attention
 
 
 class SAB(nn.Module):
   """Set attention block: self-attention of the set onto itself."""
+
   features: int
   num_heads: int = 1
   layer_norm: bool = False
@@ -84,7 +91,7 @@ class SAB(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """[B, N, D] -> [B, N, features]; padded rows carry values but are never attended to."""
-    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name='mab')(x, x, mask)
+    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab")(x, x, mask)
     return out
 
 
@@ -95,7 +102,7 @@ def num_inducing_points(num_instances: float) -> int:
   1536 at 32 -> 32, 96 at 128 -> 20).
   """
   if num_instances <= 0:
-    raise ValueError(f'num_instances must be positive, got {num_instances}.')
+    raise ValueError(f"num_instances must be positive, got {num_instances}.")
   if num_instances > 10:
     return int(math.ceil(10 * math.log10(num_instances)))
   return int(num_instances)
@@ -106,6 +113,7 @@ class ISAB(nn.Module):
 
   Cost is O(N m) instead of O(N^2).
   """
+
   features: int
   num_inducing: int
   num_heads: int = 1
@@ -114,12 +122,17 @@ class ISAB(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """[B, N, D] -> [B, N, features]."""
-    inducing = self.param('I', nn.with_logical_partitioning(
+    inducing = self.param(
+      "I",
+      nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-        (None, None, 'mlp')), (1, self.num_inducing, self.features))
+        (None, None, "mlp"),
+      ),
+      (1, self.num_inducing, self.features),
+    )
     inducing = jnp.broadcast_to(inducing, (x.shape[0],) + inducing.shape[1:]).astype(x.dtype)
-    h, _ = MAB(self.features, self.num_heads, self.layer_norm, name='mab0')(inducing, x, mask)
-    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name='mab1')(x, h)
+    h, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab0")(inducing, x, mask)
+    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab1")(x, h)
     return out
 
 
@@ -128,16 +141,21 @@ class PMA(nn.Module):
 
   Returns (pooled [B, features], attention over instances [B, heads, N]).
   """
+
   features: int
   num_heads: int = 1
   layer_norm: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-    seed = self.param('S', nn.with_logical_partitioning(
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    seed = self.param(
+      "S",
+      nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-        (None, None, 'mlp')), (1, 1, self.features))
+        (None, None, "mlp"),
+      ),
+      (1, 1, self.features),
+    )
     seed = jnp.broadcast_to(seed, (x.shape[0], 1, self.features)).astype(x.dtype)
-    out, attention = MAB(self.features, self.num_heads, self.layer_norm, name='mab')(seed, x, mask)
+    out, attention = MAB(self.features, self.num_heads, self.layer_norm, name="mab")(seed, x, mask)
     return out[:, 0], attention[:, :, 0]

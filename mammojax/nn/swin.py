@@ -50,16 +50,18 @@ def window_partition(x: jax.Array, window: Sequence[int]) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, channels)
 
 
-def window_reverse(windows: jax.Array, window: Sequence[int], batch: int, height: int,
-                   width: int) -> jax.Array:
+def window_reverse(
+  windows: jax.Array, window: Sequence[int], batch: int, height: int, width: int
+) -> jax.Array:
   """Inverse of :func:`window_partition`: ``[B * nW, wh * ww, C]`` -> ``[B, H, W, C]``."""
   wh, ww = window
   x = windows.reshape(batch, height // wh, width // ww, wh, ww, -1)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
 
 
-def effective_window(size: Sequence[int], window: Sequence[int],
-                     shift: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def effective_window(
+  size: Sequence[int], window: Sequence[int], shift: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Window and shift actually used on a map of ``size``: a map no larger than the window
   along an axis gets a window of the map's extent and no shift along that axis."""
   used_window = tuple(s if s <= w else w for s, w in zip(size, window))
@@ -79,8 +81,9 @@ def relative_position_index(window: Sequence[int]) -> np.ndarray:
   return (d_row * (2 * ww - 1) + d_col).astype(np.int64)
 
 
-def shifted_window_mask(padded_size: Sequence[int], window: Sequence[int],
-                        shift: Sequence[int]) -> np.ndarray:
+def shifted_window_mask(
+  padded_size: Sequence[int], window: Sequence[int], shift: Sequence[int]
+) -> np.ndarray:
   """Additive attention mask ``[nW, n, n]`` (0 or -100) for cyclically shifted windows.
 
   After rolling the map by ``-shift``, the last window along an axis holds tokens from two
@@ -107,6 +110,7 @@ class WindowAttention(nn.Module):
   index, exactly as the reference does; this is not the geometric relative position of the
   smaller window, but it is what trained checkpoints expect.
   """
+
   embed_dim: int
   num_heads: int
   window_size: tuple[int, int]
@@ -126,11 +130,13 @@ class WindowAttention(nn.Module):
     head_dim = channels // self.num_heads
     wh, ww = self.window_size
     table = self.param(
-        "relative_position_bias_table",
-        nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "heads")),
-        ((2 * wh - 1) * (2 * ww - 1), self.num_heads))
-    qkv = nn.Dense(3 * channels, use_bias=self.qkv_bias, kernel_init=dense_kernel_init(),
-                   name="qkv")(windows)
+      "relative_position_bias_table",
+      nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "heads")),
+      ((2 * wh - 1) * (2 * ww - 1), self.num_heads),
+    )
+    qkv = nn.Dense(
+      3 * channels, use_bias=self.qkv_bias, kernel_init=dense_kernel_init(), name="qkv"
+    )(windows)
     qkv = qkv.reshape(num_windows_total, tokens, 3, self.num_heads, head_dim)
     query, key, value = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [N, h, n, d]
     logits = jnp.einsum("nhqd,nhkd->nhqk", query * head_dim**-0.5, key)
@@ -143,13 +149,13 @@ class WindowAttention(nn.Module):
       logits = logits + jnp.asarray(mask, logits.dtype)[None, :, None]
       logits = logits.reshape(-1, self.num_heads, tokens, tokens)
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("nhqk,nhkd->nqhd", weights, value).reshape(num_windows_total, tokens,
-                                                                channels)
+    out = jnp.einsum("nhqk,nhkd->nqhd", weights, value).reshape(num_windows_total, tokens, channels)
     return nn.Dense(channels, kernel_init=dense_kernel_init(), name="proj")(out)
 
 
 class SwinMLP(nn.Module):
   """Token MLP: Dense -> exact GELU -> Dense (``linear1``, ``linear2``)."""
+
   hidden_dim: int
 
   @nn.compact
@@ -162,6 +168,7 @@ class SwinMLP(nn.Module):
 
 class SwinBlock(nn.Module):
   """Pre-norm (shifted-)window attention block with an MLP, both residual."""
+
   embed_dim: int
   num_heads: int
   window_size: tuple[int, int]
@@ -169,8 +176,9 @@ class SwinBlock(nn.Module):
   qkv_bias: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, window: tuple[int, int], shift: tuple[int, int],
-               mask: np.ndarray | None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, window: tuple[int, int], shift: tuple[int, int], mask: np.ndarray | None
+  ) -> jax.Array:
     """Args:
       x: ``[B, H, W, C]``.
       window: window in use on this map (see :func:`effective_window`).
@@ -187,8 +195,9 @@ class SwinBlock(nn.Module):
     shifted = any(s > 0 for s in shift)
     if shifted:
       h = jnp.roll(h, (-shift[0], -shift[1]), axis=(1, 2))
-    attention = WindowAttention(self.embed_dim, self.num_heads, tuple(self.window_size),
-                                self.qkv_bias, name="attn")
+    attention = WindowAttention(
+      self.embed_dim, self.num_heads, tuple(self.window_size), self.qkv_bias, name="attn"
+    )
     h = attention(window_partition(h, window), mask if shifted else None)
     h = window_reverse(h, window, batch, padded_h, padded_w)
     if shifted:
@@ -200,6 +209,7 @@ class SwinBlock(nn.Module):
 
 class SwinStage(nn.Module):
   """``num_layers`` Swin blocks alternating plain and half-window-shifted windows."""
+
   embed_dim: int
   num_layers: int
   num_heads: int
@@ -219,8 +229,14 @@ class SwinStage(nn.Module):
     mask = shifted_window_mask(padded, window, shift)
     for i in range(self.num_layers):
       block_shift = shift if i % 2 else (0, 0)
-      x = SwinBlock(self.embed_dim, self.num_heads, tuple(self.window_size), self.mlp_ratio,
-                    self.qkv_bias, name=f"blocks_{i}")(x, window, block_shift, mask)
+      x = SwinBlock(
+        self.embed_dim,
+        self.num_heads,
+        tuple(self.window_size),
+        self.mlp_ratio,
+        self.qkv_bias,
+        name=f"blocks_{i}",
+      )(x, window, block_shift, mask)
     return x
 
 
@@ -231,6 +247,7 @@ class TransposedConvStride2(nn.Module):
   PyTorch ``ConvTranspose2d`` weight ``[C_in, C_out, 2, 2]`` this is ``weight.transpose(2, 3, 0,
   1)``. Written as one einsum, which is cheaper than a dilated convolution.
   """
+
   features: int
 
   @nn.compact
@@ -238,18 +255,20 @@ class TransposedConvStride2(nn.Module):
     """``[B, H, W, C_in]`` -> ``[B, 2H, 2W, features]``."""
     batch, height, width, channels = x.shape
     # Torch's default init for ConvTranspose2d uses fan_in = C_out * 2 * 2.
-    fan_in_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1,
-                                                   out_axis=-2)
-    kernel = self.param("kernel", conv_kernel_init(fan_in_init),
-                        (2, 2, channels, self.features))
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-                      (self.features,))
+    fan_in_init = nn.initializers.variance_scaling(
+      1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+    )
+    kernel = self.param("kernel", conv_kernel_init(fan_in_init), (2, 2, channels, self.features))
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (self.features,)
+    )
     y = jnp.einsum("nhwc,ijco->nhiwjo", x, kernel)
     return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
 class PatchExpanding(nn.Module):
   """Doubles the resolution and halves the channels: ``up_conv`` then LayerNorm ``norm``."""
+
   embed_dim: int
 
   @nn.compact

@@ -22,8 +22,9 @@ def sinusoid_table(dim: int, max_time: float, num_steps: int) -> np.ndarray:
   if dim % 2:
     raise ValueError(f"time encoding dim must be even, got {dim}")
   times = np.linspace(0.0, max_time, num_steps, dtype=np.float32)[:, None]
-  freqs = np.exp(np.arange(0, dim, 2, dtype=np.float32) *
-                 np.float32(-math.log(10000.0) / dim)).astype(np.float32)
+  freqs = np.exp(
+    np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim)
+  ).astype(np.float32)
   table = np.zeros((num_steps, dim), np.float32)
   table[:, 0::2] = np.sin(times * freqs)
   table[:, 1::2] = np.cos(times * freqs)
@@ -37,8 +38,7 @@ def interpolate_table(table: jax.Array, time_gap: jax.Array, max_time: float) ->
   lower = jnp.floor(position)
   upper = jnp.minimum(jnp.ceil(position), steps - 1)
   alpha = (position - lower)[:, None]
-  return ((1.0 - alpha) * table[lower.astype(jnp.int32)]
-          + alpha * table[upper.astype(jnp.int32)])
+  return (1.0 - alpha) * table[lower.astype(jnp.int32)] + alpha * table[upper.astype(jnp.int32)]
 
 
 class ContinuousTimeEncoding(nn.Module):
@@ -49,6 +49,7 @@ class ContinuousTimeEncoding(nn.Module):
     num_steps: table rows over [0, max_time].
     dropout_rate: dropout after the addition (BCRBench: 0.1, independent of model dropout).
   """
+
   max_time: float = 5.0
   num_steps: int = 240
   dropout_rate: float = 0.1
@@ -60,8 +61,9 @@ class ContinuousTimeEncoding(nn.Module):
     if time_gap.ndim == 2 and time_gap.shape[1] == 1:
       time_gap = time_gap[:, 0]
     if tokens.ndim != 3 or time_gap.shape != tokens.shape[:1]:
-      raise ValueError(f"expected tokens [B, N, D] and time_gap [B], got {tokens.shape} and "
-                       f"{time_gap.shape}")
+      raise ValueError(
+        f"expected tokens [B, N, D] and time_gap [B], got {tokens.shape} and {time_gap.shape}"
+      )
     table = jnp.asarray(sinusoid_table(tokens.shape[-1], self.max_time, self.num_steps))
     encoding = interpolate_table(table, time_gap, self.max_time).astype(tokens.dtype)
     return nn.Dropout(self.dropout_rate)(tokens + encoding[:, None, :], deterministic=deterministic)

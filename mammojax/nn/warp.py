@@ -67,8 +67,14 @@ def identity_map(spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample(source: jax.Array, coordinates: jax.Array, *, order: int = 1,
-           padding: Padding = "zeros", impl: Impl = "gather") -> jax.Array:
+def sample(
+  source: jax.Array,
+  coordinates: jax.Array,
+  *,
+  order: int = 1,
+  padding: Padding = "zeros",
+  impl: Impl = "gather",
+) -> jax.Array:
   """Interpolates ``source`` at arbitrary pixel coordinates.
 
   Args:
@@ -94,8 +100,12 @@ def _sample_map_coordinates(source, coordinates, order, padding):
 
   def one_channel(volume, coords):  # [*S], [*Q, n]
     return jax.scipy.ndimage.map_coordinates(
-        volume, [coords[..., axis] for axis in range(num_axes)], order=order,
-        mode=_SCIPY_MODES[padding], cval=0.0)
+      volume,
+      [coords[..., axis] for axis in range(num_axes)],
+      order=order,
+      mode=_SCIPY_MODES[padding],
+      cval=0.0,
+    )
 
   per_example = jax.vmap(one_channel, in_axes=(num_axes, None), out_axes=-1)
   return jax.vmap(per_example)(source, coordinates)
@@ -184,15 +194,22 @@ def _sample_gather(source, coordinates, order, padding):
     table_spatial = padded.shape[1:-1]
     table = padded.reshape(-1, channels)
     layout = _PairedLayout(
-        tuple(spatial), tuple(int(n) for n in np.cumprod([1, *table_spatial[::-1][:-1]])[::-1]),
-        padding, points.shape[1], int(np.prod(table_spatial)))
-    prepared = tuple(_prepare_axis_coordinate(points[..., axis], spatial[axis], padding).reshape(-1)
-                     for axis in range(num_axes))
+      tuple(spatial),
+      tuple(int(n) for n in np.cumprod([1, *table_spatial[::-1][:-1]])[::-1]),
+      padding,
+      points.shape[1],
+      int(np.prod(table_spatial)),
+    )
+    prepared = tuple(
+      _prepare_axis_coordinate(points[..., axis], spatial[axis], padding).reshape(-1)
+      for axis in range(num_axes)
+    )
     out = _paired_interpolation(table, prepared, layout)
     return out.reshape(batch, *coordinates.shape[1:-1], channels)
 
   corner_indices, corner_weights = computed_apart(
-      lambda p: _corner_rows(p, tuple(spatial), order, padding), points)
+    lambda p: _corner_rows(p, tuple(spatial), order, padding), points
+  )
   out = _weighted_row_gather(source.reshape(-1, channels), corner_indices, corner_weights)
   return out.reshape(batch, *coordinates.shape[1:-1], channels)
 
@@ -204,8 +221,9 @@ def _corner_rows(points: jax.Array, spatial: tuple[int, ...], order: int, paddin
   batch, num_points, num_axes = points.shape
   strides = np.cumprod([1] + list(spatial[::-1][:-1]))[::-1]
   index = (jnp.arange(batch, dtype=jnp.int32) * int(np.prod(spatial)))[:, None]
-  per_axis = [_axis_corners(points[..., axis], spatial[axis], order, padding)
-              for axis in range(num_axes)]
+  per_axis = [
+    _axis_corners(points[..., axis], spatial[axis], order, padding) for axis in range(num_axes)
+  ]
   corner_indices, corner_weights = [], []
   for combo in itertools.product(*per_axis):
     corner_index, weight = index, None
@@ -222,11 +240,12 @@ def _corner_rows(points: jax.Array, spatial: tuple[int, ...], order: int, paddin
   return tuple(corner_indices), tuple(corner_weights)
 
 
-_ROW_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2),
-                                               inserted_window_dims=(),
-                                               scatter_dims_to_operand_dims=(0,))
-_ROW_SLICES = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(),
-                                             start_index_map=(0,))
+_ROW_UPDATES = jax.lax.ScatterDimensionNumbers(
+  update_window_dims=(1, 2), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,)
+)
+_ROW_SLICES = jax.lax.GatherDimensionNumbers(
+  offset_dims=(1, 2), collapsed_slice_dims=(), start_index_map=(0,)
+)
 
 
 def _take_rows(table: jax.Array, index: jax.Array, count: int) -> jax.Array:
@@ -235,19 +254,26 @@ def _take_rows(table: jax.Array, index: jax.Array, count: int) -> jax.Array:
 
   ``lax.gather`` directly: jnp indexing would add a negative-index wrap to every index.
   """
-  return jax.lax.gather(table, index[:, None], _ROW_SLICES, (count, table.shape[1]),
-                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  return jax.lax.gather(
+    table,
+    index[:, None],
+    _ROW_SLICES,
+    (count, table.shape[1]),
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
 
 
 def _add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
   """``table[index + k] += rows[:, k]`` for ``rows [N, count, C]`` (see :func:`_take_rows`)."""
-  return jax.lax.scatter_add(table, index[:, None], rows, _ROW_UPDATES,
-                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  return jax.lax.scatter_add(
+    table, index[:, None], rows, _ROW_UPDATES, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+  )
 
 
 @jax.custom_vjp
-def _weighted_row_gather(table: jax.Array, indices: tuple[jax.Array, ...],
-                         weights: tuple[jax.Array, ...]) -> jax.Array:
+def _weighted_row_gather(
+  table: jax.Array, indices: tuple[jax.Array, ...], weights: tuple[jax.Array, ...]
+) -> jax.Array:
   """``sum_k weights[k][:, None] * table[indices[k]]``: ``[R, C]``, K x ``[N]`` (in ``[0, R)``),
   K x ``[N]`` -> ``[N, C]``.
 
@@ -316,6 +342,7 @@ _weighted_row_gather.defvjp(_weighted_row_gather_fwd, _weighted_row_gather_bwd)
 
 class _PairedLayout(NamedTuple):
   """Static facts of a paired interpolation (:func:`_paired_interpolation`)."""
+
   spatial: tuple[int, ...]  # the source grid S
   strides: tuple[int, ...]  # row strides of the table (the source padded along the last axis)
   padding: str
@@ -390,8 +417,9 @@ def _group_scales(weights):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _paired_interpolation(table: jax.Array, coordinates: tuple[jax.Array, ...],
-                          layout: _PairedLayout) -> jax.Array:
+def _paired_interpolation(
+  table: jax.Array, coordinates: tuple[jax.Array, ...], layout: _PairedLayout
+) -> jax.Array:
   """Multilinear interpolation with both last-axis corners in one two-row gather.
 
   Args:
@@ -417,8 +445,9 @@ def _paired_sum(table, rows, weights):
   out = None
   for row, (_, scale) in zip(rows, _group_scales(weights)):
     pair = _take_rows(table, row, 2)
-    term = (pair[:, 0] * (scale * lower)[:, None].astype(table.dtype)
-            + pair[:, 1] * (scale * upper)[:, None].astype(table.dtype))
+    term = pair[:, 0] * (scale * lower)[:, None].astype(table.dtype) + pair[:, 1] * (scale * upper)[
+      :, None
+    ].astype(table.dtype)
     out = term if out is None else out + term
   return out
 
@@ -462,8 +491,9 @@ _paired_interpolation.defvjp(_paired_interpolation_fwd, _paired_interpolation_bw
 # ----------------------------------------------------------------------------- warping
 
 
-def warp_map_coordinates(source: jax.Array, displacement: jax.Array, *, order: int = 1,
-                         padding: Padding = "zeros") -> jax.Array:
+def warp_map_coordinates(
+  source: jax.Array, displacement: jax.Array, *, order: int = 1, padding: Padding = "zeros"
+) -> jax.Array:
   """Reference path: per-channel ``jax.scipy.ndimage.map_coordinates``.
 
   Args:
@@ -472,12 +502,18 @@ def warp_map_coordinates(source: jax.Array, displacement: jax.Array, *, order: i
   Returns:
     ``[B, *S, C]``: ``source(x + displacement(x))``.
   """
-  return sample(source, _warp_coordinates(source, displacement), order=order, padding=padding,
-                impl="map_coordinates")
+  return sample(
+    source,
+    _warp_coordinates(source, displacement),
+    order=order,
+    padding=padding,
+    impl="map_coordinates",
+  )
 
 
-def warp_gather(source: jax.Array, displacement: jax.Array, *, order: int = 1,
-                padding: Padding = "zeros") -> jax.Array:
+def warp_gather(
+  source: jax.Array, displacement: jax.Array, *, order: int = 1, padding: Padding = "zeros"
+) -> jax.Array:
   """Fast path: one row gather of ``C``-vectors per interpolation corner; same result.
 
   Args:
@@ -486,8 +522,9 @@ def warp_gather(source: jax.Array, displacement: jax.Array, *, order: int = 1,
   Returns:
     ``[B, *S, C]``: ``source(x + displacement(x))``.
   """
-  return sample(source, _warp_coordinates(source, displacement), order=order, padding=padding,
-                impl="gather")
+  return sample(
+    source, _warp_coordinates(source, displacement), order=order, padding=padding, impl="gather"
+  )
 
 
 def _warp_coordinates(source: jax.Array, displacement: jax.Array) -> jax.Array:
@@ -497,8 +534,14 @@ def _warp_coordinates(source: jax.Array, displacement: jax.Array) -> jax.Array:
   return identity_map(source.shape[1:-1], dtype=dtype) + displacement.astype(dtype)
 
 
-def warp(source: jax.Array, displacement: jax.Array, impl: Impl = "gather", *, order: int = 1,
-         padding: Padding = "zeros") -> jax.Array:
+def warp(
+  source: jax.Array,
+  displacement: jax.Array,
+  impl: Impl = "gather",
+  *,
+  order: int = 1,
+  padding: Padding = "zeros",
+) -> jax.Array:
   """Warps ``source [B, *S, C]`` by ``displacement [B, *S, n]`` (pixels, 'ij').
 
   ``warped(x) = source(x + displacement(x))``. ``impl='gather'`` is the default because on
@@ -517,8 +560,9 @@ def warp(source: jax.Array, displacement: jax.Array, impl: Impl = "gather", *, o
 # ----------------------------------------------------------------------------- displacement algebra
 
 
-def resize_displacement(displacement: jax.Array, size: Sequence[int], *,
-                        align_corners: bool = False) -> jax.Array:
+def resize_displacement(
+  displacement: jax.Array, size: Sequence[int], *, align_corners: bool = False
+) -> jax.Array:
   """Resizes a pixel displacement ``[B, *S, n]`` to ``[B, *size, n]`` and rescales its values.
 
   The field is resampled (bi/trilinear) and each component is multiplied by the ratio of grid
@@ -533,26 +577,37 @@ def resize_displacement(displacement: jax.Array, size: Sequence[int], *,
   """
   num_axes = displacement.ndim - 2
   if num_axes not in (2, 3) or displacement.shape[-1] != num_axes or len(size) != num_axes:
-    raise ValueError(f"expected displacement [B, *S, n] with n = len(S) = len(size) in (2, 3), "
-                     f"got displacement {displacement.shape} and size {tuple(size)}")
+    raise ValueError(
+      f"expected displacement [B, *S, n] with n = len(S) = len(size) in (2, 3), "
+      f"got displacement {displacement.shape} and size {tuple(size)}"
+    )
   old = displacement.shape[1:-1]
   size = tuple(int(s) for s in size)
   if align_corners:
     scale = [(new - 1) / (prev - 1) if prev > 1 else 1.0 for new, prev in zip(size, old)]
-    coords = jnp.stack(jnp.meshgrid(
-        *[jnp.linspace(0.0, prev - 1.0, new, dtype=displacement.dtype)
-          for new, prev in zip(size, old)], indexing="ij"), axis=-1)
+    coords = jnp.stack(
+      jnp.meshgrid(
+        *[
+          jnp.linspace(0.0, prev - 1.0, new, dtype=displacement.dtype)
+          for new, prev in zip(size, old)
+        ],
+        indexing="ij",
+      ),
+      axis=-1,
+    )
     coords = jnp.broadcast_to(coords, (displacement.shape[0], *size, num_axes))
     resized = sample(displacement, coords, padding="border")
   else:
     scale = [new / prev for new, prev in zip(size, old)]
-    resized = jax.image.resize(displacement, (displacement.shape[0], *size, num_axes),
-                               method="linear")
+    resized = jax.image.resize(
+      displacement, (displacement.shape[0], *size, num_axes), method="linear"
+    )
   return resized * jnp.asarray(scale, dtype=displacement.dtype)
 
 
-def compose_displacements(outer: jax.Array, inner: jax.Array, *, padding: Padding = "border",
-                          impl: Impl = "gather") -> jax.Array:
+def compose_displacements(
+  outer: jax.Array, inner: jax.Array, *, padding: Padding = "border", impl: Impl = "gather"
+) -> jax.Array:
   """Displacement of the composed map ``phi_outer ∘ phi_inner`` (inner applied first).
 
   With ``phi_u(x) = x + u(x)``, returns ``w(x) = inner(x) + outer(x + inner(x))`` so that
@@ -594,8 +649,13 @@ def unit_to_pixels(values: jax.Array, spatial_shape: Sequence[int]) -> jax.Array
   return values / jnp.asarray(unit_spacing(spatial_shape), dtype=values.dtype)
 
 
-def pixels_to_grid_sample(values: jax.Array, spatial_shape: Sequence[int], *,
-                          align_corners: bool = True, displacement: bool = False) -> jax.Array:
+def pixels_to_grid_sample(
+  values: jax.Array,
+  spatial_shape: Sequence[int],
+  *,
+  align_corners: bool = True,
+  displacement: bool = False,
+) -> jax.Array:
   """Pixel 'ij' coordinates ``[..., n]`` to a ``grid_sample`` grid (``[-1, 1]``, 'xy' order).
 
   Args:
@@ -618,8 +678,13 @@ def pixels_to_grid_sample(values: jax.Array, spatial_shape: Sequence[int], *,
   return out[..., ::-1]
 
 
-def grid_sample_to_pixels(grid: jax.Array, spatial_shape: Sequence[int], *,
-                          align_corners: bool = True, displacement: bool = False) -> jax.Array:
+def grid_sample_to_pixels(
+  grid: jax.Array,
+  spatial_shape: Sequence[int],
+  *,
+  align_corners: bool = True,
+  displacement: bool = False,
+) -> jax.Array:
   """Inverse of :func:`pixels_to_grid_sample`: 'xy' ``[-1, 1]`` grid to 'ij' pixels."""
   _check_last_axis(grid, spatial_shape)
   values = grid[..., ::-1]
@@ -649,8 +714,9 @@ def jacobian_determinant(displacement: jax.Array, *, method: str = "central") ->
   """
   num_axes = displacement.ndim - 2
   if num_axes not in (2, 3) or displacement.shape[-1] != num_axes:
-    raise ValueError(f"expected displacement [B, H, W, 2] or [B, D, H, W, 3], got "
-                     f"{displacement.shape}")
+    raise ValueError(
+      f"expected displacement [B, H, W, 2] or [B, D, H, W, 3], got {displacement.shape}"
+    )
   if method == "central":
     if min(displacement.shape[1:-1]) < 2:
       raise ValueError(f"central differences need >= 2 pixels per axis, got {displacement.shape}")
@@ -683,11 +749,14 @@ def _check_sample_args(source, coordinates, order, padding):
   if num_axes not in (2, 3):
     raise ValueError(f"source must be [B, H, W, C] or [B, D, H, W, C], got {source.shape}")
   if coordinates.ndim < 2 or coordinates.shape[-1] != num_axes:
-    raise ValueError(f"coordinates must be [B, ..., {num_axes}] for a source {source.shape}, got "
-                     f"{coordinates.shape}")
+    raise ValueError(
+      f"coordinates must be [B, ..., {num_axes}] for a source {source.shape}, got "
+      f"{coordinates.shape}"
+    )
   if coordinates.shape[0] != source.shape[0]:
-    raise ValueError(f"coordinates {coordinates.shape} and source {source.shape} must share the "
-                     "batch size")
+    raise ValueError(
+      f"coordinates {coordinates.shape} and source {source.shape} must share the batch size"
+    )
   if order not in (0, 1):
     raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
   if padding not in _PADDINGS:
@@ -696,17 +765,23 @@ def _check_sample_args(source, coordinates, order, padding):
 
 def _check_shapes(source: jax.Array, displacement: jax.Array) -> None:
   num_axes = source.ndim - 2
-  if (num_axes not in (2, 3) or displacement.ndim != source.ndim
-      or displacement.shape[-1] != num_axes):
-    raise ValueError(f"expected source [B, H, W, C] / [B, D, H, W, C] and displacement "
-                     f"[B, H, W, 2] / [B, D, H, W, 3], got {source.shape} and "
-                     f"{displacement.shape}")
+  if (
+    num_axes not in (2, 3) or displacement.ndim != source.ndim or displacement.shape[-1] != num_axes
+  ):
+    raise ValueError(
+      f"expected source [B, H, W, C] / [B, D, H, W, C] and displacement "
+      f"[B, H, W, 2] / [B, D, H, W, 3], got {source.shape} and "
+      f"{displacement.shape}"
+    )
   if source.shape[:-1] != displacement.shape[:-1]:
-    raise ValueError(f"source {source.shape} and displacement {displacement.shape} must share "
-                     "[B, *S]; resize the displacement first (resize_displacement)")
+    raise ValueError(
+      f"source {source.shape} and displacement {displacement.shape} must share "
+      "[B, *S]; resize the displacement first (resize_displacement)"
+    )
 
 
 def _check_last_axis(values, spatial_shape):
   if values.shape[-1] != len(spatial_shape):
-    raise ValueError(f"last axis of {values.shape} must have one entry per axis of the grid "
-                     f"{tuple(spatial_shape)}")
+    raise ValueError(
+      f"last axis of {values.shape} must have one entry per axis of the grid {tuple(spatial_shape)}"
+    )

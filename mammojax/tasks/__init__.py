@@ -10,11 +10,11 @@ from mammojax.train.task import Task
 
 # config.task -> "module:class"
 TASKS = {
-    "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
-    "gradicon_unet": "mammojax.tasks.gradicon_unet:GradICONUNetTask",
-    "icon_digits": "mammojax.tasks.icon_digits:IconDigitsTask",
-    "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
-    "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
+  "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
+  "gradicon_unet": "mammojax.tasks.gradicon_unet:GradICONUNetTask",
+  "icon_digits": "mammojax.tasks.icon_digits:IconDigitsTask",
+  "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
+  "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
 }
 
 
@@ -22,7 +22,9 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
   """The task ``config.task`` names: a key of ``TASKS`` or a ``"module:Class"`` of your own."""
   spec = TASKS.get(config.task) or (config.task if ":" in config.task else None)
   if spec is None:
-    raise ValueError(f"config.task={config.task!r} is not a known task; choose one of "
-                     f"{sorted(TASKS)} or give 'package.module:TaskClass'")
+    raise ValueError(
+      f"config.task={config.task!r} is not a known task; choose one of "
+      f"{sorted(TASKS)} or give 'package.module:TaskClass'"
+    )
   module_name, class_name = spec.split(":")
   return getattr(importlib.import_module(module_name), class_name)(config)

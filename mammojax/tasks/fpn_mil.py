@@ -47,28 +47,43 @@ PASSTHROUGH = ("label", "patch_coords", "patch_mask", "boxes", "num_boxes", "thu
 def patch_settings(data: ml_collections.ConfigDict) -> mil_pipeline.PatchSettings:
   """The patching settings of a config's ``data`` section."""
   return mil_pipeline.PatchSettings(
-      image_size=tuple(data.image_size), patch_size=data.patch_size, overlap=data.overlap,
-      min_foreground=data.min_foreground, background_threshold=data.background_threshold,
-      channels=data.channels, max_boxes=data.max_boxes, thumbnail_stride=data.thumbnail_stride)
+    image_size=tuple(data.image_size),
+    patch_size=data.patch_size,
+    overlap=data.overlap,
+    min_foreground=data.min_foreground,
+    background_threshold=data.background_threshold,
+    channels=data.channels,
+    max_boxes=data.max_boxes,
+    thumbnail_stride=data.thumbnail_stride,
+  )
 
 
 def build_backbone(model: ml_collections.ConfigDict) -> EfficientNet:
   b = model.backbone
-  return EfficientNet(width=b.width, depth=b.depth,
-                      static_padding_size=tuple(b.static_padding_size) or None,
-                      drop_connect_rate=b.drop_connect_rate,
-                      batch_norm_momentum=b.batch_norm_momentum,
-                      depthwise_impl=b.depthwise_impl)
+  return EfficientNet(
+    width=b.width,
+    depth=b.depth,
+    static_padding_size=tuple(b.static_padding_size) or None,
+    drop_connect_rate=b.drop_connect_rate,
+    batch_norm_momentum=b.batch_norm_momentum,
+    depthwise_impl=b.depthwise_impl,
+  )
 
 
 def build_fpn(model: ml_collections.ConfigDict) -> FPN:
-  return FPN(features=model.fpn.features, top_down=model.fpn.top_down,
-             group_norm=model.fpn.group_norm)
+  return FPN(
+    features=model.fpn.features, top_down=model.fpn.top_down, group_norm=model.fpn.group_norm
+  )
 
 
-def masked_deep_supervision_loss(logits: jax.Array, scale_logits: jax.Array | None,
-                                 labels: jax.Array, valid: jax.Array, pos_weight: float,
-                                 side_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_deep_supervision_loss(
+  logits: jax.Array,
+  scale_logits: jax.Array | None,
+  labels: jax.Array,
+  valid: jax.Array,
+  pos_weight: float,
+  side_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted BCE of the bag logits [B] plus ``side_weight`` x each side logit's [B, S], over the
   valid examples (equal to ``losses.mil.deep_supervision_loss`` when all are valid)."""
   valid = valid.astype(jnp.float32)
@@ -77,13 +92,15 @@ def masked_deep_supervision_loss(logits: jax.Array, scale_logits: jax.Array | No
 
   def bce(x):
     x = x.astype(jnp.float32)
-    per = -(pos_weight * labels * jax.nn.log_sigmoid(x)
-            + (1.0 - labels) * jax.nn.log_sigmoid(-x))
+    per = -(pos_weight * labels * jax.nn.log_sigmoid(x) + (1.0 - labels) * jax.nn.log_sigmoid(-x))
     return jnp.sum(per * valid) / count
 
   bag = bce(logits)
-  sides = sum((bce(scale_logits[:, s]) for s in range(scale_logits.shape[1])),
-              jnp.zeros(())) if scale_logits is not None else jnp.zeros(())
+  sides = (
+    sum((bce(scale_logits[:, s]) for s in range(scale_logits.shape[1])), jnp.zeros(()))
+    if scale_logits is not None
+    else jnp.zeros(())
+  )
   return bag + side_weight * sides, {"loss_bag": bag, "loss_sides": sides}
 
 
@@ -94,15 +111,19 @@ class FPNMILTask(Task):
     super().__init__(config)
     self.offline = bool(config.data.get("features_dir"))
     if config.data.get("mode", "auto") == "offline" and not self.offline:
-      raise ValueError("this config trains on stored features: pass --config.data.features_dir="
-                       "DIR, written by python -m mammojax.extract_features")
+      raise ValueError(
+        "this config trains on stored features: pass --config.data.features_dir="
+        "DIR, written by python -m mammojax.extract_features"
+      )
     self.scales = tuple(int(s) for s in config.model.head.scales)
     if self.offline:
       features = records.read_manifest(config.data.features_dir)["config"]
       missing = [s for s in self.scales if s not in features["scales"]]
       if missing:
-        raise ValueError(f"{config.data.features_dir} holds scales {features['scales']}, the "
-                         f"config asks for {list(self.scales)} (missing {missing})")
+        raise ValueError(
+          f"{config.data.features_dir} holds scales {features['scales']}, the "
+          f"config asks for {list(self.scales)} (missing {missing})"
+        )
       self.image_size = tuple(features["image_size"])
       self.patch_size = int(features["patch_size"])
       self.num_patches = int(features["num_patches"])
@@ -117,9 +138,13 @@ class FPNMILTask(Task):
       self.model = FPNMIL(head=head)
     else:
       m = config.model
-      self.model = FPNMIL(head=head, fpn=build_fpn(m), backbone=build_backbone(m),
-                          backbone_trainable=m.backbone_trainable,
-                          frozen_backbone_batch_stats=m.frozen_backbone_batch_stats)
+      self.model = FPNMIL(
+        head=head,
+        fpn=build_fpn(m),
+        backbone=build_backbone(m),
+        backbone_trainable=m.backbone_trainable,
+        frozen_backbone_batch_stats=m.frozen_backbone_batch_stats,
+      )
     self._data_dir = None
     self._pos_weight = None
 
@@ -127,17 +152,26 @@ class FPNMILTask(Task):
     h = self.config.model.head
     # FPN-MIL's rule on the bag size: patches x feature-map pixels per patch at each scale.
     num_inducing = tuple(h.num_inducing) or tuple(
-        num_inducing_points(self.num_patches * math.ceil(self.patch_size / s) ** 2)
-        for s in self.scales)
+      num_inducing_points(self.num_patches * math.ceil(self.patch_size / s) ** 2)
+      for s in self.scales
+    )
     return MultiScaleMILHead(
-        scales=self.scales, encoder_type=h.encoder_type, encoder_features=h.encoder_features,
-        encoder_dropout=h.encoder_dropout, num_encoder_blocks=h.num_encoder_blocks,
-        encoder_heads=h.encoder_heads,
-        num_inducing=num_inducing if h.encoder_type == "isab" else None,
-        layer_norm=h.layer_norm, pooling_type=h.pooling_type,
-        attention_hidden=h.attention_hidden, attention_dropout=h.attention_dropout,
-        pma_heads=h.pma_heads, scale_aggregator=h.scale_aggregator,
-        deep_supervision=h.deep_supervision, classifier_dropout=h.classifier_dropout)
+      scales=self.scales,
+      encoder_type=h.encoder_type,
+      encoder_features=h.encoder_features,
+      encoder_dropout=h.encoder_dropout,
+      num_encoder_blocks=h.num_encoder_blocks,
+      encoder_heads=h.encoder_heads,
+      num_inducing=num_inducing if h.encoder_type == "isab" else None,
+      layer_norm=h.layer_norm,
+      pooling_type=h.pooling_type,
+      attention_hidden=h.attention_hidden,
+      attention_dropout=h.attention_dropout,
+      pma_heads=h.pma_heads,
+      scale_aggregator=h.scale_aggregator,
+      deep_supervision=h.deep_supervision,
+      classifier_dropout=h.classifier_dropout,
+    )
 
   # -- data -------------------------------------------------------------------------------------
 
@@ -149,10 +183,12 @@ class FPNMILTask(Task):
 
   def dataset(self, split: str) -> grain.MapDataset:
     if self.offline:
-      return mil_pipeline.feature_dataset(self.config.data.features_dir, split,
-                                          self.config.data.label)
-    return mil_pipeline.patch_dataset(self.image_dir(), split, self.settings,
-                                      self.config.data.label)
+      return mil_pipeline.feature_dataset(
+        self.config.data.features_dir, split, self.config.data.label
+      )
+    return mil_pipeline.patch_dataset(
+      self.image_dir(), split, self.settings, self.config.data.label
+    )
 
   def pos_weight(self) -> float:
     """``loss.pos_weight``, or negatives / positives of the training split when
@@ -161,11 +197,12 @@ class FPNMILTask(Task):
       loss = self.config.loss
       if loss.pos_weight_from_data:
         directory = self.config.data.features_dir if self.offline else self.image_dir()
-        negatives, positives = mil_pipeline.label_counts(directory, "train",
-                                                         self.config.data.label)
+        negatives, positives = mil_pipeline.label_counts(directory, "train", self.config.data.label)
         if not positives:
-          raise ValueError(f"the training split has no {self.config.data.label!r} positives; "
-                           "cannot set loss.pos_weight from the data")
+          raise ValueError(
+            f"the training split has no {self.config.data.label!r} positives; "
+            "cannot set loss.pos_weight from the data"
+          )
         self._pos_weight = negatives / positives
       else:
         self._pos_weight = float(loss.pos_weight)
@@ -191,8 +228,9 @@ class FPNMILTask(Task):
     result = self.model.apply(variables, inputs, mask, train=train, rngs=rngs, mutable=mutable)
     out = result[0] if mutable else result
     if self.offline and "attention" in out:
-      out["attention"] = {s: a.reshape(batch[f"features_{s}"].shape[:4])
-                          for s, a in out["attention"].items()}
+      out["attention"] = {
+        s: a.reshape(batch[f"features_{s}"].shape[:4]) for s, a in out["attention"].items()
+      }
     return result
 
   def init_variables(self, rng, batch):
@@ -220,8 +258,13 @@ class FPNMILTask(Task):
     else:
       out, new_state = self._apply(variables, batch, train, rng), model_state
     total, parts = masked_deep_supervision_loss(
-        out["logits"], out.get("scale_logits"), batch["label"], batch["_valid"],
-        self.pos_weight(), self.config.loss.side_weight)
+      out["logits"],
+      out.get("scale_logits"),
+      batch["label"],
+      batch["_valid"],
+      self.pos_weight(),
+      self.config.loss.side_weight,
+    )
     correct = ((out["logits"] > 0) == (batch["label"] > 0.5)).astype(jnp.float32)
     valid = batch["_valid"].astype(jnp.float32)
     parts["accuracy"] = jnp.sum(correct * valid) / jnp.maximum(valid.sum(), 1.0)
@@ -248,8 +291,7 @@ class FPNMILTask(Task):
     metrics = self.classification(predictions)
     d = self.config.eval.detection
     if d.in_periodic_eval and has_detection_targets(predictions):
-      metrics.update(detection_scalars(self.detection(predictions,
-                                                      max_examples=d.max_examples)))
+      metrics.update(detection_scalars(self.detection(predictions, max_examples=d.max_examples)))
     return metrics
 
   def classification(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
@@ -265,33 +307,47 @@ class FPNMILTask(Task):
 
   # -- report -----------------------------------------------------------------------------------
 
-  def example_heatmaps(self, predictions: dict[str, np.ndarray], index: int
-                       ) -> dict[Any, np.ndarray]:
+  def example_heatmaps(
+    self, predictions: dict[str, np.ndarray], index: int
+  ) -> dict[Any, np.ndarray]:
     """Heatmaps [H, W] of one evaluated example: one per scale and ``'aggregated'``."""
     d = self.config.eval.detection
     maps = {}
     for s in self.scales:
       key = f"attention_{s}"
       if key not in predictions:
-        raise ValueError(f"pooling_type={self.config.model.head.pooling_type!r} has no instance "
-                         "attention, so there are no heatmaps; use attention, gated-attention "
-                         "or pma")
+        raise ValueError(
+          f"pooling_type={self.config.model.head.pooling_type!r} has no instance "
+          "attention, so there are no heatmaps; use attention, gated-attention "
+          "or pma"
+        )
       maps[s] = heatmaps.scale_heatmap(
-          predictions[key][index], predictions["patch_coords"][index], self.image_size,
-          self.patch_size, patch_mask=predictions["patch_mask"][index],
-          smooth_sigma=d.smooth_sigma, patch_normalization=d.patch_normalization)
+        predictions[key][index],
+        predictions["patch_coords"][index],
+        self.image_size,
+        self.patch_size,
+        patch_mask=predictions["patch_mask"][index],
+        smooth_sigma=d.smooth_sigma,
+        patch_normalization=d.patch_normalization,
+      )
     weights = predictions["scale_weights"][index] if "scale_weights" in predictions else None
     maps["aggregated"] = heatmaps.aggregate_heatmaps(maps, weights)
     return maps
 
-  def detection(self, predictions: dict[str, np.ndarray], out_dir: str | None = None,
-                max_examples: int = 0) -> dict[str, dict[str, float]]:
+  def detection(
+    self, predictions: dict[str, np.ndarray], out_dir: str | None = None, max_examples: int = 0
+  ) -> dict[str, dict[str, float]]:
     """Detection metrics per heatmap (:func:`heatmaps.detection_report`) over the positive
     examples with boxes, the first ``max_examples`` of them (0 = all); with ``out_dir`` also
     overlay PNGs of the first ``eval.num_overlays``."""
     d = self.config.eval.detection
-    box_args = dict(quantile=d.quantile, min_value=d.min_value, min_area=d.min_area,
-                    max_boxes=d.max_boxes, nms_iou=d.nms_iou)
+    box_args = dict(
+      quantile=d.quantile,
+      min_value=d.min_value,
+      min_area=d.min_area,
+      max_boxes=d.max_boxes,
+      nms_iou=d.nms_iou,
+    )
     chosen = np.flatnonzero((predictions["label"] > 0.5) & (predictions["num_boxes"] > 0))
     if max_examples:
       chosen = chosen[:max_examples]
@@ -300,7 +356,7 @@ class FPNMILTask(Task):
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
     for rank, i in enumerate(chosen):
-      gt = predictions["boxes"][i][:int(predictions["num_boxes"][i])]
+      gt = predictions["boxes"][i][: int(predictions["num_boxes"][i])]
       truth.append(gt)
       maps = self.example_heatmaps(predictions, int(i))
       for name, heatmap in maps.items():
@@ -310,21 +366,28 @@ class FPNMILTask(Task):
         thumb = predictions["thumbnail"][i]
         scaled = lambda b: np.concatenate([b[:, :4] / stride, b[:, 4:]], axis=1)  # noqa: E731
         heatmaps.save_overlay(
-            os.path.join(out_dir, f"overlay_{rank:03d}.png"), thumb,
-            maps["aggregated"][::stride, ::stride], scaled(found["aggregated"][-1]),
-            gt / stride, title=f"p={float(predictions['prob'][i]):.2f}")
+          os.path.join(out_dir, f"overlay_{rank:03d}.png"),
+          thumb,
+          maps["aggregated"][::stride, ::stride],
+          scaled(found["aggregated"][-1]),
+          gt / stride,
+          title=f"p={float(predictions['prob'][i]):.2f}",
+        )
     iou_thresholds = tuple(d.iou_thresholds)
-    return {str(name): heatmaps.detection_report(boxes, truth, iou_thresholds)
-            for name, boxes in found.items()}
+    return {
+      str(name): heatmaps.detection_report(boxes, truth, iou_thresholds)
+      for name, boxes in found.items()
+    }
 
   def write_report(self, predictions, out_dir):
     """``report.json`` (the decision threshold and where it came from, classification metrics,
     detection per heatmap over all positive examples with boxes) and ``overlays/*.png``."""
     source = self.config.eval.get("threshold_source", "eval.threshold of the config")
     report: dict[str, Any] = {
-        "num_examples": int(len(predictions["prob"])),
-        "threshold": {"value": float(self.config.eval.threshold), "source": source},
-        "classification": self.classification(predictions)}
+      "num_examples": int(len(predictions["prob"])),
+      "threshold": {"value": float(self.config.eval.threshold), "source": source},
+      "classification": self.classification(predictions),
+    }
     if has_detection_targets(predictions):
       report["detection"] = self.detection(predictions, os.path.join(out_dir, "overlays"))
     os.makedirs(out_dir, exist_ok=True)
@@ -337,15 +400,22 @@ class FPNMILTask(Task):
 
 def has_detection_targets(predictions: dict[str, np.ndarray]) -> bool:
   """Whether the model has instance attention and some positive example has boxes."""
-  return (any(k.startswith("attention_") for k in predictions) and "num_boxes" in predictions
-          and bool(np.any((predictions["label"] > 0.5) & (predictions["num_boxes"] > 0))))
+  return (
+    any(k.startswith("attention_") for k in predictions)
+    and "num_boxes" in predictions
+    and bool(np.any((predictions["label"] > 0.5) & (predictions["num_boxes"] > 0)))
+  )
 
 
 def detection_scalars(reports: dict[str, dict[str, float]]) -> dict[str, float]:
   """``{heatmap: detection_report}`` -> flat ``detection_<heatmap>_<metric>`` of the mean IoU,
   recalls and precisions (the counts are left out)."""
-  return {f"detection_{name}_{metric}": value for name, report in reports.items()
-          for metric, value in report.items() if not metric.startswith("num_")}
+  return {
+    f"detection_{name}_{metric}": value
+    for name, report in reports.items()
+    for metric, value in report.items()
+    if not metric.startswith("num_")
+  }
 
 
 def _finite(value: Any) -> Any:

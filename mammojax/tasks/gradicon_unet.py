@@ -63,15 +63,22 @@ class ImageFilePairs:
 
   def _load(self, path: str) -> np.ndarray:
     from mammojax.data.readers import read_image  # pylint: disable=import-outside-toplevel
+
     pixels = read_image(path).pixels
     resized = np.asarray(jax.image.resize(pixels, self._size, "linear"))
     low, high = float(resized.min()), float(resized.max())
     return ((resized - low) / (high - low if high > low else 1.0))[..., None].astype(np.float32)
 
 
-def file_pairs(image_dir: str, split: str, *, pairs_csv: str = "", num_pairs: int = 256,
-               fractions: tuple[float, float] = (0.8, 0.1), seed: int = 0
-               ) -> list[tuple[str, str]]:
+def file_pairs(
+  image_dir: str,
+  split: str,
+  *,
+  pairs_csv: str = "",
+  num_pairs: int = 256,
+  fractions: tuple[float, float] = (0.8, 0.1),
+  seed: int = 0,
+) -> list[tuple[str, str]]:
   """``(moving, fixed)`` paths of ``split``: from ``pairs_csv`` or random within the split's
   share of the directory's images (sorted names cut by ``fractions`` of train and val)."""
   if not os.path.isdir(image_dir):
@@ -81,22 +88,32 @@ def file_pairs(image_dir: str, split: str, *, pairs_csv: str = "", num_pairs: in
     with open(path, newline="") as f:
       rows = list(csv.DictReader(f))
     if rows and not {"moving", "fixed"} <= set(rows[0]):
-      raise ValueError(f"{path} needs columns 'moving' and 'fixed' (and optionally 'split'), "
-                       f"got {sorted(rows[0])}")
-    pairs = [(os.path.join(image_dir, r["moving"]), os.path.join(image_dir, r["fixed"]))
-             for r in rows if r.get("split", "train") == split or "split" not in r]
+      raise ValueError(
+        f"{path} needs columns 'moving' and 'fixed' (and optionally 'split'), got {sorted(rows[0])}"
+      )
+    pairs = [
+      (os.path.join(image_dir, r["moving"]), os.path.join(image_dir, r["fixed"]))
+      for r in rows
+      if r.get("split", "train") == split or "split" not in r
+    ]
     if not pairs:
       raise ValueError(f"{path} has no pairs for split {split!r}")
     return pairs
-  files = sorted(os.path.join(image_dir, name) for name in os.listdir(image_dir)
-                 if name.lower().endswith(IMAGE_SUFFIXES))
+  files = sorted(
+    os.path.join(image_dir, name)
+    for name in os.listdir(image_dir)
+    if name.lower().endswith(IMAGE_SUFFIXES)
+  )
   cut_train = int(round(fractions[0] * len(files)))
   cut_val = cut_train + int(round(fractions[1] * len(files)))
-  chosen = {"train": files[:cut_train], "val": files[cut_train:cut_val],
-            "test": files[cut_val:]}[split]
+  chosen = {"train": files[:cut_train], "val": files[cut_train:cut_val], "test": files[cut_val:]}[
+    split
+  ]
   if len(chosen) < 2:
-    raise ValueError(f"split {split!r} of {image_dir} has {len(chosen)} images ({len(files)} "
-                     f"PNG/DICOM files in all); it needs >= 2 to make pairs")
+    raise ValueError(
+      f"split {split!r} of {image_dir} has {len(chosen)} images ({len(files)} "
+      f"PNG/DICOM files in all); it needs >= 2 to make pairs"
+    )
   rng = np.random.default_rng([seed, SPLITS.index(split)])
   first = rng.integers(0, len(chosen), num_pairs)
   second = (first + rng.integers(1, len(chosen), num_pairs)) % len(chosen)
@@ -115,9 +132,12 @@ class GradICONUNetTask(Task):
 
   def _build(self, train: bool) -> icon.RegistrationModule:
     m = self.config.model
-    steps = [icon.FunctionFromVectorField(ICONUNet2(tuple(m.down_features), tuple(m.up_features),
-                                                    train=train))
-             for _ in range(m.num_steps)]
+    steps = [
+      icon.FunctionFromVectorField(
+        ICONUNet2(tuple(m.down_features), tuple(m.up_features), train=train)
+      )
+      for _ in range(m.num_steps)
+    ]
     network = steps[0]
     for step in steps[1:]:
       network = icon.TwoStepRegistration(network, step)
@@ -129,9 +149,13 @@ class GradICONUNetTask(Task):
   def dataset(self, split: str) -> grain.MapDataset:
     data = self.config.data
     if data.image_dir:
-      pairs = file_pairs(data.image_dir, split, pairs_csv=data.pairs_csv,
-                         num_pairs=data.num_pairs if split == "train" else data.num_eval_pairs,
-                         seed=self.config.seed)
+      pairs = file_pairs(
+        data.image_dir,
+        split,
+        pairs_csv=data.pairs_csv,
+        num_pairs=data.num_pairs if split == "train" else data.num_eval_pairs,
+        seed=self.config.seed,
+      )
       return grain.MapDataset.source(ImageFilePairs(pairs, tuple(data.image_size)))
     if self._data_dir is None:
       self._data_dir = resolve_longitudinal_dir(data)
@@ -146,15 +170,23 @@ class GradICONUNetTask(Task):
     both_fixed = jnp.concatenate([fixed, moving])
     variables = {"params": params, **model_state}
     if train:
-      fields, updates = self.model.apply(variables, both_moving, both_fixed,
-                                         mutable=["batch_stats"])
+      fields, updates = self.model.apply(
+        variables, both_moving, both_fixed, mutable=["batch_stats"]
+      )
       model_state = {**model_state, **updates}
     else:
       fields = self._eval_model.apply(variables, both_moving, both_fixed)
     field_ab, field_ba = jnp.split(fields, 2)
     sigma = self.config.model.lncc_sigma
-    parts = gradicon_loss(moving, fixed, field_ab, field_ba, rng, lmbda=self.config.model.lmbda,
-                          similarity=lambda a, b: lncc_loss(a, b, sigma=sigma))
+    parts = gradicon_loss(
+      moving,
+      fixed,
+      field_ab,
+      field_ba,
+      rng,
+      lmbda=self.config.model.lmbda,
+      similarity=lambda a, b: lncc_loss(a, b, sigma=sigma),
+    )
     metrics = {k: v for k, v in parts.items() if k != "loss"}
     return parts["loss"], (metrics, model_state)
 
@@ -168,8 +200,11 @@ class GradICONUNetTask(Task):
     warped = warp(moving, field, padding="border")
     sigma = self.config.model.lncc_sigma
     per_example = jax.vmap(lambda a, b: lncc_loss(a[None], b[None], sigma=sigma))
-    out = {"lncc": per_example(warped, fixed), "lncc_identity": per_example(moving, fixed),
-           "folds": count_folds(field).astype(jnp.float32)}
+    out = {
+      "lncc": per_example(warped, fixed),
+      "lncc_identity": per_example(moving, fixed),
+      "folds": count_folds(field).astype(jnp.float32),
+    }
     if "displacement" in batch:
       error = jnp.linalg.norm(field - batch["displacement"], axis=-1)
       out["epe"] = jnp.mean(error, axis=(1, 2))

@@ -42,10 +42,16 @@ class IconDigitsTask(Task):
     size = config.data.size
     self.model = digits_registration((size, size), hidden=m.hidden, num_steps=m.num_steps)
     self._spec = DigitPairsSpec(
-        source=config.data.source, size=size, train_digit=config.data.train_digit,
-        eval_digit=config.data.eval_digit, num_train=config.data.num_train,
-        num_val=config.data.num_val, num_test=config.data.num_test,
-        tfds_data_dir=config.data.tfds_data_dir, seed=config.data.seed)
+      source=config.data.source,
+      size=size,
+      train_digit=config.data.train_digit,
+      eval_digit=config.data.eval_digit,
+      num_train=config.data.num_train,
+      num_val=config.data.num_val,
+      num_test=config.data.num_test,
+      tfds_data_dir=config.data.tfds_data_dir,
+      seed=config.data.seed,
+    )
 
   def dataset(self, split: str) -> grain.MapDataset:
     return digit_pairs(self._spec, split)
@@ -61,9 +67,14 @@ class IconDigitsTask(Task):
     # from the images; their (zero-gradient) field still enters the regulariser, which only
     # pulls it towards identity.
     valid = batch["_valid"].astype(moving.dtype)[:, None, None, None]
-    parts = regularized_loss(moving * valid, fixed * valid, displacement,
-                             lmbda=self.config.model.lmbda, similarity=ssd_loss,
-                             regularizer="diffusion")
+    parts = regularized_loss(
+      moving * valid,
+      fixed * valid,
+      displacement,
+      lmbda=self.config.model.lmbda,
+      similarity=ssd_loss,
+      regularizer="diffusion",
+    )
     metrics = {k: v for k, v in parts.items() if k != "loss"}
     return parts["loss"], (metrics, model_state)
 
@@ -79,11 +90,14 @@ class IconDigitsTask(Task):
     displacement = self.displacement(variables, moving, fixed)
     warped = warp(moving, displacement, padding="border")
     per_example = lambda a, b: jnp.mean(jnp.square(a - b), axis=(1, 2, 3))  # noqa: E731
-    return {"similarity": per_example(warped, fixed),
-            "similarity_identity": per_example(moving, fixed),
-            "displacement_rms": jnp.sqrt(jnp.mean(jnp.square(displacement), axis=(1, 2, 3))),
-            "folds": count_folds(displacement).astype(jnp.float32),
-            "warped": warped, "displacement": displacement}
+    return {
+      "similarity": per_example(warped, fixed),
+      "similarity_identity": per_example(moving, fixed),
+      "displacement_rms": jnp.sqrt(jnp.mean(jnp.square(displacement), axis=(1, 2, 3))),
+      "folds": count_folds(displacement).astype(jnp.float32),
+      "warped": warped,
+      "displacement": displacement,
+    }
 
   def eval_passthrough_keys(self):
     return ("moving", "fixed")
@@ -91,23 +105,32 @@ class IconDigitsTask(Task):
   def evaluate(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
     similarity = float(np.mean(predictions["similarity"]))
     identity = float(np.mean(predictions["similarity_identity"]))
-    return {"similarity": similarity, "similarity_identity": identity,
-            "similarity_ratio": similarity / max(identity, 1e-12),
-            "displacement_rms": float(np.mean(predictions["displacement_rms"])),
-            "folds": float(np.mean(predictions["folds"]))}
+    return {
+      "similarity": similarity,
+      "similarity_identity": identity,
+      "similarity_ratio": similarity / max(identity, 1e-12),
+      "displacement_rms": float(np.mean(predictions["displacement_rms"])),
+      "folds": float(np.mean(predictions["folds"])),
+    }
 
   def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
     """``report.json`` (the eval metrics) and ``registration.png`` (the first pairs)."""
     from mammojax.viz.registration import save_registration_figure
+
     report = self.evaluate(predictions)
     os.makedirs(out_dir, exist_ok=True)
     count = min(int(self.config.eval.get("figure_examples", 6)), len(predictions["moving"]))
     save_registration_figure(
-        os.path.join(out_dir, FIGURE_NAME), predictions["moving"][:count],
-        predictions["fixed"][:count], predictions["warped"][:count],
-        predictions["displacement"][:count],
-        titles=[f"SSD {predictions['similarity_identity'][i]:.3f} -> "
-                f"{predictions['similarity'][i]:.3f}" for i in range(count)])
+      os.path.join(out_dir, FIGURE_NAME),
+      predictions["moving"][:count],
+      predictions["fixed"][:count],
+      predictions["warped"][:count],
+      predictions["displacement"][:count],
+      titles=[
+        f"SSD {predictions['similarity_identity'][i]:.3f} -> {predictions['similarity'][i]:.3f}"
+        for i in range(count)
+      ],
+    )
     report["figure"] = FIGURE_NAME
     tmp = os.path.join(out_dir, ".report.json.tmp")
     with open(tmp, "w") as f:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,6 +15,7 @@ from mammojax.models.imgfeatalign import ImgFeatAlign
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.train.task import Task
 
+
 class ImgFeatAlignTask(Task):
   """Longitudinal risk from a current and a prior mammogram (``config.task='imgfeatalign'``)."""
 
@@ -24,12 +24,21 @@ class ImgFeatAlignTask(Task):
     m = config.model
     registration = MammoRegNet(**m.registration.to_dict(), name="registration")
     self.model = ImgFeatAlign(
-        registration=registration, num_years=config.data.num_years, num_heads=m.num_heads,
-        dropout_rate=m.dropout_rate, max_time=m.max_time, time_steps=m.time_steps,
-        time_dropout_rate=m.time_dropout_rate, encoder_width=m.encoder_width,
-        finetune_all=m.finetune_all, align=m.align, use_prior=m.use_prior,
-        use_time_encoding=m.use_time_encoding, bcrbench_flow_compat=m.bcrbench_flow_compat,
-        warp_impl=m.warp_impl)
+      registration=registration,
+      num_years=config.data.num_years,
+      num_heads=m.num_heads,
+      dropout_rate=m.dropout_rate,
+      max_time=m.max_time,
+      time_steps=m.time_steps,
+      time_dropout_rate=m.time_dropout_rate,
+      encoder_width=m.encoder_width,
+      finetune_all=m.finetune_all,
+      align=m.align,
+      use_prior=m.use_prior,
+      use_time_encoding=m.use_time_encoding,
+      bcrbench_flow_compat=m.bcrbench_flow_compat,
+      warp_impl=m.warp_impl,
+    )
     self.head_weights = dict(m.head_weights)
     self._data_dir = None
 
@@ -42,21 +51,40 @@ class ImgFeatAlignTask(Task):
 
   def _apply(self, variables, batch, train: bool, rng=None, mutable=False):
     rngs = {"dropout": rng} if rng is not None else None
-    return self.model.apply(variables, batch["current_image"], batch["previous_image"],
-                            batch["time_gap"], train=train, rngs=rngs, mutable=mutable)
+    return self.model.apply(
+      variables,
+      batch["current_image"],
+      batch["previous_image"],
+      batch["time_gap"],
+      train=train,
+      rngs=rngs,
+      mutable=mutable,
+    )
 
   def init_variables(self, rng, batch):
-    return self.model.init({"params": rng, "dropout": rng}, batch["current_image"],
-                           batch["previous_image"], batch["time_gap"], train=False)
+    return self.model.init(
+      {"params": rng, "dropout": rng},
+      batch["current_image"],
+      batch["previous_image"],
+      batch["time_gap"],
+      train=False,
+    )
 
   def augmentations(self):
     """Geometric and intensity jitter shared by current and prior (``config.data.augment``)."""
     a = self.config.data.augment
     if not a.enabled:
       return ()
-    return train_augmentations(AugmentConfig(
-        flip_p=a.flip_p, rotation_deg=a.rotation_deg, scale=a.scale, shift=a.shift,
-        contrast=a.contrast, brightness=a.brightness))
+    return train_augmentations(
+      AugmentConfig(
+        flip_p=a.flip_p,
+        rotation_deg=a.rotation_deg,
+        scale=a.scale,
+        shift=a.shift,
+        contrast=a.contrast,
+        brightness=a.brightness,
+      )
+    )
 
   def frozen_param_patterns(self) -> tuple[str, ...]:
     """The registration network is always frozen; the encoder too unless ``finetune_all``."""
@@ -103,12 +131,21 @@ class ImgFeatAlignTask(Task):
     """C-index and per-year AUC with bootstrap 95% CIs, per density / cancer-type subgroup,
     ROC and calibration plots (``report.json``, ``roc.png``, ``calibration.png``)."""
     from mammojax.viz.risk_plots import write_risk_report
+
     probs = predictions["risk"]
     ytc, ytf = predictions["years_to_cancer"], predictions["years_to_followup"]
-    subgroups = {name: predictions[name] for name in ("density", "cancer_type")
-                 if name in predictions and np.any(predictions[name] > 0)}
-    report = risk_metrics.risk_report(probs, ytc, ytf, subgroups=subgroups,
-                                      n_bootstrap=self.config.eval.get("bootstrap", 1000),
-                                      seed=self.config.seed)
+    subgroups = {
+      name: predictions[name]
+      for name in ("density", "cancer_type")
+      if name in predictions and np.any(predictions[name] > 0)
+    }
+    report = risk_metrics.risk_report(
+      probs,
+      ytc,
+      ytf,
+      subgroups=subgroups,
+      n_bootstrap=self.config.eval.get("bootstrap", 1000),
+      seed=self.config.seed,
+    )
     write_risk_report(out_dir, report, probs, ytc, ytf)
     return report

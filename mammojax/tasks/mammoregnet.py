@@ -36,13 +36,18 @@ class MammoRegNetTask(Task):
 
   def loss(self, params, model_state, batch, rng, train):
     del rng, train  # deterministic network
-    out = self.model.apply({"params": params, **model_state}, batch["current_image"],
-                           batch["previous_image"])
+    out = self.model.apply(
+      {"params": params, **model_state}, batch["current_image"], batch["previous_image"]
+    )
     valid = batch["_valid"].astype(jnp.float32)[:, None, None, None]
-    parts = mammoregnet_loss(batch["current_image"] * valid, out["warped"] * valid,
-                             out["affine_warped"] * valid, out["flow"],
-                             regularity_weight=self.config.model.regularity_weight,
-                             jacobian_weight=self.config.model.jacobian_weight)
+    parts = mammoregnet_loss(
+      batch["current_image"] * valid,
+      out["warped"] * valid,
+      out["affine_warped"] * valid,
+      out["flow"],
+      regularity_weight=self.config.model.regularity_weight,
+      jacobian_weight=self.config.model.jacobian_weight,
+    )
     metrics = {k: v for k, v in parts.items() if k != "loss"}
     return parts["loss"], (metrics, model_state)
 
@@ -50,11 +55,16 @@ class MammoRegNetTask(Task):
     out = self.model.apply(variables, batch["current_image"], batch["previous_image"])
     fixed, moving, flow = batch["current_image"], batch["previous_image"], out["flow"]
     ncc = jax.vmap(lambda a, b: 1.0 - ncc_loss(a[None], b[None]))
-    result = {"ncc": ncc(fixed, out["warped"]), "ncc_identity": ncc(fixed, moving),
-              "folds": count_folds(flow).reshape(fixed.shape[0], -1).sum(-1).astype(jnp.float32)}
+    result = {
+      "ncc": ncc(fixed, out["warped"]),
+      "ncc_identity": ncc(fixed, moving),
+      "folds": count_folds(flow).reshape(fixed.shape[0], -1).sum(-1).astype(jnp.float32),
+    }
     if "displacement" in batch:
       # Endpoint error inside the breast of the fixed image (background has no correspondence).
-      breast = (fixed[..., 0] > fixed.min(axis=(1, 2, 3), keepdims=True)[..., 0]).astype(jnp.float32)
+      breast = (fixed[..., 0] > fixed.min(axis=(1, 2, 3), keepdims=True)[..., 0]).astype(
+        jnp.float32
+      )
       area = jnp.maximum(breast.sum((1, 2)), 1.0)
       error = jnp.linalg.norm(flow - batch["displacement"], axis=-1)
       truth = jnp.linalg.norm(batch["displacement"], axis=-1)

@@ -56,8 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.axes = ("data", "fsdp", "model")
   c.mesh.shape = (-1, 1, 1)
   # Logical parameter axes (nn.with_logical_partitioning) -> mesh axes.
-  c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "model"),
-                      ("heads", "model")]
+  c.sharding_rules = [
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+  ]
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

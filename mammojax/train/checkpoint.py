@@ -18,49 +18,77 @@ import orbax.checkpoint as ocp
 class Checkpoints:
   """The two managers of a run: ``latest`` (resume) and ``best`` (model selection)."""
 
-  def __init__(self, workdir: str, keep: int, best_metric: str | None, best_mode: str,
-               save_interval_steps: int = 1):
+  def __init__(
+    self,
+    workdir: str,
+    keep: int,
+    best_metric: str | None,
+    best_mode: str,
+    save_interval_steps: int = 1,
+  ):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.latest = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data_iter"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             save_interval_steps=save_interval_steps))
+      self.directory,
+      item_names=("state", "data_iter"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, save_interval_steps=save_interval_steps
+      ),
+    )
     self.best = None
     self.best_metric = best_metric
     if best_metric:
       if best_mode not in ("max", "min"):
         raise ValueError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
       self.best = ocp.CheckpointManager(
-          os.path.join(os.path.abspath(workdir), "best"), item_names=("state",),
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-              keep_checkpoints_without_metrics=False))
+        os.path.join(os.path.abspath(workdir), "best"),
+        item_names=("state",),
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          create=True,
+          best_fn=lambda m: m[best_metric],
+          best_mode=best_mode,
+          keep_checkpoints_without_metrics=False,
+        ),
+      )
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False) -> None:
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)),
-        force=force)
+  def save(
+    self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False
+  ) -> None:
+    self.latest.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
+      ),
+      force=force,
+    )
 
   def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
     if self.best is None or self.best_metric not in metrics:
       return
-    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                   metrics={self.best_metric: float(metrics[self.best_metric])})
+    self.best.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+      metrics={self.best_metric: float(metrics[self.best_metric])},
+    )
 
   def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
     """Restores ``state`` (with the shardings in ``abstract_state``) and the iterator in place."""
     try:
-      restored = self.latest.restore(step, args=ocp.args.Composite(
+      restored = self.latest.restore(
+        step,
+        args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
-          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        ),
+      )
     except Exception as e:  # Orbax raises many exception types for damaged directories.
       raise RuntimeError(
-          f"could not restore checkpoint step {step} from {self.directory}/{step}: {e}\n"
-          f"The checkpoint is damaged or was written by an incompatible config. Remove "
-          f"{self.directory}/{step} to resume from the previous step, or start a fresh --workdir."
+        f"could not restore checkpoint step {step} from {self.directory}/{step}: {e}\n"
+        f"The checkpoint is damaged or was written by an incompatible config. Remove "
+        f"{self.directory}/{step} to resume from the previous step, or start a fresh --workdir."
       ) from e
     return restored["state"]
 
@@ -78,7 +106,9 @@ class Checkpoints:
       self.best.close()
 
 
-def restore_state_only(directory: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+def restore_state_only(
+  directory: str, abstract_state: Any, step: int | None = None
+) -> tuple[Any, int]:
   """Restores only the train state from a ``checkpoints``/``best`` directory.
 
   ``abstract_state`` carries target shapes and shardings; ``None`` restores host arrays with the
@@ -91,8 +121,9 @@ def restore_state_only(directory: str, abstract_state: Any, step: int | None = N
     if step is None:
       raise FileNotFoundError(f"{directory} holds no finished checkpoint")
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
     except Exception as e:  # As above.
       raise RuntimeError(f"could not restore {directory}/{step}: {e}") from e
   return restored["state"], step

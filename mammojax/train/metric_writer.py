@@ -29,6 +29,7 @@ class MetricWriter:
     self._jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:

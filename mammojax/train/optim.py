@@ -24,23 +24,30 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   if optim.schedule == "warmup_cosine":
     warmup = int(optim.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_factor)
-  raise ValueError(f"config.optim.schedule must be 'constant' or 'warmup_cosine', got "
-                   f"{optim.schedule!r}")
+      init_value=0.0,
+      peak_value=optim.learning_rate,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=optim.learning_rate * optim.end_lr_factor,
+    )
+  raise ValueError(
+    f"config.optim.schedule must be 'constant' or 'warmup_cosine', got {optim.schedule!r}"
+  )
 
 
 def param_paths(params: Any) -> Any:
   """A tree like ``params`` whose leaves are the '/'-joined paths of the parameters."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), params)
+    lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), params
+  )
 
 
 def trainable_mask(params: Any, freeze: Sequence[str]) -> Any:
   """True where a parameter trains, False where its path fully matches a freeze pattern."""
   patterns = [re.compile(p) for p in freeze]
-  return jax.tree.map(lambda path: not any(p.fullmatch(path) for p in patterns),
-                      param_paths(params))
+  return jax.tree.map(
+    lambda path: not any(p.fullmatch(path) for p in patterns), param_paths(params)
+  )
 
 
 def check_freeze_patterns(params: Any, freeze: Sequence[str]) -> None:
@@ -49,12 +56,15 @@ def check_freeze_patterns(params: Any, freeze: Sequence[str]) -> None:
   for pattern in freeze:
     if not any(re.fullmatch(pattern, path) for path in paths):
       example = ", ".join(paths[:5])
-      raise ValueError(f"config.train.freeze pattern {pattern!r} matches no parameter path "
-                       f"(paths look like: {example}, ...)")
+      raise ValueError(
+        f"config.train.freeze pattern {pattern!r} matches no parameter path "
+        f"(paths look like: {example}, ...)"
+      )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   freeze: Sequence[str] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, params: Any, freeze: Sequence[str] = ()
+) -> optax.GradientTransformation:
   """The full update rule: clipping, optimizer, schedule, freezing, optional plateau scaling.
 
   Args:
@@ -81,10 +91,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   if optim.plateau.enabled:
     # Scales updates by factor**k after k plateaus of the training loss, averaged over
     # ``accumulation_steps`` steps (the reference lowers the LR on a plateau once per epoch).
-    rule = optax.chain(rule, optax.contrib.reduce_on_plateau(
-        factor=optim.plateau.factor, patience=optim.plateau.patience,
-        cooldown=optim.plateau.cooldown, accumulation_size=optim.plateau.accumulation_steps,
-        rtol=optim.plateau.rtol))
+    rule = optax.chain(
+      rule,
+      optax.contrib.reduce_on_plateau(
+        factor=optim.plateau.factor,
+        patience=optim.plateau.patience,
+        cooldown=optim.plateau.cooldown,
+        accumulation_size=optim.plateau.accumulation_steps,
+        rtol=optim.plateau.rtol,
+      ),
+    )
   return rule
 
 

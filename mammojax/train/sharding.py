@@ -15,34 +15,39 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int],
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  axes: Sequence[str], shape: Sequence[int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A mesh over all (or the given) devices; one entry of ``shape`` may be -1."""
   devices = list(devices if devices is not None else jax.devices())
   axes, shape = tuple(axes), list(shape)
   if len(axes) != len(shape):
-    raise ValueError(f"config.mesh.axes {axes} and config.mesh.shape {tuple(shape)} must have "
-                     "the same length")
+    raise ValueError(
+      f"config.mesh.axes {axes} and config.mesh.shape {tuple(shape)} must have the same length"
+    )
   if shape.count(-1) > 1:
     raise ValueError(f"config.mesh.shape {tuple(shape)} may contain at most one -1")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"config.mesh.shape {tuple(shape)}: {len(devices)} devices are not "
-                       f"divisible by {known}")
+      raise ValueError(
+        f"config.mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}"
+      )
     shape[shape.index(-1)] = len(devices) // known
   if -1 not in shape and jax.process_count() == 1 and int(np.prod(shape)) < len(devices):
-    devices = devices[:int(np.prod(shape))]  # A smaller mesh on one host: use the first ones.
+    devices = devices[: int(np.prod(shape))]  # A smaller mesh on one host: use the first ones.
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"there are {len(devices)}; use -1 for 'all remaining devices'")
-  return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes),
-                       devices=devices)
+    raise ValueError(
+      f"config.mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+      f"there are {len(devices)}; use -1 for 'all remaining devices'"
+    )
+  return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -78,16 +83,21 @@ def variable_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[st
   logical = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(logical, rules)
   shapes = nn.meta.unbox(abstract_boxed)
-  return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
-                      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
+    mesh_specs,
+    shapes,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
   """Shardings for an optimizer-state tree: a leaf whose path ends with a parameter's path and
   has its shape gets that parameter's sharding (Adam moments); everything else is replicated."""
   by_path = {}
-  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
-                                    jax.tree.leaves(param_shardings)):
+  for (path, leaf), sharding in zip(
+    jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)
+  ):
     by_path[_keys(path)] = (tuple(leaf.shape), sharding)
   replicated = NamedSharding(mesh, P())
 

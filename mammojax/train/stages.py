@@ -30,10 +30,12 @@ def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
   return module.get_config(variant)
 
 
-def run_pretraining(config: ml_collections.ConfigDict, workdir: str,
-                    show_progress: bool = True) -> None:
+def run_pretraining(
+  config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True
+) -> None:
   """Trains every stage of ``config.pretrain`` whose link field is empty, then links it."""
   from mammojax import tasks  # the registry imports every task lazily; keep it out of import time
+
   for name, stage in (config.get("pretrain") or {}).items():
     owner, field = _resolve(config, stage.link)
     if owner[field]:
@@ -44,8 +46,9 @@ def run_pretraining(config: ml_collections.ConfigDict, workdir: str,
       log.info("using the finished %s run in %s", name, stage_dir)
     else:
       log.info("pretraining %s (%s) in %s", name, stage.config, stage_dir)
-      summary = train_and_evaluate(stage_config, stage_dir, tasks.build_task(stage_config),
-                                   show_progress=show_progress)
+      summary = train_and_evaluate(
+        stage_config, stage_dir, tasks.build_task(stage_config), show_progress=show_progress
+      )
       log.info("%s done: %s", name, summary.get("best") or summary.get("eval"))
     owner[field] = stage_dir
 

@@ -16,6 +16,7 @@ from mammojax.train.task import Batch, Task
 @flax.struct.dataclass
 class TrainState:
   """Everything a step changes. ``model_state`` holds the mutable collections (batch_stats)."""
+
   step: jax.Array
   params: Any
   model_state: Any
@@ -27,13 +28,19 @@ def cast_floating(tree: Any, dtype: jnp.dtype | None) -> Any:
   if dtype is None:
     return tree
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+    lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree
+  )
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, trainable: Any,
-                    base_rng: jax.Array, compute_dtype: jnp.dtype | None,
-                    schedule: optax.Schedule, pass_loss_value: bool
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  task: Task,
+  tx: optax.GradientTransformation,
+  trainable: Any,
+  base_rng: jax.Array,
+  compute_dtype: jnp.dtype | None,
+  schedule: optax.Schedule,
+  pass_loss_value: bool,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   Args:
@@ -48,8 +55,12 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, trainable: Any
   def loss_fn(params, state: TrainState, batch: Batch, rng):
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     loss, (metrics, model_state) = task.loss(
-        cast_floating(params, compute_dtype), state.model_state,
-        cast_floating(batch, compute_dtype), rng, True)
+      cast_floating(params, compute_dtype),
+      state.model_state,
+      cast_floating(batch, compute_dtype),
+      rng,
+      True,
+    )
     return loss.astype(jnp.float32), (metrics, model_state)
 
   def train_step(state: TrainState, batch: Batch):
@@ -60,26 +71,33 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, trainable: Any
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates),
-                   learning_rate=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state)
+    metrics.update(
+      loss=loss,
+      grad_norm=optax.tree.norm(grads),
+      param_norm=optax.tree.norm(params),
+      update_norm=optax.tree.norm(updates),
+      learning_rate=schedule(state.step),
+    )
+    new_state = state.replace(
+      step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
     return new_state, metrics
 
   return train_step
 
 
-def make_predict_step(task: Task, compute_dtype: jnp.dtype | None
-                      ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_predict_step(
+  task: Task, compute_dtype: jnp.dtype | None
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Builds ``predict_step(state, batch) -> per-example outputs`` plus passthrough fields."""
   keys = task.eval_passthrough_keys()
 
   def predict_step(state: TrainState, batch: Batch):
     variables = {"params": cast_floating(state.params, compute_dtype), **state.model_state}
     outputs = dict(task.predict(variables, cast_floating(batch, compute_dtype)))
-    outputs = jax.tree.map(lambda x: x.astype(jnp.float32)
-                           if jnp.issubdtype(x.dtype, jnp.floating) else x, outputs)
+    outputs = jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, outputs
+    )
     for key in keys:
       outputs[key] = batch[key]
     outputs["_valid"] = batch["_valid"]

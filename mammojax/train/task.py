@@ -41,8 +41,9 @@ class Task(abc.ABC):
     """Initial variables for one example batch (called under ``jax.eval_shape`` and ``jit``)."""
 
   @abc.abstractmethod
-  def loss(self, params: Any, model_state: Variables, batch: Batch, rng: jax.Array,
-           train: bool) -> tuple[jax.Array, tuple[Metrics, Variables]]:
+  def loss(
+    self, params: Any, model_state: Variables, batch: Batch, rng: jax.Array, train: bool
+  ) -> tuple[jax.Array, tuple[Metrics, Variables]]:
     """Scalar loss, its per-batch scalar metrics, and the updated ``model_state``.
 
     Must be a pure function of its arguments (it is differentiated and jitted). ``rng`` is

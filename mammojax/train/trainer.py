@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from mammojax.data import pipeline
@@ -63,9 +64,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                       show_progress: bool = True, stop_after: int | None = None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  task: Task,
+  show_progress: bool = True,
+  stop_after: int | None = None,
+) -> dict[str, Any]:
   """Trains ``task`` as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
 
   Args:
@@ -81,40 +86,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   data_parallel = sharding.data_parallel_size(mesh)
-  for name, size in (("train.batch_size", config.train.batch_size),
-                     ("eval.batch_size", config.eval.batch_size)):
+  for name, size in (
+    ("train.batch_size", config.train.batch_size),
+    ("eval.batch_size", config.eval.batch_size),
+  ):
     if size % data_parallel:
-      raise ValueError(f"config.{name}={size} must be divisible by the data-parallel mesh size "
-                       f"{data_parallel} (config.mesh.shape={tuple(config.mesh.shape)})")
+      raise ValueError(
+        f"config.{name}={size} must be divisible by the data-parallel mesh size "
+        f"{data_parallel} (config.mesh.shape={tuple(config.mesh.shape)})"
+      )
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   compute_dtype = COMPUTE_DTYPES[config.train.compute_dtype]
 
   train_examples = task.dataset("train")
   data_iter = pipeline.train_iterator(
-      train_examples, seed=config.seed, global_batch_size=config.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.data.get("workers", 0), augmentations=task.augmentations())
-  example_batch = next(pipeline.eval_batches(train_examples, global_batch_size=data_parallel,
-                                             process_index=0, process_count=1))
+    train_examples,
+    seed=config.seed,
+    global_batch_size=config.train.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    workers=config.data.get("workers", 0),
+    augmentations=task.augmentations(),
+  )
+  example_batch = next(
+    pipeline.eval_batches(
+      train_examples, global_batch_size=data_parallel, process_index=0, process_count=1
+    )
+  )
   init = init_state.create_train_state(task, config, mesh, example_batch)
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
   train_step = jax.jit(
-      make_train_step(task, init.tx, init.trainable, jax.random.key(config.seed + 1, impl=config.rng_impl),
-                      compute_dtype, schedule, optim.uses_loss_value(config)),
-      in_shardings=(init.shardings, batch_sharding), out_shardings=(init.shardings, replicated),
-      donate_argnums=0)
-  predict_step = jax.jit(make_predict_step(task, compute_dtype),
-                         in_shardings=(init.shardings, batch_sharding))
+    make_train_step(
+      task,
+      init.tx,
+      init.trainable,
+      jax.random.key(config.seed + 1, impl=config.rng_impl),
+      compute_dtype,
+      schedule,
+      optim.uses_loss_value(config),
+    ),
+    in_shardings=(init.shardings, batch_sharding),
+    out_shardings=(init.shardings, replicated),
+    donate_argnums=0,
+  )
+  predict_step = jax.jit(
+    make_predict_step(task, compute_dtype), in_shardings=(init.shardings, batch_sharding)
+  )
 
-  ckpt = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
-                                best_metric=config.checkpoint.best_metric,
-                                best_mode=config.checkpoint.best_mode)
+  ckpt = checkpoint.Checkpoints(
+    workdir,
+    keep=config.checkpoint.keep,
+    best_metric=config.checkpoint.best_metric,
+    best_mode=config.checkpoint.best_mode,
+  )
   state = init.state
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, init.shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, init.shardings
+    )
     state = ckpt.restore(start, abstract, data_iter)
     log.info("resumed from %s/%d", ckpt.directory, start)
   start = int(state.step)
@@ -123,8 +154,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   summary: dict[str, Any] = {"stopped": "steps", "best": None, "eval": None, "train": None}
   best_value, evals_since_best = None, 0
   total = config.train.steps
-  bar = tqdm(total=total, initial=start, disable=not (show_progress and jax.process_index() == 0),
-             unit="step", dynamic_ncols=True, desc=config.get("name", "train"))
+  bar = tqdm(
+    total=total,
+    initial=start,
+    disable=not (show_progress and jax.process_index() == 0),
+    unit="step",
+    dynamic_ncols=True,
+    desc=config.get("name", "train"),
+  )
   log_sums: dict[str, float] = {}
   log_count, log_start = 0, time.perf_counter()
   pending = None  # (step, metrics) of the previous step, checked after the next is dispatched.
@@ -142,9 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     loss = float(host["loss"])
     if not math.isfinite(loss):
       raise NonFiniteLossError(
-          f"loss is {loss} at step {step} (train/grad_norm={float(host['grad_norm'])}); "
-          f"stopping before anything is saved. The last good checkpoint is in {ckpt.directory}. "
-          "Lower optim.learning_rate, enable optim.clip_grad_norm, or check the input data.")
+        f"loss is {loss} at step {step} (train/grad_norm={float(host['grad_norm'])}); "
+        f"stopping before anything is saved. The last good checkpoint is in {ckpt.directory}. "
+        "Lower optim.learning_rate, enable optim.clip_grad_norm, or check the input data."
+      )
     for key, value in host.items():
       log_sums[key] = log_sums.get(key, 0.0) + float(value)
     log_count += 1
@@ -175,9 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
           log_sums.clear()
           log_count, log_start = 0, time.perf_counter()
         if is_eval:
-          eval_metrics = {f"eval/{k}": v for k, v in evaluation.evaluate_split(
-              task, predict_step, state, config.eval.split, config.eval.batch_size,
-              batch_sharding).items()}
+          eval_metrics = {
+            f"eval/{k}": v
+            for k, v in evaluation.evaluate_split(
+              task, predict_step, state, config.eval.split, config.eval.batch_size, batch_sharding
+            ).items()
+          }
           writer.write(done, eval_metrics)
           writer.flush()
           summary["eval"] = eval_metrics
@@ -195,8 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
         if is_eval and patience and evals_since_best >= patience:
           summary["stopped"] = "early_stopping"
           save(done)
-          log.info("early stopping at step %d: %s did not improve for %d evaluations", done,
-                   config.checkpoint.best_metric, patience)
+          log.info(
+            "early stopping at step %d: %s did not improve for %d evaluations",
+            done,
+            config.checkpoint.best_metric,
+            patience,
+          )
           break
         if stop_after is not None and done - start >= stop_after and done < total:
           summary["stopped"] = "slice"
@@ -221,15 +266,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   return summary
 
 
-def _improved(metrics: dict[str, float], ckpt_config: ml_collections.ConfigDict,
-              best: float | None) -> float | None:
+def _improved(
+  metrics: dict[str, float], ckpt_config: ml_collections.ConfigDict, best: float | None
+) -> float | None:
   """The new best value of the selection metric if it improved, else None."""
   name = ckpt_config.best_metric
   if not name:
     return None
   if name not in metrics:
-    raise KeyError(f"config.checkpoint.best_metric={name!r} is not among the eval metrics "
-                   f"{sorted(metrics)}")
+    raise KeyError(
+      f"config.checkpoint.best_metric={name!r} is not among the eval metrics {sorted(metrics)}"
+    )
   value = metrics[name]
   if value is None or not np.isfinite(value):
     return None

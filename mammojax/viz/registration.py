@@ -13,8 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def plot_deformed_grid(ax, displacement: np.ndarray, *, spacing: int | None = None,
-                       color: str = "tab:red", linewidth: float = 0.8) -> None:
+def plot_deformed_grid(
+  ax,
+  displacement: np.ndarray,
+  *,
+  spacing: int | None = None,
+  color: str = "tab:red",
+  linewidth: float = 0.8,
+) -> None:
   """Draws the grid lines of ``phi(x) = x + u(x)`` on a matplotlib axes (image coordinates).
 
   Args:
@@ -38,9 +44,14 @@ def plot_deformed_grid(ax, displacement: np.ndarray, *, spacing: int | None = No
   ax.set_aspect("equal")
 
 
-def save_registration_figure(path: str, moving: np.ndarray, fixed: np.ndarray,
-                             warped: np.ndarray, displacement: np.ndarray,
-                             titles: Sequence[str] | None = None) -> None:
+def save_registration_figure(
+  path: str,
+  moving: np.ndarray,
+  fixed: np.ndarray,
+  warped: np.ndarray,
+  displacement: np.ndarray,
+  titles: Sequence[str] | None = None,
+) -> None:
   """One row per example: moving, fixed, warped, and the deformed grid over the moving image.
 
   Args:
@@ -50,6 +61,7 @@ def save_registration_figure(path: str, moving: np.ndarray, fixed: np.ndarray,
     titles: optional per-row labels.
   """
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -59,14 +71,17 @@ def save_registration_figure(path: str, moving: np.ndarray, fixed: np.ndarray,
     displacement = displacement[None]
   count = moving.shape[0]
   if not (fixed.shape[0] == warped.shape[0] == displacement.shape[0] == count):
-    raise ValueError(f"need the same number of examples, got moving {moving.shape}, fixed "
-                     f"{fixed.shape}, warped {warped.shape}, displacement {displacement.shape}")
+    raise ValueError(
+      f"need the same number of examples, got moving {moving.shape}, fixed "
+      f"{fixed.shape}, warped {warped.shape}, displacement {displacement.shape}"
+    )
   fig, axes = plt.subplots(count, 4, figsize=(8, 2.1 * count), squeeze=False)
   low = min(float(moving.min()), float(fixed.min()))
   high = max(float(moving.max()), float(fixed.max()))
   for i in range(count):
-    for ax, image, name in zip(axes[i], (moving[i], fixed[i], warped[i]),
-                               ("moving", "fixed", "warped")):
+    for ax, image, name in zip(
+      axes[i], (moving[i], fixed[i], warped[i]), ("moving", "fixed", "warped")
+    ):
       ax.imshow(image, cmap="gray", vmin=low, vmax=high)
       ax.set_title(name if i == 0 else "", fontsize=9)
     axes[i, 3].imshow(moving[i], cmap="gray", vmin=low, vmax=high, alpha=0.5)

@@ -21,6 +21,7 @@ from mammojax.metrics import calibration, risk
 def _new_figure(width: float, height: float) -> Any:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   figure = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(figure)
   return figure
@@ -29,8 +30,7 @@ def _new_figure(width: float, height: float) -> Any:
 def _save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
   """Calls ``write(temp_path)`` in the destination folder, then renames onto ``path``."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                       suffix=path.suffix)
+  handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
   os.close(handle)
   try:
     write(Path(temp_name))
@@ -41,8 +41,9 @@ def _save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
   return path
 
 
-def plot_roc_per_year(path: str | os.PathLike, probs: Any, years_to_cancer: Any,
-                      years_to_followup: Any) -> Path:
+def plot_roc_per_year(
+  path: str | os.PathLike, probs: Any, years_to_cancer: Any, years_to_followup: Any
+) -> Path:
   """ROC curve of every year with two classes (inclusion rule of ``risk.year_labels``).
 
   Args:
@@ -52,8 +53,9 @@ def plot_roc_per_year(path: str | os.PathLike, probs: Any, years_to_cancer: Any,
   Returns:
     the written path.
   """
-  probs, years_to_cancer, years_to_followup = risk.check_inputs(probs, years_to_cancer,
-                                                                years_to_followup)
+  probs, years_to_cancer, years_to_followup = risk.check_inputs(
+    probs, years_to_cancer, years_to_followup
+  )
   included, positive = risk.year_labels(years_to_cancer, years_to_followup, probs.shape[1])
   aucs = risk.auc_per_year(probs, years_to_cancer, years_to_followup)
   figure = _new_figure(5.5, 5.0)
@@ -64,11 +66,20 @@ def plot_roc_per_year(path: str | os.PathLike, probs: Any, years_to_cancer: Any,
     if np.isnan(aucs[column + 1]):
       continue
     fpr, tpr, _ = risk.roc_curve(probs[included[:, column], column], labels)
-    axes.plot(fpr, tpr, linewidth=1.5,
-              label=f"year {column + 1}: AUC {aucs[column + 1]:.3f} "
-                    f"({int(labels.sum())}+/{int((~labels).sum())}-)")
-  axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
-           ylim=(0, 1), title="ROC per year")
+    axes.plot(
+      fpr,
+      tpr,
+      linewidth=1.5,
+      label=f"year {column + 1}: AUC {aucs[column + 1]:.3f} "
+      f"({int(labels.sum())}+/{int((~labels).sum())}-)",
+    )
+  axes.set(
+    xlabel="false positive rate",
+    ylabel="true positive rate",
+    xlim=(0, 1),
+    ylim=(0, 1),
+    title="ROC per year",
+  )
   axes.legend(loc="lower right", fontsize=8)
   return _save_atomically(Path(path), lambda temp: figure.savefig(temp, format="png"))
 
@@ -90,17 +101,33 @@ def plot_calibration(path: str | os.PathLike, calibration_arrays: dict[str, np.n
   limit = float(max(predicted.max(), observed.max(), 1e-3)) * 1.05
   axes.plot([0, limit], [0, limit], color="0.6", linestyle="--", linewidth=1)
   for column in range(predicted.shape[0]):
-    axes.plot(predicted[column], observed[column], marker="o", markersize=3, linewidth=1,
-              label=f"year {column + 1}")
-  axes.set(xlabel="mean predicted risk", ylabel="observed risk (Kaplan-Meier)",
-           xlim=(0, limit), ylim=(0, limit), title="Calibration by risk bin")
+    axes.plot(
+      predicted[column],
+      observed[column],
+      marker="o",
+      markersize=3,
+      linewidth=1,
+      label=f"year {column + 1}",
+    )
+  axes.set(
+    xlabel="mean predicted risk",
+    ylabel="observed risk (Kaplan-Meier)",
+    xlim=(0, limit),
+    ylim=(0, limit),
+    title="Calibration by risk bin",
+  )
   axes.legend(loc="upper left", fontsize=8)
   return _save_atomically(Path(path), lambda temp: figure.savefig(temp, format="png"))
 
 
-def write_risk_report(out_dir: str | os.PathLike, report: dict[str, Any], probs: Any,
-                      years_to_cancer: Any, years_to_followup: Any,
-                      num_bins: int = 10) -> dict[str, Path]:
+def write_risk_report(
+  out_dir: str | os.PathLike,
+  report: dict[str, Any],
+  probs: Any,
+  years_to_cancer: Any,
+  years_to_followup: Any,
+  num_bins: int = 10,
+) -> dict[str, Path]:
   """Writes ``report.json`` (atomically), ``roc_per_year.png`` and ``calibration.png``.
 
   Args:
@@ -114,11 +141,14 @@ def write_risk_report(out_dir: str | os.PathLike, report: dict[str, Any], probs:
   """
   out_dir = Path(out_dir)
   text = json.dumps(report, indent=2, allow_nan=False)
-  paths = {"report": _save_atomically(out_dir / "report.json",
-                                      lambda temp: temp.write_text(text + "\n"))}
-  paths["roc"] = plot_roc_per_year(out_dir / "roc_per_year.png", probs, years_to_cancer,
-                                   years_to_followup)
-  arrays = calibration.calibration_by_bin(probs, years_to_cancer, years_to_followup,
-                                          min(num_bins, np.shape(probs)[0]))
+  paths = {
+    "report": _save_atomically(out_dir / "report.json", lambda temp: temp.write_text(text + "\n"))
+  }
+  paths["roc"] = plot_roc_per_year(
+    out_dir / "roc_per_year.png", probs, years_to_cancer, years_to_followup
+  )
+  arrays = calibration.calibration_by_bin(
+    probs, years_to_cancer, years_to_followup, min(num_bins, np.shape(probs)[0])
+  )
   paths["calibration"] = plot_calibration(out_dir / "calibration.png", arrays)
   return paths

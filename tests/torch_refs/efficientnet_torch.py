@@ -25,8 +25,16 @@ def _pad_amounts(size: int, kernel: int, stride: int) -> tuple[int, int]:
 class SameConv(nn.Conv2d):
   """Conv2d with TF SAME padding, static for ``static_size`` (h, w) or computed per input."""
 
-  def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
-               bias: bool = True, static_size: tuple[int, int] | None = None):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = True,
+    static_size: tuple[int, int] | None = None,
+  ):
     super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=bias)
     self.static_size = static_size
 
@@ -35,8 +43,9 @@ class SameConv(nn.Conv2d):
     k, s = self.kernel_size[0], self.stride[0]
     top, bottom = _pad_amounts(h, k, s)
     left, right = _pad_amounts(w, k, s)
-    return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride,
-                    0, 1, self.groups)
+    return F.conv2d(
+      F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, 1, self.groups
+    )
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -44,9 +53,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class TorchMBConv(nn.Module):
-
-  def __init__(self, spec: BlockSpec, static_size: tuple[int, int] | None,
-               drop_connect: float):
+  def __init__(self, spec: BlockSpec, static_size: tuple[int, int] | None, drop_connect: float):
     super().__init__()
     self.spec = spec
     self.drop_connect = drop_connect
@@ -54,8 +61,9 @@ class TorchMBConv(nn.Module):
     if spec.expand != 1:
       self._expand_conv = SameConv(spec.in_filters, mid, 1, bias=False, static_size=static_size)
       self._bn0 = _bn(mid)
-    self._depthwise_conv = SameConv(mid, mid, spec.kernel, spec.stride, groups=mid, bias=False,
-                                    static_size=static_size)
+    self._depthwise_conv = SameConv(
+      mid, mid, spec.kernel, spec.stride, groups=mid, bias=False, static_size=static_size
+    )
     self._bn1 = _bn(mid)
     squeezed = max(1, int(spec.in_filters * spec.se_ratio))
     self._se_reduce = nn.Conv2d(mid, squeezed, 1)
@@ -83,9 +91,14 @@ class TorchMBConv(nn.Module):
 class TorchEfficientNet(nn.Module):
   """Returns [C4 (stride 16), C5 (stride 32)] and, with ``include_head``, the head map."""
 
-  def __init__(self, width: float = 1.1, depth: float = 1.2,
-               static_size: tuple[int, int] | None = None, drop_connect_rate: float = 0.2,
-               include_head: bool = False):
+  def __init__(
+    self,
+    width: float = 1.1,
+    depth: float = 1.2,
+    static_size: tuple[int, int] | None = None,
+    drop_connect_rate: float = 0.2,
+    include_head: bool = False,
+  ):
     super().__init__()
     specs = block_specs(width, depth)
     stem = round_filters(32, width)

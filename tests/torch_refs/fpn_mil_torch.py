@@ -19,32 +19,43 @@ from torch.nn import functional as F
 class TorchFPN(nn.Module):
   """1x1 laterals, nearest top-down, 3x3 outputs, extra level = stride-4 subsampling."""
 
-  def __init__(self, backbone: nn.Module | None, in_channels=(120, 352), features: int = 256,
-               group_norm: bool = False):
+  def __init__(
+    self,
+    backbone: nn.Module | None,
+    in_channels=(120, 352),
+    features: int = 256,
+    group_norm: bool = False,
+  ):
     super().__init__()
     self.backbone = backbone
     norm = nn.GroupNorm(1, features) if group_norm else nn.Identity()
     bias = not group_norm
-    self.inner_blocks = nn.ModuleDict({
-        f'inner_block_{i}': nn.Sequential(nn.Conv2d(c, features, 1, bias=bias), norm)
-        for i, c in enumerate(in_channels)})
-    self.layer_blocks = nn.ModuleDict({
-        f'layer_block_{i}': nn.Sequential(nn.Conv2d(features, features, 3, padding=1, bias=bias),
-                                          norm)
-        for i in range(len(in_channels))})
+    self.inner_blocks = nn.ModuleDict(
+      {
+        f"inner_block_{i}": nn.Sequential(nn.Conv2d(c, features, 1, bias=bias), norm)
+        for i, c in enumerate(in_channels)
+      }
+    )
+    self.layer_blocks = nn.ModuleDict(
+      {
+        f"layer_block_{i}": nn.Sequential(
+          nn.Conv2d(features, features, 3, padding=1, bias=bias), norm
+        )
+        for i in range(len(in_channels))
+      }
+    )
 
   def forward(self, x):
     c4, c5 = self.backbone(x)[:2] if self.backbone is not None else x
-    inner5 = self.inner_blocks['inner_block_1'](c5)
-    out5 = self.layer_blocks['layer_block_1'](inner5)
-    inner4 = self.inner_blocks['inner_block_0'](c4)
-    inner4 = inner4 + F.interpolate(inner5, size=inner4.shape[-2:], mode='nearest')
-    out4 = self.layer_blocks['layer_block_0'](inner4)
+    inner5 = self.inner_blocks["inner_block_1"](c5)
+    out5 = self.layer_blocks["layer_block_1"](inner5)
+    inner4 = self.inner_blocks["inner_block_0"](c4)
+    inner4 = inner4 + F.interpolate(inner5, size=inner4.shape[-2:], mode="nearest")
+    out4 = self.layer_blocks["layer_block_0"](inner4)
     return [out4, out5, F.max_pool2d(out5, kernel_size=1, stride=4)]
 
 
 class TorchMAB(nn.Module):
-
   def __init__(self, dim_q: int, dim_k: int, dim_v: int, heads: int, ln: bool):
     super().__init__()
     self.dim_v, self.heads = dim_v, heads
@@ -67,7 +78,7 @@ class TorchMAB(nn.Module):
     vh = v.view(b, nk, self.heads, d).transpose(1, 2)
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.dim_v)
     if key_mask is not None:
-      scores = scores.masked_fill(~key_mask[:, None, None, :], float('-inf'))
+      scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     attn = torch.softmax(scores, dim=-1)
     out = (qh + attn @ vh).transpose(1, 2).reshape(b, nq, self.dim_v)
     if self.ln:
@@ -79,7 +90,6 @@ class TorchMAB(nn.Module):
 
 
 class TorchSAB(nn.Module):
-
   def __init__(self, dim_in, dim, heads, ln):
     super().__init__()
     self.mab = TorchMAB(dim_in, dim_in, dim, heads, ln)
@@ -89,7 +99,6 @@ class TorchSAB(nn.Module):
 
 
 class TorchISAB(nn.Module):
-
   def __init__(self, dim_in, dim, num_inducing, heads, ln):
     super().__init__()
     self.I = nn.Parameter(torch.empty(1, num_inducing, dim))
@@ -103,7 +112,6 @@ class TorchISAB(nn.Module):
 
 
 class TorchPMA(nn.Module):
-
   def __init__(self, dim, heads, ln):
     super().__init__()
     self.S = nn.Parameter(torch.empty(1, 1, dim))
@@ -116,7 +124,6 @@ class TorchPMA(nn.Module):
 
 
 class TorchGatedAttention(nn.Module):
-
   def __init__(self, dim, hidden):
     super().__init__()
     self.attention_V = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(0.0))
@@ -129,11 +136,11 @@ class TorchGatedAttention(nn.Module):
 
 
 class TorchAttention(nn.Module):
-
   def __init__(self, dim, hidden):
     super().__init__()
-    self.module = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(0.0),
-                                nn.Linear(hidden, 1))
+    self.module = nn.Sequential(
+      nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(0.0), nn.Linear(hidden, 1)
+    )
 
   def forward(self, x, mask=None):
     return _pool(x, self.module(x)[..., 0], mask)
@@ -141,13 +148,12 @@ class TorchAttention(nn.Module):
 
 def _pool(x, scores, mask):
   if mask is not None:
-    scores = scores.masked_fill(~mask, float('-inf'))
+    scores = scores.masked_fill(~mask, float("-inf"))
   weights = torch.softmax(scores, dim=1)
   return (weights[:, :, None] * x).sum(1), weights
 
 
 class TorchHead(nn.Module):
-
   def __init__(self, dim):
     super().__init__()
     self.head_classifier = nn.Linear(dim, 1)
@@ -159,34 +165,50 @@ class TorchHead(nn.Module):
 class TorchFPNMIL(nn.Module):
   """Multi-scale MIL over FPN pixels; ``forward`` gives (logits, side logits [B, S], attention)."""
 
-  def __init__(self, inst_encoder: nn.Module | None, in_dim: int = 256, dim: int = 256,
-               scales=(16, 32, 128), encoder_type: str = 'mlp',
-               pooling_type: str = 'gated-attention',
-               attention_hidden: int = 128, heads: int = 4, num_blocks: int = 2,
-               num_inducing=None, layer_norm: bool = False, pma_heads: int = 1):
+  def __init__(
+    self,
+    inst_encoder: nn.Module | None,
+    in_dim: int = 256,
+    dim: int = 256,
+    scales=(16, 32, 128),
+    encoder_type: str = "mlp",
+    pooling_type: str = "gated-attention",
+    attention_hidden: int = 128,
+    heads: int = 4,
+    num_blocks: int = 2,
+    num_inducing=None,
+    layer_norm: bool = False,
+    pma_heads: int = 1,
+  ):
     super().__init__()
     self.inst_encoder = inst_encoder
     self.scales = scales
     encoders, pools = {}, {}
     for i, s in enumerate(scales):
-      if encoder_type == 'mlp':
+      if encoder_type == "mlp":
         enc = nn.ModuleList([nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(0.0))])
-      elif encoder_type == 'sab':
-        enc = nn.ModuleList([TorchSAB(in_dim if j == 0 else dim, dim, heads, layer_norm)
-                             for j in range(num_blocks)])
+      elif encoder_type == "sab":
+        enc = nn.ModuleList(
+          [TorchSAB(in_dim if j == 0 else dim, dim, heads, layer_norm) for j in range(num_blocks)]
+        )
       else:
-        enc = nn.ModuleList([TorchISAB(in_dim if j == 0 else dim, dim, num_inducing[i], heads,
-                                       layer_norm) for j in range(num_blocks)])
-      encoders[f'encoder_{s}'] = enc
-      if pooling_type == 'gated-attention':
-        pools[f'aggregator_{s}'] = TorchGatedAttention(dim, attention_hidden)
-      elif pooling_type == 'attention':
-        pools[f'aggregator_{s}'] = TorchAttention(dim, attention_hidden)
+        enc = nn.ModuleList(
+          [
+            TorchISAB(in_dim if j == 0 else dim, dim, num_inducing[i], heads, layer_norm)
+            for j in range(num_blocks)
+          ]
+        )
+      encoders[f"encoder_{s}"] = enc
+      if pooling_type == "gated-attention":
+        pools[f"aggregator_{s}"] = TorchGatedAttention(dim, attention_hidden)
+      elif pooling_type == "attention":
+        pools[f"aggregator_{s}"] = TorchAttention(dim, attention_hidden)
       else:
-        pools[f'aggregator_{s}'] = TorchPMA(dim, pma_heads, layer_norm)
-    self.side_inst_aggregator = nn.ModuleDict({'encoders': nn.ModuleDict(encoders),
-                                               'aggregators': nn.ModuleDict(pools)})
-    self.side_classifiers = nn.ModuleDict({f'classifier_{s}': TorchHead(dim) for s in scales})
+        pools[f"aggregator_{s}"] = TorchPMA(dim, pma_heads, layer_norm)
+    self.side_inst_aggregator = nn.ModuleDict(
+      {"encoders": nn.ModuleDict(encoders), "aggregators": nn.ModuleDict(pools)}
+    )
+    self.side_classifiers = nn.ModuleDict({f"classifier_{s}": TorchHead(dim) for s in scales})
     self.scale_aggregator = TorchGatedAttention(dim, attention_hidden)
     self.classifier = TorchHead(dim)
 
@@ -205,11 +227,11 @@ class TorchFPNMIL(nn.Module):
     for s in self.scales:
       h = instances[s]
       mask = None if masks is None else masks[s]
-      for block in self.side_inst_aggregator['encoders'][f'encoder_{s}']:
+      for block in self.side_inst_aggregator["encoders"][f"encoder_{s}"]:
         h = block(h) if isinstance(block, nn.Sequential) else block(h, mask)
-      bag, weights = self.side_inst_aggregator['aggregators'][f'aggregator_{s}'](h, mask)
+      bag, weights = self.side_inst_aggregator["aggregators"][f"aggregator_{s}"](h, mask)
       attention[s] = weights
       embeddings.append(bag)
-      side.append(self.side_classifiers[f'classifier_{s}'](bag))
+      side.append(self.side_classifiers[f"classifier_{s}"](bag))
     bag, _ = self.scale_aggregator(torch.stack(embeddings, 1))
     return self.classifier(bag), torch.stack(side, 1), attention

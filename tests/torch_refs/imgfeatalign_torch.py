@@ -16,7 +16,6 @@ from torch_refs.resnet_torch import ResNet18Trunk
 
 
 class TimeTable(nn.Module):
-
   def __init__(self, dim, max_time=5.0, steps=240, drop=0.1):
     super().__init__()
     self.max_time, self.steps = max_time, steps
@@ -37,7 +36,6 @@ class TimeTable(nn.Module):
 
 
 class CumulativeHead(nn.Module):
-
   def __init__(self, dim, years):
     super().__init__()
     self.hazard_fc = nn.Linear(dim, years)
@@ -50,14 +48,14 @@ class CumulativeHead(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-
   def __init__(self, dim, heads, drop, expansion):
     super().__init__()
     self.attn = nn.MultiheadAttention(dim, heads, dropout=drop)
     self.norm1 = nn.LayerNorm(dim)
     self.norm2 = nn.LayerNorm(dim)
-    self.ff = nn.Sequential(nn.Linear(dim, dim * expansion), nn.ReLU(),
-                            nn.Linear(dim * expansion, dim))
+    self.ff = nn.Sequential(
+      nn.Linear(dim, dim * expansion), nn.ReLU(), nn.Linear(dim * expansion, dim)
+    )
 
   def forward(self, x):  # [S, B, C]
     x = self.norm1(x + self.attn(x, x, x)[0])
@@ -65,7 +63,6 @@ class AttentionLayer(nn.Module):
 
 
 class RiskModel(nn.Module):
-
   def __init__(self, dim, heads=8, drop=0.1, expansion=4, years=5, max_time=5.0, steps=240):
     super().__init__()
     self.positional_encoding = TimeTable(dim, max_time, steps)
@@ -82,8 +79,11 @@ class RiskModel(nn.Module):
     pool = lambda f: f.mean((2, 3))
     seq = torch.stack([pool(aligned), diff_pooled, pool(cur)], 0)
     fused = self.feature_projection(self.attention_layer(seq).mean(0))
-    return {"pred_fused": self.head_fused(fused), "pred_cur": self.head_cur(pool(cur)),
-            "pred_pri": self.head_pri(pool(pri))}
+    return {
+      "pred_fused": self.head_fused(fused),
+      "pred_cur": self.head_cur(pool(cur)),
+      "pred_pri": self.head_pri(pool(pri)),
+    }
 
 
 def bcrbench_resize_flow(flow, feature_hw, image_hw):
@@ -103,7 +103,6 @@ def bcrbench_warp(x, flow):
 
 
 class ImgFeatAlignTorch(nn.Module):
-
   def __init__(self, mammo_reg_net, width=64, **risk_kwargs):
     super().__init__()
     self.encoder = nn.Sequential(*ResNet18Trunk(width).blocks())
@@ -117,6 +116,11 @@ class ImgFeatAlignTorch(nn.Module):
     flow_small = bcrbench_resize_flow(flow, f_cur.shape[2:], cur.shape[2:])
     aligned = bcrbench_warp(f_pri, flow_small)
     diff = (f_cur - aligned).abs()
-    return {"risk_prediction": self.risk_model(f_cur, f_pri, aligned, diff, gap),
-            "deformation_field": flow, "aligned_prior_feature": aligned,
-            "prior_feature": f_pri, "current_feature": f_cur, "diff_feature": diff}
+    return {
+      "risk_prediction": self.risk_model(f_cur, f_pri, aligned, diff, gap),
+      "deformation_field": flow,
+      "aligned_prior_feature": aligned,
+      "prior_feature": f_pri,
+      "current_feature": f_cur,
+      "diff_feature": diff,
+    }

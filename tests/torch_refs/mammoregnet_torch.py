@@ -22,15 +22,17 @@ def sample_at_pixels(image: torch.Tensor, locations: torch.Tensor) -> torch.Tens
   height, width = locations.shape[2:]
   rows = 2.0 * (locations[:, 0] / (height - 1) - 0.5)
   cols = 2.0 * (locations[:, 1] / (width - 1) - 0.5)
-  return F.grid_sample(image, torch.stack([cols, rows], dim=-1), mode="bilinear",
-                       align_corners=True)
+  return F.grid_sample(
+    image, torch.stack([cols, rows], dim=-1), mode="bilinear", align_corners=True
+  )
 
 
 def warp_by_flow(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
   """``image(x + flow(x))``; flow ``[B, 2, H, W]`` pixels, channel 0 = rows."""
   height, width = flow.shape[2:]
-  grid_rows, grid_cols = torch.meshgrid(torch.arange(height, dtype=flow.dtype),
-                                        torch.arange(width, dtype=flow.dtype), indexing="ij")
+  grid_rows, grid_cols = torch.meshgrid(
+    torch.arange(height, dtype=flow.dtype), torch.arange(width, dtype=flow.dtype), indexing="ij"
+  )
   return sample_at_pixels(image, torch.stack([grid_rows, grid_cols])[None] + flow)
 
 
@@ -45,8 +47,9 @@ def affine_flow(params: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
   grid = F.affine_grid(affine_matrix(params), list(like.shape), align_corners=True)
   rows = (grid[..., 1] / 2.0 + 0.5) * (height - 1)
   cols = (grid[..., 0] / 2.0 + 0.5) * (width - 1)
-  grid_rows, grid_cols = torch.meshgrid(torch.arange(height, dtype=params.dtype),
-                                        torch.arange(width, dtype=params.dtype), indexing="ij")
+  grid_rows, grid_cols = torch.meshgrid(
+    torch.arange(height, dtype=params.dtype), torch.arange(width, dtype=params.dtype), indexing="ij"
+  )
   return torch.stack([rows - grid_rows, cols - grid_cols], dim=1)
 
 
@@ -60,7 +63,6 @@ def upsample_flow(flow: torch.Tensor) -> torch.Tensor:
 
 
 class Conv_block(nn.Module):  # noqa: N801 (checkpoint module name)
-
   def __init__(self, cin: int, cout: int):
     super().__init__()
     self.Conv_1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -73,7 +75,6 @@ class Conv_block(nn.Module):  # noqa: N801 (checkpoint module name)
 
 
 class Encoder(nn.Module):
-
   def __init__(self, cin: int, channels: int):
     super().__init__()
     widths = [cin] + [channels * 2**k for k in range(5)]
@@ -115,13 +116,13 @@ def region_mask(hp, wp, wh, ww, sh, sw):
 
 
 class Attention(nn.Module):
-
   def __init__(self, dim, heads, window):
     super().__init__()
     self.heads = heads
     wh, ww = window
     self.relative_position_bias_table = nn.Parameter(
-        torch.randn((2 * wh - 1) * (2 * ww - 1), heads) * 0.02)
+      torch.randn((2 * wh - 1) * (2 * ww - 1), heads) * 0.02
+    )
     pos = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"))
     pos = pos.flatten(1)
     rel = pos[:, :, None] - pos[:, None, :]
@@ -140,13 +141,13 @@ class Attention(nn.Module):
     if mask is not None:
       nw = mask.shape[0]
       attn = (attn.reshape(-1, nw, self.heads, n, n) + mask[None, :, None]).reshape(
-          n_all, self.heads, n, n)
+        n_all, self.heads, n, n
+      )
     out = attn.softmax(-1) @ v
     return self.proj(out.transpose(1, 2).reshape(n_all, n, c))
 
 
 class Mlp(nn.Module):
-
   def __init__(self, dim, hidden):
     super().__init__()
     self.linear1 = nn.Linear(dim, hidden)
@@ -157,7 +158,6 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-
   def __init__(self, dim, heads, window, mlp_ratio):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim)
@@ -173,8 +173,7 @@ class Block(nn.Module):
     shifted = shift != (0, 0)
     if shifted:
       y = torch.roll(y, (-shift[0], -shift[1]), (1, 2))
-    y = unpartition(self.attn(partition(y, wh, ww), mask if shifted else None), wh, ww, b, hp,
-                    wp)
+    y = unpartition(self.attn(partition(y, wh, ww), mask if shifted else None), wh, ww, b, hp, wp)
     if shifted:
       y = torch.roll(y, shift, (1, 2))
     x = x + y[:, :h, :w]
@@ -182,7 +181,6 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-
   def __init__(self, dim, depth, heads, window, mlp_ratio=4.0):
     super().__init__()
     self.window = tuple(window)
@@ -203,7 +201,6 @@ class Stage(nn.Module):
 
 
 class Expand(nn.Module):
-
   def __init__(self, dim):
     super().__init__()
     self.up_conv = nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)
@@ -214,7 +211,6 @@ class Expand(nn.Module):
 
 
 class DeformHead(nn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.reg_head = nn.Conv2d(cin, 2, 3, padding=1)
@@ -224,7 +220,6 @@ class DeformHead(nn.Module):
 
 
 class AffineHead(nn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.affine_head_1 = nn.Linear(cin, cin // 2, bias=False)
@@ -236,18 +231,17 @@ class AffineHead(nn.Module):
 
 
 class Decoder(nn.Module):
-
   def __init__(self, enc, dec, depth, window):
     super().__init__()
     self.conv_1 = Conv_block(2 * enc + dec, dec)
     for level in (2, 3, 4, 5):
-      dim = dec * 2**(level - 1)
-      setattr(self, f"trans_{level}", Stage(dim, depth, dec // 2**(5 - level), window))
+      dim = dec * 2 ** (level - 1)
+      setattr(self, f"trans_{level}", Stage(dim, depth, dec // 2 ** (5 - level), window))
       cin = enc * 2**level + (dim if level < 5 else 0)
       setattr(self, f"backdim_{level}", nn.Conv2d(cin, dim, 1))
     for level in (1, 2, 3, 4):
       setattr(self, f"upsample_{level}", Expand(dec * 2**level))
-      setattr(self, f"reghead_{level}", DeformHead(dec * 2**(level - 1)))
+      setattr(self, f"reghead_{level}", DeformHead(dec * 2 ** (level - 1)))
     self.reghead_5 = AffineHead(dec * 16)
 
   def forward(self, fixed, moving):
@@ -269,8 +263,9 @@ class Decoder(nn.Module):
 class MammoRegNetTorch(nn.Module):
   """Returns ``(warped, flow, affine_warped, affine_params)`` like the public model."""
 
-  def __init__(self, in_channels=1, enc_channels=8, dec_channels=16, num_layers=4,
-               window_size=(5, 5)):
+  def __init__(
+    self, in_channels=1, enc_channels=8, dec_channels=16, num_layers=4, window_size=(5, 5)
+  ):
     super().__init__()
     self.Encoder = Encoder(in_channels, enc_channels)
     self.Decoder = Decoder(enc_channels, dec_channels, num_layers, window_size)

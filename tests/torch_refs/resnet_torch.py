@@ -7,12 +7,19 @@ Attribute names follow Mirai's ``onconet`` ResNet (``downsampler``, ``layer1_0``
 import torch
 from torch import nn
 
-BLOCKS = ("layer1_0", "layer1_1", "layer2_0", "layer2_1", "layer3_0", "layer3_1", "layer4_0",
-          "layer4_1")
+BLOCKS = (
+  "layer1_0",
+  "layer1_1",
+  "layer2_0",
+  "layer2_1",
+  "layer3_0",
+  "layer3_1",
+  "layer4_0",
+  "layer4_1",
+)
 
 
 class Downsampler(nn.Module):
-
   def __init__(self, width):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
@@ -25,7 +32,6 @@ class Downsampler(nn.Module):
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, inplanes, planes, stride):
     super().__init__()
     self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
@@ -34,8 +40,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.downsample = None
     if stride != 1 or inplanes != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False),
-                                      nn.BatchNorm2d(planes))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+      )
 
   def forward(self, x):
     out = torch.relu(self.bn1(self.conv1(x)))
@@ -52,7 +59,7 @@ class ResNet18Trunk(nn.Module):
     self.downsampler = Downsampler(width)
     inplanes = width
     for index, name in enumerate(BLOCKS):
-      planes = width * 2**(index // 2)
+      planes = width * 2 ** (index // 2)
       stride = 2 if index >= 2 and index % 2 == 0 else 1
       setattr(self, name, BasicBlock(inplanes, planes, stride))
       inplanes = planes

@@ -42,8 +42,9 @@ Transform = Callable[[jax.Array], jax.Array]
 # ----------------------------------------------------------------------------- pure transforms
 
 
-def displacement_transform(displacement: jax.Array, *,
-                           padding: warp_lib.Padding = "border") -> DisplacementChain:
+def displacement_transform(
+  displacement: jax.Array, *, padding: warp_lib.Padding = "border"
+) -> DisplacementChain:
   """``phi(x) = x + u(x)`` with ``u`` interpolated (bi/trilinear) at arbitrary coordinates.
 
   Args:
@@ -53,8 +54,9 @@ def displacement_transform(displacement: jax.Array, *,
     ``phi``: pixel coordinates ``[B, *Q, n]`` -> pixel coordinates ``[B, *Q, n]``.
   """
   if displacement.ndim not in (4, 5) or displacement.shape[-1] != displacement.ndim - 2:
-    raise ValueError(f"displacement must be [B, H, W, 2] or [B, D, H, W, 3], got "
-                     f"{displacement.shape}")
+    raise ValueError(
+      f"displacement must be [B, H, W, 2] or [B, D, H, W, 3], got {displacement.shape}"
+    )
   return DisplacementChain((displacement,), padding)
 
 
@@ -77,11 +79,13 @@ class DisplacementChain:
     padding: how each field extends outside its grid.
   """
 
-  def __init__(self, fields: jax.Array | Sequence[jax.Array],
-               padding: warp_lib.Padding = "border"):
+  def __init__(self, fields: jax.Array | Sequence[jax.Array], padding: warp_lib.Padding = "border"):
     """``fields``: stacked ``[K, B, *S, n]`` or a sequence of ``K`` arrays ``[B, *S, n]``."""
-    self.field_list = tuple(fields) if not isinstance(fields, jax.Array) else tuple(
-        fields[j] for j in range(fields.shape[0]))
+    self.field_list = (
+      tuple(fields)
+      if not isinstance(fields, jax.Array)
+      else tuple(fields[j] for j in range(fields.shape[0]))
+    )
     if not self.field_list:
       raise ValueError("a DisplacementChain needs at least one field")
     self.padding = padding
@@ -110,14 +114,15 @@ class DisplacementChain:
 
   def can_chain(self, other: object) -> bool:
     first = self.field_list[0]
-    return (isinstance(other, DisplacementChain) and other.padding == self.padding
-            and all(f.shape == first.shape and f.dtype == first.dtype
-                    for f in other.field_list))
+    return (
+      isinstance(other, DisplacementChain)
+      and other.padding == self.padding
+      and all(f.shape == first.shape and f.dtype == first.dtype for f in other.field_list)
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _apply_fields(fields: tuple[jax.Array, ...], coordinates: jax.Array,
-                  padding: str) -> jax.Array:
+def _apply_fields(fields: tuple[jax.Array, ...], coordinates: jax.Array, padding: str) -> jax.Array:
   """``x <- x + u_j(x)`` for ``j = K-1, ..., 0``: K x ``[B, *S, n]``, ``[B, *Q, n]`` ->
   ``[B, *Q, n]``."""
   return _apply_fields_fwd(fields, coordinates, padding)[0]
@@ -167,20 +172,26 @@ def compose(*transforms: Transform) -> Transform:
   return composed
 
 
-def transform_on_grid(transform: Transform, batch: int, spatial_shape: Sequence[int],
-                      dtype=jnp.float32) -> jax.Array:
+def transform_on_grid(
+  transform: Transform, batch: int, spatial_shape: Sequence[int], dtype=jnp.float32
+) -> jax.Array:
   """``phi(x)`` at every pixel of the grid, ``[B, *S, n]`` pixel coordinates."""
   spatial_shape = tuple(spatial_shape)
-  if (isinstance(transform, DisplacementChain)
-      and transform.field_list[0].shape[:-1] == (batch, *spatial_shape)):
+  if isinstance(transform, DisplacementChain) and transform.field_list[0].shape[:-1] == (
+    batch,
+    *spatial_shape,
+  ):
     return transform.on_grid(dtype)
-  grid = jnp.broadcast_to(warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype)),
-                          (batch, *spatial_shape, len(spatial_shape)))
+  grid = jnp.broadcast_to(
+    warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype)),
+    (batch, *spatial_shape, len(spatial_shape)),
+  )
   return transform(grid)
 
 
-def transform_to_displacement(transform: Transform, batch: int,
-                              spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def transform_to_displacement(
+  transform: Transform, batch: int, spatial_shape: Sequence[int], dtype=jnp.float32
+) -> jax.Array:
   """Evaluates ``transform`` on the pixel grid: ``phi(x) - x``, ``[B, *S, n]`` pixels."""
   grid = warp_lib.identity_map(spatial_shape, _coordinate_dtype(dtype))
   return transform_on_grid(transform, batch, spatial_shape, dtype) - grid
@@ -212,8 +223,9 @@ class RegistrationModule(nn.Module):
     """Returns ``phi`` with ``moving(phi(x)) ~= fixed(x)``; pixel coordinates of the input grid."""
     raise NotImplementedError(f"{type(self).__name__} must define transform(moving, fixed)")
 
-  def __call__(self, moving: jax.Array, fixed: jax.Array,
-               coordinates: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, moving: jax.Array, fixed: jax.Array, coordinates: jax.Array | None = None
+  ) -> jax.Array:
     """Registers ``moving`` to ``fixed``.
 
     Args:
@@ -238,6 +250,7 @@ class FunctionFromVectorField(RegistrationModule):
     units: unit of the network's output: ``'unit'`` (ICON: ``[0, 1]`` per axis over the grid,
       the default) or ``'pixels'``.
   """
+
   net: nn.Module
   units: Literal["unit", "pixels"] = "unit"
 
@@ -247,8 +260,10 @@ class FunctionFromVectorField(RegistrationModule):
     field = self.net(moving, fixed)
     expected = (moving.shape[0], *spatial, len(spatial))
     if field.shape != expected:
-      raise ValueError(f"{type(self.net).__name__} returned {field.shape}; a displacement network "
-                       f"must return {expected} for inputs {moving.shape}")
+      raise ValueError(
+        f"{type(self.net).__name__} returned {field.shape}; a displacement network "
+        f"must return {expected} for inputs {moving.shape}"
+      )
     if self.units == "unit":
       field = warp_lib.unit_to_pixels(field, spatial)
     elif self.units != "pixels":
@@ -263,6 +278,7 @@ class TwoStepRegistration(RegistrationModule):
   to coordinates first), so ``A(phi(psi(x))) ~= B(x)``. The original moving image is warped by
   ``phi``, never resampled twice.
   """
+
   first: RegistrationModule
   second: RegistrationModule
 
@@ -279,6 +295,7 @@ class MultiStepRegistration(RegistrationModule):
   the result is ``phi_0 ∘ phi_1 ∘ ... ∘ phi_{k-1}``. A module instance listed several times is
   applied several times with shared parameters.
   """
+
   steps: Sequence[RegistrationModule]
 
   def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
@@ -298,6 +315,7 @@ class DownsampleRegistration(RegistrationModule):
   grids in ICON's unit convention (corner pixel centres coincide), so a parent pixel ``p`` is
   child pixel ``p * (n - 1) / (N - 1)``.
   """
+
   net: RegistrationModule
 
   def transform(self, moving: jax.Array, fixed: jax.Array) -> Transform:
@@ -305,8 +323,9 @@ class DownsampleRegistration(RegistrationModule):
     spatial = moving.shape[1:-1]
     child = self.net.transform(avg_pool_half(moving), avg_pool_half(fixed))
     child_spatial = tuple(math.ceil(n / 2) for n in spatial)
-    to_child = jnp.asarray([(c - 1) / (n - 1) if n > 1 else 1.0
-                            for c, n in zip(child_spatial, spatial)], moving.dtype)
+    to_child = jnp.asarray(
+      [(c - 1) / (n - 1) if n > 1 else 1.0 for c, n in zip(child_spatial, spatial)], moving.dtype
+    )
 
     def phi(coordinates: jax.Array) -> jax.Array:
       return child(coordinates * to_child) / to_child
@@ -321,8 +340,9 @@ def avg_pool_half(image: jax.Array) -> jax.Array:
   pad = [(0, 0)] + [(0, n % 2) for n in spatial] + [(0, 0)]
   window = (1, *([2] * len(spatial)), 1)
   total = jax.lax.reduce_window(jnp.pad(image, pad), 0.0, jax.lax.add, window, window, "VALID")
-  count = jax.lax.reduce_window(jnp.pad(jnp.ones((1, *spatial, 1), image.dtype), pad), 0.0,
-                                jax.lax.add, window, window, "VALID")
+  count = jax.lax.reduce_window(
+    jnp.pad(jnp.ones((1, *spatial, 1), image.dtype), pad), 0.0, jax.lax.add, window, window, "VALID"
+  )
   return total / count
 
 
@@ -330,8 +350,10 @@ def check_image_pair(moving: jax.Array, fixed: jax.Array) -> None:
   if moving.ndim not in (4, 5):
     raise ValueError(f"moving must be [B, H, W, C] or [B, D, H, W, C], got {moving.shape}")
   if moving.shape != fixed.shape:
-    raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} must have the same shape; "
-                     "resample one onto the other's grid first")
+    raise ValueError(
+      f"moving {moving.shape} and fixed {fixed.shape} must have the same shape; "
+      "resample one onto the other's grid first"
+    )
 
 
 # ----------------------------------------------------------------------------- networks
@@ -359,6 +381,7 @@ class DigitsMLP(nn.Module):
     hidden: width of both hidden layers (50 in the seed).
   Returns (``__call__``): displacement ``[B, *S, n]`` in ICON unit coordinates.
   """
+
   spatial_shape: Sequence[int] = (28, 28)
   hidden: int = 50
 
@@ -367,19 +390,26 @@ class DigitsMLP(nn.Module):
     check_image_pair(moving, fixed)
     spatial = tuple(self.spatial_shape)
     if moving.shape[1:-1] != spatial:
-      raise ValueError(f"DigitsMLP was built for images {spatial}, got {moving.shape}; set "
-                       "spatial_shape to the image size")
+      raise ValueError(
+        f"DigitsMLP was built for images {spatial}, got {moving.shape}; set "
+        "spatial_shape to the image size"
+      )
     x = jnp.concatenate([moving, fixed], axis=-1).reshape(moving.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense1")(x))
     x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense2")(x))
     size = math.prod(spatial) * len(spatial)
-    x = nn.Dense(size, kernel_init=_dense_init(zero=True), bias_init=nn.initializers.zeros_init(),
-                 name="dense3")(x)
+    x = nn.Dense(
+      size,
+      kernel_init=_dense_init(zero=True),
+      bias_init=nn.initializers.zeros_init(),
+      name="dense3",
+    )(x)
     return x.reshape(moving.shape[0], *spatial, len(spatial))
 
 
-def digits_registration(spatial_shape: Sequence[int] = (28, 28), hidden: int = 50,
-                        num_steps: int = 9) -> MultiStepRegistration:
+def digits_registration(
+  spatial_shape: Sequence[int] = (28, 28), hidden: int = 50, num_steps: int = 9
+) -> MultiStepRegistration:
   """The seed's example: one :class:`DigitsMLP` step applied ``num_steps`` times, shared weights.
 
   The seed builds ``n = inner; 8 x: n = TwoStepRegistration(n, inner)``, i.e. nine applications
@@ -409,6 +439,7 @@ class RegistrationUNet(nn.Module):
     output_scale: factor on the last conv's output.
   Returns (``__call__``): displacement ``[B, H, W, 2]`` in ICON unit coordinates.
   """
+
   down_features: Sequence[int] = (16, 32, 64, 256, 512)
   up_features: Sequence[int] = (16, 32, 64, 128, 256)
   output_scale: float = 0.1
@@ -419,27 +450,42 @@ class RegistrationUNet(nn.Module):
     if moving.ndim != 4:
       raise ValueError(f"RegistrationUNet is 2D: expected [B, H, W, C], got {moving.shape}")
     if len(self.down_features) != len(self.up_features):
-      raise ValueError(f"down_features {self.down_features} and up_features {self.up_features} "
-                       "must have one entry per level")
+      raise ValueError(
+        f"down_features {self.down_features} and up_features {self.up_features} "
+        "must have one entry per level"
+      )
     x = jnp.concatenate([moving, fixed], axis=-1)
     skips = []
     for level, features in enumerate(self.down_features):
       skips.append(x)
-      y = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                  kernel_init=_conv_init(2), name=f"down_{level}")(nn.leaky_relu(x))
+      y = nn.Conv(
+        features,
+        (3, 3),
+        strides=(2, 2),
+        padding=((1, 1), (1, 1)),
+        kernel_init=_conv_init(2),
+        name=f"down_{level}",
+      )(nn.leaky_relu(x))
       x = y + _pad_or_crop_channels(avg_pool_half(x), features)
     for level in reversed(range(len(self.up_features))):
       features = self.up_features[level]
       # torch ConvTranspose(k=4, s=2, p=1) doubles the size; Flax pads k - 1 - p = 2 per side.
-      y = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                           kernel_init=_conv_init(2), name=f"up_{level}")(nn.leaky_relu(x))
+      y = nn.ConvTranspose(
+        features,
+        (4, 4),
+        strides=(2, 2),
+        padding=((2, 2), (2, 2)),
+        kernel_init=_conv_init(2),
+        name=f"up_{level}",
+      )(nn.leaky_relu(x))
       residual = _pad_or_crop_channels(x, features)
       residual = jax.image.resize(residual, y.shape, method="linear")
       x = nn.GroupNorm(num_groups=math.gcd(8, features), name=f"norm_{level}")(y + residual)
       skip = skips[level]
-      x = jnp.concatenate([x[:, :skip.shape[1], :skip.shape[2]], skip], axis=-1)
-    out = nn.Conv(2, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init(2, zero=True),
-                  name="last")(x)
+      x = jnp.concatenate([x[:, : skip.shape[1], : skip.shape[2]], skip], axis=-1)
+    out = nn.Conv(
+      2, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init(2, zero=True), name="last"
+    )(x)
     return out * self.output_scale
 
 

@@ -46,6 +46,7 @@ class ICONUNet2(nn.Module):
     train: BatchNorm uses (and updates) batch statistics; else running averages.
   Returns (``__call__``): ``[B, *S, n]`` displacement in ICON unit coordinates.
   """
+
   down_features: Sequence[int] = TALL_DOWN_FEATURES
   up_features: Sequence[int] = TALL_UP_FEATURES
   train: bool = False
@@ -56,37 +57,56 @@ class ICONUNet2(nn.Module):
     num_spatial = moving.ndim - 2
     num_layers = len(self.up_features)
     if len(self.down_features) != num_layers + 1:
-      raise ValueError(f"down_features {tuple(self.down_features)} needs one more entry (the "
-                       f"input channels) than up_features {tuple(self.up_features)}")
+      raise ValueError(
+        f"down_features {tuple(self.down_features)} needs one more entry (the "
+        f"input channels) than up_features {tuple(self.up_features)}"
+      )
     x = jnp.concatenate([moving, fixed], axis=-1)
     if x.shape[-1] != self.down_features[0]:
-      raise ValueError(f"the network takes {self.down_features[0]} input channels (moving and "
-                       f"fixed concatenated), got images {moving.shape}")
+      raise ValueError(
+        f"the network takes {self.down_features[0]} input channels (moving and "
+        f"fixed concatenated), got images {moving.shape}"
+      )
     same3 = ((1, 1),) * num_spatial
     skips = []
     for depth in range(num_layers):
       skips.append(x)
-      y = nn.Conv(self.down_features[depth + 1], (3,) * num_spatial, strides=(2,) * num_spatial,
-                  padding=same3, kernel_init=_kernel_init(num_spatial),
-                  name=f"downConvs_{depth}")(nn.leaky_relu(x))
+      y = nn.Conv(
+        self.down_features[depth + 1],
+        (3,) * num_spatial,
+        strides=(2,) * num_spatial,
+        padding=same3,
+        kernel_init=_kernel_init(num_spatial),
+        name=f"downConvs_{depth}",
+      )(nn.leaky_relu(x))
       x = y + _pad_or_crop_channels(avg_pool_half(x), y.shape[-1])
     for depth in reversed(range(num_layers)):
       # torch ConvTranspose(k=4, s=2, p=1) == conv of the stride-dilated input padded by
       # k - 1 - p = 2 with the spatially flipped kernel (the importer flips it).
-      y = nn.ConvTranspose(self.up_features[depth], (4,) * num_spatial,
-                           strides=(2,) * num_spatial, padding=((2, 2),) * num_spatial,
-                           kernel_init=_kernel_init(num_spatial),
-                           name=f"upConvs_{depth}")(nn.leaky_relu(x))
+      y = nn.ConvTranspose(
+        self.up_features[depth],
+        (4,) * num_spatial,
+        strides=(2,) * num_spatial,
+        padding=((2, 2),) * num_spatial,
+        kernel_init=_kernel_init(num_spatial),
+        name=f"upConvs_{depth}",
+      )(nn.leaky_relu(x))
       residual = _pad_or_crop_channels(x, y.shape[-1])
       # Half-pixel linear resize by 2 == F.interpolate(scale_factor=2, align_corners=False).
       x = y + jax.image.resize(residual, y.shape, method="linear")
-      x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                       name=f"batchNorms_{depth}")(x)
+      x = nn.BatchNorm(
+        use_running_average=not self.train, momentum=0.9, epsilon=1e-5, name=f"batchNorms_{depth}"
+      )(x)
       skip = skips[depth]
       x = x[(slice(None), *[slice(0, n) for n in skip.shape[1:-1]])]
       x = jnp.concatenate([x, skip], axis=-1)
-    out = nn.Conv(num_spatial, (3,) * num_spatial, padding=same3,
-                  kernel_init=_kernel_init(num_spatial, zero=True), name="lastConv")(x)
+    out = nn.Conv(
+      num_spatial,
+      (3,) * num_spatial,
+      padding=same3,
+      kernel_init=_kernel_init(num_spatial, zero=True),
+      name="lastConv",
+    )(x)
     return out / 10.0
 
 
@@ -97,4 +117,3 @@ def _pad_or_crop_channels(x: jax.Array, channels: int) -> jax.Array:
   if missing > 0:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(missing, 0)])
   return x
-

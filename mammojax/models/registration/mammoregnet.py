@@ -68,13 +68,13 @@ def upsample_flow_2x(flow: jax.Array) -> jax.Array:
     weight_shape = [1, 1, 1, 1]
     weight_shape[axis] = 2 * size
     frac = jnp.asarray(frac.reshape(weight_shape), flow.dtype)
-    flow = (jnp.take(flow, low, axis=axis) * (1.0 - frac)
-            + jnp.take(flow, high, axis=axis) * frac)
+    flow = jnp.take(flow, low, axis=axis) * (1.0 - frac) + jnp.take(flow, high, axis=axis) * frac
   return flow
 
 
-def _align_corners_taps(in_size: int, out_size: int,
-                        dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _align_corners_taps(
+  in_size: int, out_size: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source indices and fraction of bilinear ``align_corners=True`` resampling, computed in
   ``dtype`` as PyTorch does (scale rounded to ``dtype``, then times the output index)."""
   scale = dtype.type((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
@@ -102,8 +102,9 @@ def affine_params_to_flow(affine_params: jax.Array, size: tuple[int, int]) -> ja
     ``[B, H, W, 2]`` displacement in pixels of that map, channel 0 = rows.
   """
   height, width = size
-  theta = affine_params.reshape(-1, 2, 3) + jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-                                                        affine_params.dtype)
+  theta = affine_params.reshape(-1, 2, 3) + jnp.asarray(
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], affine_params.dtype
+  )
   dtype = np.dtype(affine_params.dtype)
   y_norm = jnp.asarray(_normalised_positions(height, dtype))[None, :, None]
   x_norm = jnp.asarray(_normalised_positions(width, dtype))[None, None, :]
@@ -117,19 +118,22 @@ def affine_params_to_flow(affine_params: jax.Array, size: tuple[int, int]) -> ja
 
 class ConvBlock(nn.Module):
   """(3x3 conv -> LeakyReLU 0.2 -> InstanceNorm) x 2, ``[B, H, W, C_in] -> [B, H, W, features]``."""
+
   features: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for name in ("Conv_1", "Conv_2"):
-      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=swin.conv_kernel_init(),
-                  name=name)(x)
+      x = nn.Conv(
+        self.features, (3, 3), padding="SAME", kernel_init=swin.conv_kernel_init(), name=name
+      )(x)
       x = instance_norm(nn.leaky_relu(x, negative_slope=0.2))
     return x
 
 
 class ConvEncoder(nn.Module):
   """Five conv blocks, ``channels * 2**k`` features, 2x2 average pooling between them."""
+
   channels: int
 
   @nn.compact
@@ -149,9 +153,13 @@ class DeformHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(2, (3, 3), padding="SAME",
-                   kernel_init=swin.conv_kernel_init(nn.initializers.normal(1e-5)),
-                   name="reg_head")(x)
+    return nn.Conv(
+      2,
+      (3, 3),
+      padding="SAME",
+      kernel_init=swin.conv_kernel_init(nn.initializers.normal(1e-5)),
+      name="reg_head",
+    )(x)
 
 
 class AffineHead(nn.Module):
@@ -162,16 +170,19 @@ class AffineHead(nn.Module):
     """``[B, h, w, C]`` -> (flow ``[B, h, w, 2]`` pixels 'ij', affine_params ``[B, 6]``)."""
     channels = x.shape[-1]
     h = jnp.mean(x, axis=(1, 2))
-    h = nn.Dense(channels // 2, use_bias=False, kernel_init=swin.dense_kernel_init(),
-                 name="affine_head_1")(h)
-    h = nn.Dense(6, use_bias=False, kernel_init=swin.dense_kernel_init(),
-                 name="affine_head_2")(nn.relu(h))
+    h = nn.Dense(
+      channels // 2, use_bias=False, kernel_init=swin.dense_kernel_init(), name="affine_head_1"
+    )(h)
+    h = nn.Dense(6, use_bias=False, kernel_init=swin.dense_kernel_init(), name="affine_head_2")(
+      nn.relu(h)
+    )
     params = jnp.tanh(h)
     return affine_params_to_flow(params, x.shape[1:3]), params
 
 
 class TransDecoder(nn.Module):
   """Coarse-to-fine Swin decoder; returns the full-size flow and the affine parameters."""
+
   dec_channels: int
   num_layers: int
   window_size: tuple[int, int]
@@ -180,18 +191,26 @@ class TransDecoder(nn.Module):
   warp_impl: str
 
   @nn.compact
-  def __call__(self, fixed: list[jax.Array],
-               moving: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, fixed: list[jax.Array], moving: list[jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
     d = self.dec_channels
 
     def stage(level: int) -> swin.SwinStage:
-      return swin.SwinStage(d * 2**(level - 1), self.num_layers, d // 2**(5 - level),
-                            tuple(self.window_size), self.mlp_ratio, self.qkv_bias,
-                            name=f"trans_{level}")
+      return swin.SwinStage(
+        d * 2 ** (level - 1),
+        self.num_layers,
+        d // 2 ** (5 - level),
+        tuple(self.window_size),
+        self.mlp_ratio,
+        self.qkv_bias,
+        name=f"trans_{level}",
+      )
 
     def backdim(level: int) -> nn.Conv:
-      return nn.Conv(d * 2**(level - 1), (1, 1), kernel_init=swin.conv_kernel_init(),
-                     name=f"backdim_{level}")
+      return nn.Conv(
+        d * 2 ** (level - 1), (1, 1), kernel_init=swin.conv_kernel_init(), name=f"backdim_{level}"
+      )
 
     x = backdim(5)(jnp.concatenate([fixed[4], moving[4]], axis=-1))
     x = stage(5)(x)
@@ -221,6 +240,7 @@ class MammoRegNet(nn.Module):
   Attributes:
     warp_impl: implementation of :func:`mammojax.nn.warp.warp` ('gather' or 'map_coordinates').
   """
+
   in_channels: int = 1
   enc_channels: int = 8
   dec_channels: int = 16
@@ -233,23 +253,30 @@ class MammoRegNet(nn.Module):
   def _check(self, fixed: jax.Array, moving: jax.Array) -> None:
     for name, image in (("fixed", fixed), ("moving", moving)):
       if image.ndim != 4 or image.shape[-1] != self.in_channels:
-        raise ValueError(f"MammoRegNet: {name} must be [B, H, W, {self.in_channels}] "
-                         f"(channels-last, in_channels={self.in_channels}), got {image.shape}")
+        raise ValueError(
+          f"MammoRegNet: {name} must be [B, H, W, {self.in_channels}] "
+          f"(channels-last, in_channels={self.in_channels}), got {image.shape}"
+        )
     if fixed.shape != moving.shape:
-      raise ValueError(f"MammoRegNet: fixed {fixed.shape} and moving {moving.shape} must have "
-                       "the same shape")
+      raise ValueError(
+        f"MammoRegNet: fixed {fixed.shape} and moving {moving.shape} must have the same shape"
+      )
     height, width = fixed.shape[1:3]
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-      raise ValueError(f"MammoRegNet: image size (H, W) = ({height}, {width}) must be positive "
-                       f"multiples of {SIZE_MULTIPLE} (four 2x poolings); resize or pad to e.g. "
-                       f"({-(-height // SIZE_MULTIPLE) * SIZE_MULTIPLE}, "
-                       f"{-(-width // SIZE_MULTIPLE) * SIZE_MULTIPLE})")
+      raise ValueError(
+        f"MammoRegNet: image size (H, W) = ({height}, {width}) must be positive "
+        f"multiples of {SIZE_MULTIPLE} (four 2x poolings); resize or pad to e.g. "
+        f"({-(-height // SIZE_MULTIPLE) * SIZE_MULTIPLE}, "
+        f"{-(-width // SIZE_MULTIPLE) * SIZE_MULTIPLE})"
+      )
     for level in (2, 3, 4, 5):
-      embed, heads = self.dec_channels * 2**(level - 1), self.dec_channels // 2**(5 - level)
+      embed, heads = self.dec_channels * 2 ** (level - 1), self.dec_channels // 2 ** (5 - level)
       if heads < 1 or embed % heads:
-        raise ValueError(f"MammoRegNet: dec_channels={self.dec_channels} gives a Swin stage "
-                         f"with {embed} channels and {heads} heads at level {level}; use a "
-                         "multiple of 8")
+        raise ValueError(
+          f"MammoRegNet: dec_channels={self.dec_channels} gives a Swin stage "
+          f"with {embed} channels and {heads} heads at level {level}; use a "
+          "multiple of 8"
+        )
 
   @nn.compact
   def __call__(self, fixed: jax.Array, moving: jax.Array) -> dict[str, jax.Array]:
@@ -272,14 +299,19 @@ class MammoRegNet(nn.Module):
     features = encoder(jnp.concatenate([fixed, moving], axis=0))
     fixed_features = [f[:batch] for f in features]
     moving_features = [f[batch:] for f in features]
-    flow, affine_params = TransDecoder(self.dec_channels, self.num_layers,
-                                       tuple(self.window_size), self.mlp_ratio, self.qkv_bias,
-                                       self.warp_impl, name="Decoder")(fixed_features,
-                                                                       moving_features)
+    flow, affine_params = TransDecoder(
+      self.dec_channels,
+      self.num_layers,
+      tuple(self.window_size),
+      self.mlp_ratio,
+      self.qkv_bias,
+      self.warp_impl,
+      name="Decoder",
+    )(fixed_features, moving_features)
     affine_flow = affine_params_to_flow(affine_params, fixed.shape[1:3])
     return {
-        "warped": warp(moving, flow, impl=self.warp_impl),
-        "flow": flow,
-        "affine_warped": warp(moving, affine_flow, impl=self.warp_impl),
-        "affine_params": affine_params,
+      "warped": warp(moving, flow, impl=self.warp_impl),
+      "flow": flow,
+      "affine_warped": warp(moving, affine_flow, impl=self.warp_impl),
+      "affine_params": affine_params,
     }
