@@ -145,3 +145,20 @@ def test_import_reports_missing_unexpected_and_shapes(b2):
 def test_rejects_non_image_input():
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     EfficientNet(**TINY).init(jax.random.key(0), jnp.zeros((32, 32, 3)))
+
+
+def test_feature_maps_are_sown_under_module_names():
+  model = EfficientNet(**TINY, include_head=True)
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  out, state = jax.eval_shape(
+    lambda v: model.apply(v, images, mutable=["intermediates"]), variables
+  )
+  sown = state["intermediates"]
+  num_blocks = len(model.blocks)
+  assert set(sown) == {"stem", "head"} | {f"blocks_{i}" for i in range(num_blocks)}
+  assert set(sown) - {"stem", "head"} <= set(variables["params"])
+  assert sown["stem"][0].shape[1:3] == (32, 32)
+  assert sown[f"blocks_{model.stride16_index}"]["output"][0].shape == out["stride_16"].shape
+  assert sown[f"blocks_{num_blocks - 1}"]["output"][0].shape == out["stride_32"].shape
+  assert sown["head"][0].shape == out["head"].shape

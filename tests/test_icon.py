@@ -119,27 +119,6 @@ def test_three_d_two_step():
   )
 
 
-def test_unet_zero_init_identity_and_shapes():
-  moving, fixed = _images(jax.random.key(9), (1, 20, 13, 1))
-  net = icon.FunctionFromVectorField(
-    icon.RegistrationUNet(down_features=(4, 8, 8), up_features=(4, 8, 8))
-  )
-  variables = net.init(jax.random.key(0), moving, fixed)
-  apply = jax.jit(net.apply)
-  np.testing.assert_array_equal(apply(variables, moving, fixed), 0.0)
-  unet_params = nn.meta.unbox(variables)["params"]["net"]
-  # ICON: level-0 decoder input = level-1 output (8) + level-1 skip (4).
-  assert unet_params["up_0"]["kernel"].shape == (4, 4, 12, 4)
-  assert unet_params["last"]["kernel"].shape == (3, 3, 4 + 2, 2)
-  # Non-zero last layer: a displacement of the right shape that depends on the images.
-  params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(variables))
-  params["params"]["net"]["last"]["kernel"] = 0.1 * jnp.ones_like(
-    params["params"]["net"]["last"]["kernel"]
-  )
-  out = apply(params, moving, fixed)
-  assert out.shape == (1, 20, 13, 2) and float(jnp.max(jnp.abs(out))) > 0
-
-
 def test_digits_demo_trains_to_lower_loss():
   """Two Adam steps of the seed's setup (diffusion-regularised SSD) lower the loss."""
   optax = pytest.importorskip("optax")

@@ -9,13 +9,10 @@ import pytest
 from flax import linen as nn
 
 from mammojax.convert.imgfeatalign import import_risk_model
-from mammojax.convert.mirai import conv_kernel, find_backbone, import_backbone
-from mammojax.models.imgfeatalign import (
-  AttentionRiskFusion,
-  ImgFeatAlign,
-  feature_displacement,
-  resize_align_corners,
-)
+from mammojax.convert.layouts import torch_conv_kernel as conv_kernel
+from mammojax.convert.mirai import find_backbone, import_backbone
+from mammojax.models.imgfeatalign import AttentionRiskFusion, ImgFeatAlign, feature_displacement
+from mammojax.nn.resize import resize_linear_align_corners as resize_align_corners
 from mammojax.nn.warp import warp
 
 torch = pytest.importorskip("torch")

@@ -36,7 +36,7 @@ def _random_params(seed=0, scale=0.1):
   """Random variables for SMALL_MODEL without compiling its init (slow on a busy CPU)."""
   fixed, moving = _images(1, 16, 16)
   abstract = flax.linen.meta.unbox(
-    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed, moving)
+    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), moving, fixed)
   )
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
@@ -81,7 +81,7 @@ def _state_dict(model):
 
 def test_output_shapes():
   fixed, moving = _images(2, 32, 32)
-  out = small_apply(_random_params(), fixed, moving)
+  out = small_apply(_random_params(), moving, fixed)
   assert out["warped"].shape == (2, 32, 32, 1)
   assert out["flow"].shape == (2, 32, 32, 2)
   assert out["affine_warped"].shape == (2, 32, 32, 1)
@@ -96,7 +96,7 @@ def test_zero_heads_give_identity():
     for k, v in flat.items()
   }
   fixed, moving = _images(2, 32, 32)
-  out = small_apply(flax.traverse_util.unflatten_dict(zeroed), fixed, moving)
+  out = small_apply(flax.traverse_util.unflatten_dict(zeroed), moving, fixed)
   np.testing.assert_allclose(out["affine_params"], 0.0, atol=1e-7)
   np.testing.assert_allclose(out["flow"], 0.0, atol=1e-5)
   np.testing.assert_allclose(out["warped"], moving, atol=1e-5)
@@ -141,7 +141,7 @@ def test_parity_with_torch_float32(size):
   fixed, moving = _images(2, *size)
   expected = _torch_outputs(torch_model, fixed, moving)
   assert np.abs(expected["flow"]).max() > 0.5  # The deformation heads do contribute.
-  out = small_apply(variables, fixed, moving)
+  out = small_apply(variables, moving, fixed)
   for key, value in expected.items():
     np.testing.assert_allclose(out[key], value, atol=1e-4, rtol=0, err_msg=key)
 
@@ -158,7 +158,7 @@ def test_parity_with_torch_float64_is_exact(size):
   assert np.abs(expected["flow"]).max() > 10.0
   with jax.enable_x64(True):
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
-    out = small_apply(variables, fixed, moving)
+    out = small_apply(variables, moving, fixed)
     for key, value in expected.items():
       assert out[key].dtype == jnp.float64
       np.testing.assert_allclose(out[key], value, atol=1e-8, rtol=0, err_msg=key)
@@ -203,15 +203,15 @@ def test_importer_names_missing_unexpected_and_mismatched_keys():
 def test_invalid_spatial_size_is_a_clear_error(size):
   fixed, moving = _images(1, *size)
   with pytest.raises(ValueError, match="multiples of 16"):
-    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed, moving)
+    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), moving, fixed)
 
 
 def test_wrong_channels_and_shapes_are_clear_errors():
   fixed, moving = _images(1, 32, 32)
   with pytest.raises(ValueError, match=r"moving must be \[B, H, W, 1\]"):
-    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed, np.repeat(moving, 3, axis=-1))
+    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), np.repeat(moving, 3, axis=-1), fixed)
   with pytest.raises(ValueError, match="same shape"):
-    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), fixed, moving[:, :16])
+    jax.eval_shape(SMALL_MODEL.init, jax.random.key(0), moving[:, :16], fixed)
 
 
 def test_load_torch_state_dict_roundtrip(tmp_path):

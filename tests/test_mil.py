@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from mammojax.convert.mammoclip import import_efficientnet, import_fpn_mil
-from mammojax.losses.mil import deep_supervision_loss, weighted_bce_with_logits
+from mammojax.losses.bce import weighted_bce_with_logits
+from mammojax.losses.mil import deep_supervision_loss
 from mammojax.models.mil import FPNMIL, MultiScaleMILHead, reference_num_inducing
 from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet
-from mammojax.nn.fpn import FPN, nearest_resize
+from mammojax.nn.fpn import FPN
 from mammojax.nn.mil_pooling import InstanceEncoder, make_pooling
+from mammojax.nn.resize import resize_nearest as nearest_resize
 from mammojax.nn.set_transformer import ISAB, PMA, num_inducing_points
 
 torch = pytest.importorskip("torch")

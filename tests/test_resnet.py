@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from mammojax.convert.mirai import find_backbone, import_mirai
-from mammojax.nn.resnet import MiraiResNet18
+from mammojax.nn.resnet import INTERMEDIATE_NAMES, MiraiResNet18
 
 torch = pytest.importorskip("torch")
 from torch_refs.resnet_torch import ResNet18Trunk, randomize_batch_norm  # noqa: E402
@@ -99,3 +99,40 @@ def test_missing_backbone_key_is_named():
     import_mirai(state)
   with pytest.raises(ValueError, match="no unique Mirai ResNet-18 backbone"):
     import_mirai({"fc.weight": np.zeros((2, 2))})
+
+
+def test_stage_outputs_are_sown_only_when_asked():
+  model = MiraiResNet18(base_width=WIDTH)
+  images = jnp.zeros((2, 64, 48, 1))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), images, use_running_average=True)
+  )
+  out, state = jax.eval_shape(
+    lambda v: model.apply(v, images, use_running_average=True, mutable=["intermediates"]),
+    variables,
+  )
+  sown = {name: value[0].shape for name, value in state["intermediates"].items()}
+  assert sown == {
+    "stem": (2, 16, 12, WIDTH),
+    "layer1": (2, 16, 12, WIDTH),
+    "layer2": (2, 8, 6, 2 * WIDTH),
+    "layer3": (2, 4, 3, 4 * WIDTH),
+    "layer4": (2, 2, 2, 8 * WIDTH),
+  }
+  assert sown["layer4"] == out.shape
+  assert set(sown) == set(INTERMEDIATE_NAMES)
+  # Without the collection the call returns the feature map alone, as before.
+  plain = jax.eval_shape(lambda v: model.apply(v, images, use_running_average=True), variables)
+  assert plain.shape == out.shape
+
+
+def test_activation_is_injectable():
+  model = MiraiResNet18(base_width=WIDTH)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, use_running_average=True)
+  relu = model.apply(variables, images, use_running_average=True)
+  swapped = MiraiResNet18(base_width=WIDTH, activation=jax.nn.relu6).apply(
+    variables, images, use_running_average=True
+  )
+  assert swapped.shape == relu.shape
+  assert not np.allclose(np.asarray(swapped), np.asarray(relu))

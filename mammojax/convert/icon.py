@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mammojax.convert.layouts import torch_conv_kernel, torch_transposed_conv_kernel
 from mammojax.models.registration import icon
 from mammojax.models.registration.icon_unet import ICONUNet2
 
@@ -147,16 +148,14 @@ def import_unet2(
 
   params, stats = {}, {}
   for d in range(num_layers):
-    weight = take(f"downConvs.{d}.weight")  # [out, in, *k]
     params[f"downConvs_{d}"] = {
-      "kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
+      "kernel": torch_conv_kernel(take(f"downConvs.{d}.weight")),
       "bias": take(f"downConvs.{d}.bias"),
     }
-    weight = take(f"upConvs.{d}.weight")  # [in, out, *k]
-    spatial = tuple(range(2, weight.ndim))
-    kernel = np.flip(weight, axis=spatial)
+    # Flax's ConvTranspose does not flip its kernel; torch's transposed convolution does.
+    kernel = torch_transposed_conv_kernel(take(f"upConvs.{d}.weight"), flip=True)
     params[f"upConvs_{d}"] = {
-      "kernel": np.ascontiguousarray(np.moveaxis(kernel, (0, 1), (-2, -1))),
+      "kernel": np.ascontiguousarray(kernel),
       "bias": take(f"upConvs.{d}.bias"),
     }
     params[f"batchNorms_{d}"] = {
@@ -167,9 +166,8 @@ def import_unet2(
       "mean": take(f"batchNorms.{d}.running_mean"),
       "var": take(f"batchNorms.{d}.running_var"),
     }
-  weight = take("lastConv.weight")
   params["lastConv"] = {
-    "kernel": np.moveaxis(weight, (0, 1), (-1, -2)),
+    "kernel": torch_conv_kernel(take("lastConv.weight")),
     "bias": take("lastConv.bias"),
   }
   return params, stats

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mammojax.convert.mirai import dense_kernel, find_backbone, import_backbone
+from mammojax.convert.layouts import torch_dense_kernel
+from mammojax.convert.mirai import find_backbone, import_backbone
 from mammojax.nn.time_encoding import sinusoid_table
 
 _HEADS = ("head_fused", "head_cur", "head_pri")
@@ -61,11 +62,13 @@ def _attention(take, prefix: str, num_heads: int) -> dict[str, Any]:
   for index, name in enumerate(("query", "key", "value")):
     rows = slice(index * dim, (index + 1) * dim)
     params[name] = {
-      "kernel": in_weight[rows].T.reshape(dim, num_heads, head_dim),
+      "kernel": torch_dense_kernel(in_weight[rows]).reshape(dim, num_heads, head_dim),
       "bias": in_bias[rows].reshape(num_heads, head_dim),
     }
   params["out"] = {
-    "kernel": take(f"{prefix}out_proj.weight").T.reshape(num_heads, head_dim, dim),
+    "kernel": torch_dense_kernel(take(f"{prefix}out_proj.weight")).reshape(
+      num_heads, head_dim, dim
+    ),
     "bias": take(f"{prefix}out_proj.bias"),
   }
   return params
@@ -84,7 +87,7 @@ def import_risk_model(
     return np.array(state_dict[key], dtype=np.float32)  # a copy: never alias torch memory
 
   def dense(name: str) -> dict[str, np.ndarray]:
-    return {"kernel": dense_kernel(take(f"{name}.weight")), "bias": take(f"{name}.bias")}
+    return {"kernel": torch_dense_kernel(take(f"{name}.weight")), "bias": take(f"{name}.bias")}
 
   def layer_norm(name: str) -> dict[str, np.ndarray]:
     return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}

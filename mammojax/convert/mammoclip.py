@@ -13,8 +13,9 @@
   ``scale_aggregator.*`` and ``classifier.head_classifier.*``.
 
 Importers take ``{name: array}`` dicts (numpy arrays or torch tensors; see
-`mammojax.convert.torch_files.unwrap_state_dict`) and never import torch; the ``load_*`` helpers
-read files through `mammojax.convert.torch_files.load_torch_state_dict` (torch needed).
+`mammojax.convert.torch_files.unwrap_state_dict`) and never import torch; read checkpoint files
+with `mammojax.convert.torch_files.load_torch_state_dict` (torch needed), as
+``python -m mammojax.convert`` does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mammojax.convert.torch_files import load_torch_state_dict, unwrap_state_dict
+from mammojax.convert import layouts
+from mammojax.convert.torch_files import unwrap_state_dict
 from mammojax.models.mil.fpn_mil import FPNMIL
 from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet
 
@@ -109,11 +111,11 @@ def _to_flax(
   key: str, value: np.ndarray, shape: tuple[int, ...], is_kernel: bool, mismatched: list[str]
 ) -> np.ndarray | None:
   if is_kernel and len(shape) == 4:
-    torch_shape = (shape[3], shape[2], shape[0], shape[1])
-    convert = lambda w: w.transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
+    torch_shape = layouts.torch_conv_kernel_shape(shape)
+    convert = layouts.torch_conv_kernel
   elif is_kernel and len(shape) == 2:
-    torch_shape = (shape[1], shape[0])
-    convert = lambda w: w.T
+    torch_shape = layouts.torch_dense_kernel_shape(shape)
+    convert = layouts.torch_dense_kernel
   else:
     torch_shape = tuple(shape)
     convert = lambda w: w
@@ -222,11 +224,6 @@ def import_efficientnet(
   return variables
 
 
-def load_mammoclip_encoder(path: str, model: EfficientNet | None = None) -> dict[str, Any]:
-  """Reads a Mammo-CLIP ``.tar`` checkpoint (torch needed) into EfficientNet variables."""
-  return import_efficientnet(load_torch_state_dict(path), model)
-
-
 def _example_inputs(model: FPNMIL, state: Mapping[str, np.ndarray]) -> Any:
   if model.backbone is not None:
     return jnp.zeros((1, 1, 64, 64, 3))
@@ -330,9 +327,3 @@ def _shared_norm_copy(key: str) -> bool:
     and (".inner_block_" in key or ".layer_block_" in key)
     and ".inner_block_0.1." not in key
   )
-
-
-def load_fpn_mil(path: str, model: FPNMIL, mammoclip_path: str | None = None) -> dict[str, Any]:
-  """Reads an FPN-MIL checkpoint (and, if needed, a Mammo-CLIP one) into variables of ``model``."""
-  backbone = load_torch_state_dict(mammoclip_path) if mammoclip_path else None
-  return import_fpn_mil(load_torch_state_dict(path), model, backbone)

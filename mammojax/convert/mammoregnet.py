@@ -25,6 +25,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from mammojax.convert import layouts
 from mammojax.convert.torch_files import unwrap_state_dict
 from mammojax.models.registration.mammoregnet import SIZE_MULTIPLE, MammoRegNet
 from mammojax.nn.swin import relative_position_index
@@ -53,7 +54,9 @@ def import_mammoregnet(state_dict: Mapping[str, Any], **hparams: Any) -> dict[st
   state = unwrap_state_dict(state_dict)
 
   image = jax.ShapeDtypeStruct((1, SIZE_MULTIPLE, SIZE_MULTIPLE, model.in_channels), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), image, image)
+  abstract = jax.eval_shape(
+    lambda rng, x: model.init(rng, moving=x, fixed=x), jax.random.key(0), image
+  )
   expected = traverse_util.flatten_dict(nn.meta.unbox(abstract)["params"])
 
   params, missing, mismatched = {}, [], []
@@ -108,13 +111,16 @@ def _torch_entry(path: tuple[str, ...], shape: tuple[int, ...]):
   name = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
   key = ".".join(modules + [name])
   if leaf == "kernel" and len(shape) == 4 and path[-2] == "up_conv":
-    perm = (2, 3, 0, 1)  # torch [I, O, kh, kw] <-> flax [kh, kw, I, O], self-inverse
-    return key, lambda w: w.transpose(perm), tuple(shape[i] for i in perm)
+    # TransposedConvStride2 paints with the kernel as torch does: no flip.
+    return (
+      key,
+      layouts.torch_transposed_conv_kernel,
+      layouts.torch_transposed_conv_kernel_shape(shape),
+    )
   if leaf == "kernel" and len(shape) == 4:
-    inverse = (3, 2, 0, 1)  # flax [kh, kw, I, O] -> torch [O, I, kh, kw]
-    return key, lambda w: w.transpose(2, 3, 1, 0), tuple(shape[i] for i in inverse)
+    return key, layouts.torch_conv_kernel, layouts.torch_conv_kernel_shape(shape)
   if leaf == "kernel" and len(shape) == 2:
-    return key, lambda w: w.T, (shape[1], shape[0])
+    return key, layouts.torch_dense_kernel, layouts.torch_dense_kernel_shape(shape)
   return key, lambda w: w, tuple(shape)
 
 

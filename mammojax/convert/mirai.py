@@ -24,21 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from mammojax.convert.layouts import torch_conv_kernel
 from mammojax.nn.resnet import STAGE_NAMES
 
 BLOCK_NAMES = ("downsampler",) + STAGE_NAMES
 PROJECTED_BLOCKS = ("layer2_0", "layer3_0", "layer4_0")
 _BN_STATS_IGNORED = "num_batches_tracked"
-
-
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-  """torch ``[O, I, kh, kw]`` -> flax ``[kh, kw, I, O]``."""
-  return np.transpose(np.asarray(weight, np.float32), (2, 3, 1, 0))
-
-
-def dense_kernel(weight: np.ndarray) -> np.ndarray:
-  """torch Linear ``[O, I]`` -> flax ``[I, O]``."""
-  return np.transpose(np.asarray(weight, np.float32))
 
 
 def find_backbone(state_dict: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -107,15 +98,17 @@ def import_backbone(
   stats: dict[str, Any] = {}
   for name in BLOCK_NAMES:
     prefix = prefixes[name]
-    block_params: dict[str, Any] = {"conv1": {"kernel": conv_kernel(take(f"{prefix}conv1.weight"))}}
+    block_params: dict[str, Any] = {
+      "conv1": {"kernel": torch_conv_kernel(take(f"{prefix}conv1.weight"))}
+    }
     block_stats: dict[str, Any] = {}
     block_params["bn1"], block_stats["bn1"] = batch_norm(f"{prefix}bn1.")
     if name != "downsampler":
-      block_params["conv2"] = {"kernel": conv_kernel(take(f"{prefix}conv2.weight"))}
+      block_params["conv2"] = {"kernel": torch_conv_kernel(take(f"{prefix}conv2.weight"))}
       block_params["bn2"], block_stats["bn2"] = batch_norm(f"{prefix}bn2.")
     if name in PROJECTED_BLOCKS:
       block_params["downsample_conv"] = {
-        "kernel": conv_kernel(take(f"{prefix}downsample.0.weight"))
+        "kernel": torch_conv_kernel(take(f"{prefix}downsample.0.weight"))
       }
       block_params["downsample_bn"], block_stats["downsample_bn"] = batch_norm(
         f"{prefix}downsample.1."

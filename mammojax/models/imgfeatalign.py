@@ -24,37 +24,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from mammojax.models.risk_model import RiskHeads, RiskModel
+from mammojax.nn import initializers, partitioning
 from mammojax.nn.cumulative_risk import CumulativeRiskHead
+from mammojax.nn.resize import resize_linear_align_corners
 from mammojax.nn.resnet import MiraiResNet18
 from mammojax.nn.time_encoding import ContinuousTimeEncoding
+from mammojax.nn.transformer import TransformerBlock
 from mammojax.nn.warp import resize_displacement, warp
-
-# Torch nn.Linear's default init (uniform +-1/sqrt(fan_in)).
-_torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_dense_init = nn.with_logical_partitioning(_torch_linear_init, ("embed", "mlp"))
-_qkv_init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", None))
-_attn_out_init = nn.with_logical_partitioning(_torch_linear_init, ("heads", None, "embed"))
-
-
-def resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of ``[B, H, W, C]`` to ``[B, h, w, C]`` with torch ``align_corners=True``.
-
-  Output pixel ``i`` samples input position ``i * (H - 1) / (h - 1)`` (0 when ``h == 1``); no
-  antialiasing when shrinking, exactly as ``F.interpolate(mode='bilinear', align_corners=True)``.
-  """
-  for axis, new in zip((1, 2), size):
-    old = x.shape[axis]
-    scale = (old - 1) / (new - 1) if new > 1 else 0.0
-    position = np.arange(new, dtype=np.float32) * np.float32(scale)
-    lower = np.floor(position).astype(np.int32)
-    upper = np.minimum(lower + 1, old - 1)
-    frac = jnp.asarray(position - lower, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-    x = jnp.take(x, lower, axis=axis) * (1 - frac) + jnp.take(x, upper, axis=axis) * frac
-  return x
 
 
 def feature_displacement(
@@ -68,7 +47,7 @@ def feature_displacement(
     return resize_displacement(flow, feature_size)
   _, height, width, _ = flow.shape
   new_h, new_w = feature_size
-  resized = resize_align_corners(flow, feature_size)
+  resized = resize_linear_align_corners(flow, feature_size)
   as_columns = resized[..., 0] * (new_w / width)
   as_rows = resized[..., 1] * (new_h / height)
   return jnp.stack([as_rows, as_columns], axis=-1)
@@ -79,42 +58,26 @@ def global_average_pool(features: jax.Array) -> jax.Array:
   return jnp.mean(features, axis=(1, 2))
 
 
-class TemporalAttentionBlock(nn.Module):
-  """Post-norm transformer layer over a short token sequence: ``[B, S, D] -> [B, S, D]``.
+def temporal_attention_block(
+  num_heads: int, dropout_rate: float, ffn_expansion: int, dtype: jnp.dtype, name: str
+) -> TransformerBlock:
+  """BCRBench's post-norm layer over the short token sequence: ``[B, S, D] -> [B, S, D]``.
 
   ``x = LN1(x + MHA(x)); x = LN2(x + W2 relu(W1 x))`` with dropout on the attention weights only
-  (as torch ``nn.MultiheadAttention`` + BCRBench's feed-forward, which has no dropout).
+  (torch ``nn.MultiheadAttention`` + BCRBench's feed-forward, which has no dropout). Parameters:
+  ``attn``, ``norm1``, ``norm2``, ``ff_in``, ``ff_out`` (``mammojax.convert.imgfeatalign``).
   """
-
-  num_heads: int = 8
-  dropout_rate: float = 0.1
-  ffn_expansion: int = 4
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
-    dim = tokens.shape[-1]
-    attended = nn.MultiHeadDotProductAttention(
-      num_heads=self.num_heads,
-      dropout_rate=self.dropout_rate,
-      broadcast_dropout=False,
-      kernel_init=_qkv_init,
-      out_kernel_init=_attn_out_init,
-      dtype=self.dtype,
-      name="attn",
-    )(tokens, tokens, deterministic=deterministic)
-    layer_norm = lambda name: nn.LayerNorm(
-      epsilon=1e-5,
-      use_fast_variance=False,  # noqa: E731
-      dtype=self.dtype,
-      name=name,
-    )
-    x = layer_norm("norm1")(tokens + attended)
-    hidden = nn.relu(
-      nn.Dense(dim * self.ffn_expansion, kernel_init=_dense_init, dtype=self.dtype, name="ff_in")(x)
-    )
-    ff = nn.Dense(dim, kernel_init=_dense_init, dtype=self.dtype, name="ff_out")(hidden)
-    return layer_norm("norm2")(x + ff)
+  return TransformerBlock(
+    num_heads=num_heads,
+    mlp_ratio=ffn_expansion,
+    pre_norm=False,
+    activation=nn.relu,
+    attention_dropout_rate=dropout_rate,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-5,
+    dtype=dtype,
+    name=name,
+  )
 
 
 class AttentionRiskFusion(nn.Module):
@@ -165,12 +128,12 @@ class AttentionRiskFusion(nn.Module):
     else:
       prior_pooled = jnp.zeros_like(current_pooled)
       sequence = current_pooled[:, None, :]
-    attended = TemporalAttentionBlock(
+    attended = temporal_attention_block(
       self.num_heads, self.dropout_rate, self.ffn_expansion, self.dtype, name="attention"
     )(sequence, deterministic)
-    fused = nn.Dense(dim, kernel_init=_dense_init, dtype=self.dtype, name="feature_projection")(
-      jnp.mean(attended, axis=1)
-    )
+    fused = partitioning.dense(
+      dim, "feature_projection", kernel_init=initializers.torch_default_kernel, dtype=self.dtype
+    )(jnp.mean(attended, axis=1))
     head = lambda name: CumulativeRiskHead(self.num_years, self.dtype, name=name)  # noqa: E731
     return {
       "pred_fused": head("head_fused")(fused),
@@ -183,8 +146,8 @@ class ImgFeatAlign(nn.Module, RiskModel):
   """Feature-level aligned longitudinal risk model (see the module docstring).
 
   Attributes:
-    registration: the frozen registration network, called as ``registration(fixed, moving)``
-      with fixed = current and moving = prior image ``[B, H, W, 1]``; it must return a dict with
+    registration: the frozen registration network, called as ``registration(moving=prior,
+      fixed=current)`` with images ``[B, H, W, 1]``; it must return a dict with
       ``'flow'`` ``[B, H, W, 2]`` ('ij' pixels). Its outputs are wrapped in ``stop_gradient``;
       the trainer must also keep the optimizer off its parameters (``params['registration']``).
     num_years: risk horizon (BCRBench ``max_followup``: 5).
@@ -255,7 +218,9 @@ class ImgFeatAlign(nn.Module, RiskModel):
     if self.use_prior:
       prior = encode(previous_image)
       if self.align:
-        flow = jax.lax.stop_gradient(self.registration(current_image, previous_image)["flow"])
+        flow = jax.lax.stop_gradient(
+          self.registration(moving=previous_image, fixed=current_image)["flow"]
+        )
         displacement = feature_displacement(flow, feature_size, self.bcrbench_flow_compat)
         aligned = warp(prior, displacement.astype(prior.dtype), impl=self.warp_impl)
       else:

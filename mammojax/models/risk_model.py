@@ -13,8 +13,7 @@ from typing import Any
 
 import jax
 
-# head name -> (logits [B, Y], target [B, Y], mask [B, Y])
-RiskHeads = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
+from mammojax.losses.risk import RiskHeads
 
 
 class RiskModel(abc.ABC):

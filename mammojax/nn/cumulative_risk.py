@@ -7,11 +7,13 @@ same), so the risk of cancer within ``k + 1`` years never decreases with ``k``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-_DENSE_AXES = ("embed", "mlp")
+from mammojax.nn import initializers, partitioning
 
 
 class CumulativeRiskHead(nn.Module):
@@ -19,20 +21,19 @@ class CumulativeRiskHead(nn.Module):
 
   Attributes:
     num_years: horizon (Mirai / BCRBench ``max_followup``: 5).
+    activation: keeps the yearly hazards non-negative (ReLU, as Mirai); injectable so that an
+      attribution method can change its gradient.
   """
 
   num_years: int = 5
   dtype: jnp.dtype = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
-    # Torch nn.Linear init: kaiming_uniform(a=sqrt(5)) == uniform(+-1/sqrt(fan_in)) == variance
-    # scaling 1/3, fan_in, uniform.
-    init = nn.with_logical_partitioning(
-      nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), _DENSE_AXES
+    dense = lambda width, name: partitioning.dense(  # noqa: E731
+      width, name, kernel_init=initializers.torch_default_kernel, dtype=self.dtype
     )
-    hazards = nn.relu(
-      nn.Dense(self.num_years, kernel_init=init, dtype=self.dtype, name="hazard_fc")(features)
-    )
-    base = nn.Dense(1, kernel_init=init, dtype=self.dtype, name="base_hazard_fc")(features)
+    hazards = self.activation(dense(self.num_years, "hazard_fc")(features))
+    base = dense(1, "base_hazard_fc")(features)
     return jnp.cumsum(hazards, axis=-1) + base

@@ -15,20 +15,28 @@ momentum of 0.99 (torch momentum 0.01).
 
 Only stride-2 convolutions can differ between the two (a stride-1 SAME convolution always pads
 ``k - 1`` in total).
+
+Feature maps are sown into the ``'intermediates'`` collection when the caller makes it mutable
+(``apply(..., mutable=['intermediates'])``): ``stem`` (after ``bn0`` and swish), each block's
+output as ``blocks_<i>/output`` (efficientnet_pytorch's ``_blocks.<i>``) and, with
+``include_head``, ``head``. Swish is injectable (``activation``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mammojax.nn import initializers, partitioning
 from mammojax.nn.depthwise_conv import DepthwiseConv
 from mammojax.nn.depthwise_conv import Impl as DepthwiseImpl
+
+Activation = Callable[[jax.Array], jax.Array]
 
 # The image size efficientnet_pytorch assigns to B2; Mammo-CLIP's static paddings come from it.
 MAMMOCLIP_STATIC_SIZE = (260, 260)
@@ -123,16 +131,12 @@ def _padding_2d(
   return same_padding(size_hw[0], kernel, stride), same_padding(size_hw[1], kernel, stride)
 
 
-_HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
 def _conv_kernel_init() -> nn.initializers.Initializer:
-  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, "embed", "mlp"))
+  return partitioning.conv_kernel_init(initializers.he_fan_out_normal)
 
 
 def _depthwise_kernel_init() -> nn.initializers.Initializer:
-  # A depthwise kernel is [k, k, 1, C]: its channels are the output axis.
-  return nn.with_logical_partitioning(_HE_FAN_OUT, (None, None, None, "mlp"))
+  return partitioning.depthwise_kernel_init(initializers.he_fan_out_normal)
 
 
 def _batch_norm(train: bool, name: str, dtype: jnp.dtype, momentum: float) -> nn.BatchNorm:
@@ -150,6 +154,7 @@ class MBConvBlock(nn.Module):
     static_input_size: (h, w) the block's static paddings are computed for; None for dynamic.
     batch_norm_momentum: decay of the batch-norm running averages.
     depthwise_impl: lowering of the depthwise convolution (``mammojax.nn.depthwise_conv``).
+    activation: swish (SiLU) after the expansion, the depthwise conv and the SE reduction.
   """
 
   spec: BlockSpec
@@ -158,6 +163,7 @@ class MBConvBlock(nn.Module):
   batch_norm_momentum: float = BN_MOMENTUM
   depthwise_impl: DepthwiseImpl = "auto"
   dtype: jnp.dtype = jnp.float32
+  activation: Activation = nn.swish
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,7 +180,7 @@ class MBConvBlock(nn.Module):
         kernel_init=_conv_kernel_init(),
         name="expand_conv",
       )(x)
-      x = nn.swish(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
+      x = self.activation(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
     size = self.static_input_size or (x.shape[1], x.shape[2])
     x = DepthwiseConv(
       (spec.kernel, spec.kernel),
@@ -185,11 +191,11 @@ class MBConvBlock(nn.Module):
       kernel_init=_depthwise_kernel_init(),
       name="depthwise_conv",
     )(x)
-    x = nn.swish(_batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(x))
+    x = self.activation(_batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(x))
     if 0 < spec.se_ratio <= 1:
       squeezed = max(1, int(spec.in_filters * spec.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = nn.swish(
+      s = self.activation(
         nn.Conv(
           squeezed, (1, 1), dtype=self.dtype, kernel_init=_conv_kernel_init(), name="se_reduce"
         )(s)
@@ -214,6 +220,7 @@ class MBConvBlock(nn.Module):
         alive = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
         x = jnp.where(alive, x / keep, jnp.zeros_like(x))
       x = x + inputs
+    self.sow("intermediates", "output", x)
     return x
 
 
@@ -233,6 +240,7 @@ class EfficientNet(nn.Module):
       or its running averages lag its weights and the evaluation-mode outputs are off.
     depthwise_impl: 'auto' (shifted multiply-adds on CPU, the native grouped convolution
       elsewhere), 'conv' or 'taps'; same parameters and outputs (``mammojax.nn.depthwise_conv``).
+    activation: every swish of the network (stem, blocks, head).
   """
 
   width: float = 1.1
@@ -243,6 +251,7 @@ class EfficientNet(nn.Module):
   batch_norm_momentum: float = BN_MOMENTUM
   depthwise_impl: DepthwiseImpl = "auto"
   dtype: jnp.dtype = jnp.float32
+  activation: Activation = nn.swish
 
   @property
   def blocks(self) -> tuple[BlockSpec, ...]:
@@ -292,7 +301,8 @@ class EfficientNet(nn.Module):
       kernel_init=_conv_kernel_init(),
       name="conv_stem",
     )(images)
-    x = nn.swish(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
+    x = self.activation(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
+    self.sow("intermediates", "stem", x)
     size = (-(-size[0] // 2), -(-size[1] // 2))
     blocks = self.blocks
     features = {}
@@ -304,6 +314,7 @@ class EfficientNet(nn.Module):
         batch_norm_momentum=self.batch_norm_momentum,
         depthwise_impl=self.depthwise_impl,
         dtype=self.dtype,
+        activation=self.activation,
         name=f"blocks_{i}",
       )(x, train)
       size = (-(-size[0] // spec.stride), -(-size[1] // spec.stride))
@@ -319,7 +330,8 @@ class EfficientNet(nn.Module):
         kernel_init=_conv_kernel_init(),
         name="conv_head",
       )(x)
-      features["head"] = nn.swish(
+      features["head"] = self.activation(
         _batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(h)
       )
+      self.sow("intermediates", "head", features["head"])
     return features

@@ -5,7 +5,10 @@ maps, a nearest-neighbour top-down pathway, 3x3 output convs, and an extra level
 every 4th pixel of the stride-32 output (the reference's ``max_pool2d(kernel_size=1, stride=4)``),
 i.e. stride 128. With ``group_norm`` every conv is followed by GroupNorm(1 group) and has no bias;
 the reference builds ONE GroupNorm module and reuses it after all four convs, so they share its
-scale and bias, and so does this module.
+scale and bias, and so does this module. The FPN has no activation.
+
+The levels are also sown into the ``'intermediates'`` collection as ``stride_16``, ``stride_32``
+and ``stride_128`` when the caller makes it mutable (``apply(..., mutable=['intermediates'])``).
 """
 
 from __future__ import annotations
@@ -13,19 +16,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Nearest-neighbour resize of [B, H, W, C] to [B, h, w, C] as torch's ``mode='nearest'``.
-
-  Output pixel i reads input pixel floor(i * H / h) (no half-pixel offset, unlike
-  ``jax.image.resize``).
-  """
-  in_h, in_w = x.shape[1], x.shape[2]
-  rows = (np.arange(size[0]) * in_h) // size[0]
-  cols = (np.arange(size[1]) * in_w) // size[1]
-  return x[:, rows][:, :, cols]
+from mammojax.nn import partitioning
+from mammojax.nn.resize import downsample, resize_nearest
 
 
 class FPN(nn.Module):
@@ -73,15 +66,17 @@ class FPN(nn.Module):
         use_bias=not self.group_norm,
         dtype=self.dtype,
         name=name,
-        kernel_init=nn.with_logical_partitioning(
-          nn.initializers.kaiming_uniform(), (None, None, "embed", "mlp")
-        ),
+        kernel_init=partitioning.conv_kernel_init(nn.initializers.kaiming_uniform()),
       )
 
     inner32 = norm(conv(1, "inner_block_1")(stride32))
     out32 = norm(conv(3, "layer_block_1")(inner32))
     inner16 = norm(conv(1, "inner_block_0")(stride16))
     if self.top_down:
-      inner16 = inner16 + nearest_resize(inner32, (inner16.shape[1], inner16.shape[2]))
+      inner16 = inner16 + resize_nearest(inner32, (inner16.shape[1], inner16.shape[2]))
     out16 = norm(conv(3, "layer_block_0")(inner16))
-    return {16: out16, 32: out32, 128: out32[:, ::4, ::4]}
+    # The reference's max_pool2d(kernel_size=1, stride=4): every 4th pixel.
+    levels = {16: out16, 32: out32, 128: downsample(out32, 4, "subsample")}
+    for stride, level in levels.items():
+      self.sow("intermediates", f"stride_{stride}", level)
+    return levels

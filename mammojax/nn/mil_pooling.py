@@ -9,26 +9,26 @@ Transformer blocks). Pooling (``make_pooling``): 'mean', 'max', 'attention' (Ils
 pooling module maps ``(x [B, N, D], mask [B, N] | None, deterministic)`` to
 ``(pooled [B, D'], weights [B, N] | None)``; weights are the per-instance attention (averaged over
 heads for PMA) and None for mean and max.
+
+The ReLU of the MLP encoder and of the Set Transformer blocks is injectable (``activation``); the
+tanh / sigmoid of attention scoring is part of the pooling and stays.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mammojax.nn.partitioning import dense
 from mammojax.nn.set_transformer import ISAB, PMA, SAB, masked_softmax
 
 ENCODER_TYPES = ("mlp", "sab", "isab")
 POOLING_TYPES = ("mean", "max", "attention", "gated-attention", "pma")
 
-
-def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-  )
+Activation = Callable[[jax.Array], jax.Array]
 
 
 def check_bag(x: jax.Array, mask: jax.Array | None) -> None:
@@ -50,6 +50,7 @@ class InstanceEncoder(nn.Module):
     num_inducing: inducing points of ISAB (see `set_transformer.num_inducing_points`).
     layer_norm: LayerNorm inside SAB / ISAB.
     dropout: dropout after the MLP's ReLU.
+    activation: the MLP's ReLU, or the one inside each SAB / ISAB block.
   """
 
   kind: str = "mlp"
@@ -59,6 +60,7 @@ class InstanceEncoder(nn.Module):
   num_inducing: int = 16
   layer_norm: bool = False
   dropout: float = 0.0
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(
@@ -67,16 +69,23 @@ class InstanceEncoder(nn.Module):
     """[B, N, D] -> [B, N, features]."""
     check_bag(x, mask)
     if self.kind == "mlp":
-      x = nn.relu(_dense(self.features, "fc")(x))
+      x = self.activation(dense(self.features, "fc")(x))
       return nn.Dropout(self.dropout)(x, deterministic=deterministic)
     if self.kind == "sab":
       for i in range(self.num_blocks):
-        x = SAB(self.features, self.num_heads, self.layer_norm, name=f"blocks_{i}")(x, mask)
+        x = SAB(
+          self.features, self.num_heads, self.layer_norm, self.activation, name=f"blocks_{i}"
+        )(x, mask)
       return x
     if self.kind == "isab":
       for i in range(self.num_blocks):
         x = ISAB(
-          self.features, self.num_inducing, self.num_heads, self.layer_norm, name=f"blocks_{i}"
+          self.features,
+          self.num_inducing,
+          self.num_heads,
+          self.layer_norm,
+          self.activation,
+          name=f"blocks_{i}",
         )(x, mask)
       return x
     raise ValueError(f"InstanceEncoder kind must be one of {ENCODER_TYPES}, got {self.kind!r}.")
@@ -133,14 +142,14 @@ class AttentionPooling(nn.Module):
   ) -> tuple[jax.Array, jax.Array]:
     check_bag(x, mask)
     a = nn.Dropout(self.dropout)(
-      jnp.tanh(_dense(self.hidden, "attention_V")(x)), deterministic=deterministic
+      jnp.tanh(dense(self.hidden, "attention_V")(x)), deterministic=deterministic
     )
     if self.gated:
       gate = nn.Dropout(self.dropout)(
-        nn.sigmoid(_dense(self.hidden, "attention_U")(x)), deterministic=deterministic
+        nn.sigmoid(dense(self.hidden, "attention_U")(x)), deterministic=deterministic
       )
       a = a * gate
-    scores = _dense(1, "attention_weights")(a)[..., 0]
+    scores = dense(1, "attention_weights")(a)[..., 0]
     weights = masked_softmax(scores, mask).astype(x.dtype)
     return jnp.einsum("bn,bnd->bd", weights, x), weights
 
@@ -151,13 +160,16 @@ class PMAPooling(nn.Module):
   features: int = 256
   num_heads: int = 1
   layer_norm: bool = False
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(
     self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
   ) -> tuple[jax.Array, jax.Array]:
     check_bag(x, mask)
-    pooled, attention = PMA(self.features, self.num_heads, self.layer_norm, name="pma")(x, mask)
+    pooled, attention = PMA(
+      self.features, self.num_heads, self.layer_norm, self.activation, name="pma"
+    )(x, mask)
     return pooled, jnp.mean(attention, axis=1)
 
 
@@ -169,9 +181,13 @@ def make_pooling(
   dropout: float = 0.0,
   num_heads: int = 1,
   layer_norm: bool = False,
+  activation: Activation = nn.relu,
   name: str | None = None,
 ) -> nn.Module:
-  """Builds the pooling module ``kind`` (one of `POOLING_TYPES`) for bags of width ``features``."""
+  """Builds the pooling module ``kind`` (one of `POOLING_TYPES`) for bags of width ``features``.
+
+  ``activation`` is the ReLU inside PMA's block; the other kinds have none.
+  """
   if kind == "mean":
     return MeanPooling(name=name)
   if kind == "max":
@@ -181,5 +197,5 @@ def make_pooling(
       attention_hidden, gated=kind == "gated-attention", dropout=dropout, name=name
     )
   if kind == "pma":
-    return PMAPooling(features, num_heads, layer_norm, name=name)
+    return PMAPooling(features, num_heads, layer_norm, activation, name=name)
   raise ValueError(f"pooling type must be one of {POOLING_TYPES}, got {kind!r}.")

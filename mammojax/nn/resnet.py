@@ -10,19 +10,28 @@ Layout, as Mirai's ``ResNet`` builds it from ``block_layout = 'BasicBlock,2' x 4
 The output is the last block's feature map, ``[B, H/32, W/32, 8 * base_width]``. BatchNorm uses
 torch's defaults (epsilon 1e-5, torch momentum 0.1 == Flax momentum 0.9). Submodule names mirror
 Mirai's attribute names so that checkpoint import is a renaming.
+
+Stage outputs are sown into the ``'intermediates'`` collection under torchvision's names
+(:data:`INTERMEDIATE_NAMES`: ``stem``, ``layer1`` .. ``layer4``; a tuple, one entry per call, of
+``[B, h, w, C]``) when the caller makes it mutable (``apply(..., mutable=['intermediates'])``),
+e.g. for GradCAM; otherwise nothing is stored. ReLU is injectable (``activation``), e.g. for
+guided backpropagation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-_CONV_AXES = (None, None, "embed", "mlp")
+from mammojax.nn import initializers, partitioning
+
+Activation = Callable[[jax.Array], jax.Array]
+
 # Torch initialises these convs with normal(0, sqrt(2 / (k*k*out))): He init on fan-out.
-_conv_init = nn.with_logical_partitioning(
-  nn.initializers.variance_scaling(2.0, "fan_out", "normal"), _CONV_AXES
-)
+_conv_init = partitioning.conv_kernel_init(initializers.he_fan_out_normal)
 
 STAGE_NAMES = (
   "layer1_0",
@@ -34,6 +43,8 @@ STAGE_NAMES = (
   "layer4_0",
   "layer4_1",
 )
+# Sown stage outputs: the downsampler, then the second block of each stage.
+INTERMEDIATE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
 def _batch_norm(name: str, momentum: float, epsilon: float, dtype) -> nn.BatchNorm:
@@ -52,6 +63,7 @@ class BasicBlock(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -68,14 +80,14 @@ class BasicBlock(nn.Module):
     bn = lambda name: _batch_norm(name, self.bn_momentum, self.bn_epsilon, self.dtype)  # noqa: E731
 
     out = conv(self.features, 3, self.stride, 1, "conv1")(x)
-    out = nn.relu(bn("bn1")(out, use_running_average=use_running_average))
+    out = self.activation(bn("bn1")(out, use_running_average=use_running_average))
     out = conv(self.features, 3, 1, 1, "conv2")(out)
     out = bn("bn2")(out, use_running_average=use_running_average)
     residual = x
     if self.project:
       residual = conv(self.features, 1, self.stride, 0, "downsample_conv")(x)
       residual = bn("downsample_bn")(residual, use_running_average=use_running_average)
-    return nn.relu(out + residual)
+    return self.activation(out + residual)
 
 
 class Downsampler(nn.Module):
@@ -85,6 +97,7 @@ class Downsampler(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -101,7 +114,7 @@ class Downsampler(nn.Module):
     x = _batch_norm("bn1", self.bn_momentum, self.bn_epsilon, self.dtype)(
       x, use_running_average=use_running_average
     )
-    x = nn.relu(x)
+    x = self.activation(x)
     # Flax pads max-pool windows with -inf, as torch does.
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -115,16 +128,14 @@ class MiraiResNet18(nn.Module):
     bn_momentum: Flax BatchNorm momentum (0.9 == torch momentum 0.1).
     bn_epsilon: BatchNorm epsilon (torch default 1e-5).
     dtype: computation dtype (parameters stay float32).
+    activation: every ReLU of the trunk.
   """
 
   base_width: int = 64
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
-
-  @property
-  def out_features(self) -> int:
-    return 8 * self.base_width
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, images: jax.Array, use_running_average: bool) -> jax.Array:
@@ -142,10 +153,16 @@ class MiraiResNet18(nn.Module):
       raise ValueError(f"MiraiResNet18 expects images [B, H, W, 1 or 3], got {images.shape}")
     if images.shape[-1] == 1:
       images = jnp.repeat(images, 3, axis=-1)
-    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    common = dict(
+      bn_momentum=self.bn_momentum,
+      bn_epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      activation=self.activation,
+    )
     x = Downsampler(self.base_width, name="downsampler", **common)(
       images, use_running_average=use_running_average
     )
+    self.sow("intermediates", "stem", x)
     for index, name in enumerate(STAGE_NAMES):
       stage = index // 2
       first_of_strided_stage = stage > 0 and index % 2 == 0
@@ -156,4 +173,6 @@ class MiraiResNet18(nn.Module):
         name=name,
         **common,
       )(x, use_running_average=use_running_average)
+      if index % 2:
+        self.sow("intermediates", INTERMEDIATE_NAMES[stage + 1], x)
     return x

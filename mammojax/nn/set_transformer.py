@@ -5,23 +5,24 @@ The multihead attention block follows the paper's reference code, which FPN-MIL 
 (not the per-head width), then ``O = LN(H + relu(fc_o(H)))``; heads take contiguous slices of the
 projected features. Masks are ``[B, N]`` booleans, True for real elements: masked keys get a large
 negative score before the softmax, so padded elements never receive attention weight.
+
+The ReLU after ``fc_o`` is injectable (``activation``). The block is not
+:class:`mammojax.nn.transformer.TransformerBlock`: its attention scale, residual on the projected
+queries and one-layer feed-forward differ.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mammojax.nn import partitioning
 
-def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-  )
+Activation = Callable[[jax.Array], jax.Array]
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
@@ -45,11 +46,13 @@ class MAB(nn.Module):
     features: width ``dim_V`` of the projections and the output.
     num_heads: heads; must divide ``features``.
     layer_norm: LayerNorm after each residual (``ln0``, ``ln1``).
+    activation: after ``fc_o``.
   """
 
   features: int
   num_heads: int = 1
   layer_norm: bool = False
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(
@@ -60,9 +63,9 @@ class MAB(nn.Module):
       raise ValueError(
         f"MAB features={self.features} is not divisible by num_heads={self.num_heads}."
       )
-    q = _dense(self.features, "fc_q")(queries)
-    k = _dense(self.features, "fc_k")(keys)
-    v = _dense(self.features, "fc_v")(keys)
+    q = partitioning.dense(self.features, "fc_q")(queries)
+    k = partitioning.dense(self.features, "fc_k")(keys)
+    v = partitioning.dense(self.features, "fc_v")(keys)
     head_dim = self.features // self.num_heads
 
     def split(t: jax.Array) -> jax.Array:
@@ -75,7 +78,7 @@ class MAB(nn.Module):
     out = heads.reshape(q.shape)
     if self.layer_norm:
       out = nn.LayerNorm(epsilon=1e-5, name="ln0")(out)
-    out = out + nn.relu(_dense(self.features, "fc_o")(out))
+    out = out + self.activation(partitioning.dense(self.features, "fc_o")(out))
     if self.layer_norm:
       out = nn.LayerNorm(epsilon=1e-5, name="ln1")(out)
     return out, attention
@@ -87,11 +90,14 @@ class SAB(nn.Module):
   features: int
   num_heads: int = 1
   layer_norm: bool = False
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """[B, N, D] -> [B, N, features]; padded rows carry values but are never attended to."""
-    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab")(x, x, mask)
+    out, _ = MAB(self.features, self.num_heads, self.layer_norm, self.activation, name="mab")(
+      x, x, mask
+    )
     return out
 
 
@@ -118,6 +124,7 @@ class ISAB(nn.Module):
   num_inducing: int
   num_heads: int = 1
   layer_norm: bool = False
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -126,13 +133,16 @@ class ISAB(nn.Module):
       "I",
       nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-        (None, None, "mlp"),
+        partitioning.TOKEN_AXES,
       ),
       (1, self.num_inducing, self.features),
     )
     inducing = jnp.broadcast_to(inducing, (x.shape[0],) + inducing.shape[1:]).astype(x.dtype)
-    h, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab0")(inducing, x, mask)
-    out, _ = MAB(self.features, self.num_heads, self.layer_norm, name="mab1")(x, h)
+    mab = lambda name: MAB(  # noqa: E731
+      self.features, self.num_heads, self.layer_norm, self.activation, name=name
+    )
+    h, _ = mab("mab0")(inducing, x, mask)
+    out, _ = mab("mab1")(x, h)
     return out
 
 
@@ -145,6 +155,7 @@ class PMA(nn.Module):
   features: int
   num_heads: int = 1
   layer_norm: bool = False
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -152,10 +163,12 @@ class PMA(nn.Module):
       "S",
       nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-        (None, None, "mlp"),
+        partitioning.TOKEN_AXES,
       ),
       (1, 1, self.features),
     )
     seed = jnp.broadcast_to(seed, (x.shape[0], 1, self.features)).astype(x.dtype)
-    out, attention = MAB(self.features, self.num_heads, self.layer_norm, name="mab")(seed, x, mask)
+    out, attention = MAB(
+      self.features, self.num_heads, self.layer_norm, self.activation, name="mab"
+    )(seed, x, mask)
     return out[:, 0], attention[:, :, 0]

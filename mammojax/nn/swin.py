@@ -11,31 +11,31 @@ in attention unmasked, as in the original Swin code.
 Parameter names (``norm1``, ``attn/qkv``, ``attn/proj``, ``attn/relative_position_bias_table``,
 ``norm2``, ``mlp/linear1``, ``mlp/linear2``, ``blocks_<i>``, ``up_conv``, ``norm``) mirror the
 PyTorch registration code so checkpoints map one-to-one (see ``mammojax.convert``).
+
+The block's token MLP is :func:`mammojax.nn.transformer.feed_forward`; its attention is not
+:class:`~mammojax.nn.transformer.TransformerBlock`'s (windows, relative position bias, fused qkv).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mammojax.nn import initializers, partitioning
+from mammojax.nn.conv_blocks import TransposedConvStride2
+from mammojax.nn.transformer import feed_forward, gelu_exact
+
+Activation = Callable[[jax.Array], jax.Array]
+
 # PyTorch's defaults: LayerNorm eps, and the additive value masking tokens of other regions.
 LAYER_NORM_EPS = 1e-5
 MASKED_LOGIT = -100.0
 
-# Torch's default Linear/Conv weight init (kaiming_uniform with a=sqrt(5)) is this scaling.
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def dense_kernel_init(init=torch_default_kernel_init):
-  return nn.with_logical_partitioning(init, ("embed", "mlp"))
-
-
-def conv_kernel_init(init=torch_default_kernel_init):
-  return nn.with_logical_partitioning(init, (None, None, "embed", "mlp"))
+_dense_init = partitioning.dense_kernel_init(initializers.torch_default_kernel)
 
 
 def window_partition(x: jax.Array, window: Sequence[int]) -> jax.Array:
@@ -134,9 +134,9 @@ class WindowAttention(nn.Module):
       nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "heads")),
       ((2 * wh - 1) * (2 * ww - 1), self.num_heads),
     )
-    qkv = nn.Dense(
-      3 * channels, use_bias=self.qkv_bias, kernel_init=dense_kernel_init(), name="qkv"
-    )(windows)
+    qkv = nn.Dense(3 * channels, use_bias=self.qkv_bias, kernel_init=_dense_init, name="qkv")(
+      windows
+    )
     qkv = qkv.reshape(num_windows_total, tokens, 3, self.num_heads, head_dim)
     query, key, value = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [N, h, n, d]
     logits = jnp.einsum("nhqd,nhkd->nhqk", query * head_dim**-0.5, key)
@@ -150,20 +150,20 @@ class WindowAttention(nn.Module):
       logits = logits.reshape(-1, self.num_heads, tokens, tokens)
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("nhqk,nhkd->nqhd", weights, value).reshape(num_windows_total, tokens, channels)
-    return nn.Dense(channels, kernel_init=dense_kernel_init(), name="proj")(out)
+    return nn.Dense(channels, kernel_init=_dense_init, name="proj")(out)
 
 
 class SwinMLP(nn.Module):
   """Token MLP: Dense -> exact GELU -> Dense (``linear1``, ``linear2``)."""
 
   hidden_dim: int
+  activation: Activation = gelu_exact
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, kernel_init=dense_kernel_init(), name="linear1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(channels, kernel_init=dense_kernel_init(), name="linear2")(x)
+    return feed_forward(
+      x, self.hidden_dim, activation=self.activation, names=("linear1", "linear2")
+    )
 
 
 class SwinBlock(nn.Module):
@@ -174,6 +174,7 @@ class SwinBlock(nn.Module):
   window_size: tuple[int, int]
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
+  activation: Activation = gelu_exact
 
   @nn.compact
   def __call__(
@@ -204,7 +205,7 @@ class SwinBlock(nn.Module):
       h = jnp.roll(h, (shift[0], shift[1]), axis=(1, 2))
     x = x + h[:, :height, :width]
     h = nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, name="norm2")(x)
-    return x + SwinMLP(int(self.embed_dim * self.mlp_ratio), name="mlp")(h)
+    return x + SwinMLP(int(self.embed_dim * self.mlp_ratio), self.activation, name="mlp")(h)
 
 
 class SwinStage(nn.Module):
@@ -216,6 +217,7 @@ class SwinStage(nn.Module):
   window_size: tuple[int, int]
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
+  activation: Activation = gelu_exact
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -235,35 +237,10 @@ class SwinStage(nn.Module):
         tuple(self.window_size),
         self.mlp_ratio,
         self.qkv_bias,
+        self.activation,
         name=f"blocks_{i}",
       )(x, window, block_shift, mask)
     return x
-
-
-class TransposedConvStride2(nn.Module):
-  """Transposed convolution with kernel 2 and stride 2 (each input pixel paints a 2x2 patch).
-
-  ``kernel [2, 2, C_in, C_out]``: ``y[2i + a, 2j + b] = x[i, j] @ kernel[a, b] + bias``; from a
-  PyTorch ``ConvTranspose2d`` weight ``[C_in, C_out, 2, 2]`` this is ``weight.transpose(2, 3, 0,
-  1)``. Written as one einsum, which is cheaper than a dilated convolution.
-  """
-
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """``[B, H, W, C_in]`` -> ``[B, 2H, 2W, features]``."""
-    batch, height, width, channels = x.shape
-    # Torch's default init for ConvTranspose2d uses fan_in = C_out * 2 * 2.
-    fan_in_init = nn.initializers.variance_scaling(
-      1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
-    )
-    kernel = self.param("kernel", conv_kernel_init(fan_in_init), (2, 2, channels, self.features))
-    bias = self.param(
-      "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (self.features,)
-    )
-    y = jnp.einsum("nhwc,ijco->nhiwjo", x, kernel)
-    return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
 class PatchExpanding(nn.Module):

@@ -20,7 +20,7 @@ Masks mark real patches / instances (True); padded ones get no attention and cha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,6 +95,8 @@ class MultiScaleMILHead(nn.Module):
     scale_aggregator: 'gated-attention', 'attention' or 'concatenation'.
     deep_supervision: add a side classifier per scale.
     classifier_dropout: dropout before each classifier.
+    activation: the ReLU of the instance encoders and of PMA pooling (injectable, e.g. for
+      guided backpropagation).
   """
 
   scales: tuple[int, ...] = (16, 32, 128)
@@ -112,6 +114,7 @@ class MultiScaleMILHead(nn.Module):
   scale_aggregator: str = "gated-attention"
   deep_supervision: bool = True
   classifier_dropout: float = 0.0
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   def _check_config(self) -> None:
     if self.encoder_type not in ENCODER_TYPES:
@@ -169,6 +172,7 @@ class MultiScaleMILHead(nn.Module):
         self.num_inducing[i] if self.encoder_type == "isab" else 0,
         self.layer_norm,
         self.encoder_dropout,
+        activation=self.activation,
         name=f"encoder_{scale}",
       )(x, mask, deterministic)
       bag, weights = make_pooling(
@@ -178,6 +182,7 @@ class MultiScaleMILHead(nn.Module):
         dropout=self.attention_dropout,
         num_heads=self.pma_heads,
         layer_norm=self.layer_norm,
+        activation=self.activation,
         name=f"aggregator_{scale}",
       )(x, mask, deterministic)
       embeddings.append(bag)

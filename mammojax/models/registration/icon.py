@@ -33,8 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mammojax.nn import partitioning
 from mammojax.nn import warp as warp_lib
 from mammojax.nn.fusion_barrier import computed_apart
+from mammojax.nn.resize import avg_pool_half
 
 Transform = Callable[[jax.Array], jax.Array]
 
@@ -333,19 +335,6 @@ class DownsampleRegistration(RegistrationModule):
     return phi
 
 
-def avg_pool_half(image: jax.Array) -> jax.Array:
-  """2x average pooling of ``[B, *S, C]`` to ``[B, *ceil(S / 2), C]``; partial windows at the end
-  average only the pixels they cover (torch ``avg_pool(..., 2, ceil_mode=True)``)."""
-  spatial = image.shape[1:-1]
-  pad = [(0, 0)] + [(0, n % 2) for n in spatial] + [(0, 0)]
-  window = (1, *([2] * len(spatial)), 1)
-  total = jax.lax.reduce_window(jnp.pad(image, pad), 0.0, jax.lax.add, window, window, "VALID")
-  count = jax.lax.reduce_window(
-    jnp.pad(jnp.ones((1, *spatial, 1), image.dtype), pad), 0.0, jax.lax.add, window, window, "VALID"
-  )
-  return total / count
-
-
 def check_image_pair(moving: jax.Array, fixed: jax.Array) -> None:
   if moving.ndim not in (4, 5):
     raise ValueError(f"moving must be [B, H, W, C] or [B, D, H, W, C], got {moving.shape}")
@@ -359,16 +348,6 @@ def check_image_pair(moving: jax.Array, fixed: jax.Array) -> None:
 # ----------------------------------------------------------------------------- networks
 
 
-def _dense_init(zero: bool = False):
-  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
-  return nn.with_logical_partitioning(init, ("embed", "mlp"))
-
-
-def _conv_init(num_spatial: int, zero: bool = False):
-  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
-  return nn.with_logical_partitioning(init, (None,) * num_spatial + ("embed", "mlp"))
-
-
 class DigitsMLP(nn.Module):
   """The seed's digits network: a two-hidden-layer MLP on the flattened image pair.
 
@@ -379,11 +358,13 @@ class DigitsMLP(nn.Module):
   Attributes:
     spatial_shape: the image grid, e.g. ``(28, 28)``.
     hidden: width of both hidden layers (50 in the seed).
+    activation: after both hidden layers.
   Returns (``__call__``): displacement ``[B, *S, n]`` in ICON unit coordinates.
   """
 
   spatial_shape: Sequence[int] = (28, 28)
   hidden: int = 50
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
@@ -395,15 +376,10 @@ class DigitsMLP(nn.Module):
         "spatial_shape to the image size"
       )
     x = jnp.concatenate([moving, fixed], axis=-1).reshape(moving.shape[0], -1)
-    x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense1")(x))
-    x = nn.relu(nn.Dense(self.hidden, kernel_init=_dense_init(), name="dense2")(x))
+    x = self.activation(partitioning.dense(self.hidden, "dense1")(x))
+    x = self.activation(partitioning.dense(self.hidden, "dense2")(x))
     size = math.prod(spatial) * len(spatial)
-    x = nn.Dense(
-      size,
-      kernel_init=_dense_init(zero=True),
-      bias_init=nn.initializers.zeros_init(),
-      name="dense3",
-    )(x)
+    x = partitioning.dense(size, "dense3", kernel_init=nn.initializers.zeros_init())(x)
     return x.reshape(moving.shape[0], *spatial, len(spatial))
 
 
@@ -420,79 +396,3 @@ def digits_registration(
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   inner = FunctionFromVectorField(DigitsMLP(tuple(spatial_shape), hidden))
   return MultiStepRegistration((inner,) * num_steps)
-
-
-class RegistrationUNet(nn.Module):
-  """A small 2D U-Net displacement network in the style of GradICON's ``UNet2``.
-
-  Encoder level ``i``: ``x <- conv3x3/stride2(leaky_relu(x)) + pad_or_crop(avgpool2(x))``.
-  Decoder level ``i``: ``x <- convT4x4/stride2(leaky_relu(x)) + upsample2(pad_or_crop(x))``,
-  normalised, cropped to the skip's size and concatenated with the skip. A zero-initialised
-  3x3 conv gives the displacement, scaled by ``output_scale`` (0.1 in GradICON).
-
-  Differs from GradICON: GroupNorm instead of BatchNorm, so the network has no running
-  statistics and a transform is a pure function of (params, images).
-
-  Attributes:
-    down_features: encoder widths, one per level (GradICON: 16, 32, 64, 256, 512).
-    up_features: decoder widths, one per level (GradICON: 16, 32, 64, 128, 256).
-    output_scale: factor on the last conv's output.
-  Returns (``__call__``): displacement ``[B, H, W, 2]`` in ICON unit coordinates.
-  """
-
-  down_features: Sequence[int] = (16, 32, 64, 256, 512)
-  up_features: Sequence[int] = (16, 32, 64, 128, 256)
-  output_scale: float = 0.1
-
-  @nn.compact
-  def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
-    check_image_pair(moving, fixed)
-    if moving.ndim != 4:
-      raise ValueError(f"RegistrationUNet is 2D: expected [B, H, W, C], got {moving.shape}")
-    if len(self.down_features) != len(self.up_features):
-      raise ValueError(
-        f"down_features {self.down_features} and up_features {self.up_features} "
-        "must have one entry per level"
-      )
-    x = jnp.concatenate([moving, fixed], axis=-1)
-    skips = []
-    for level, features in enumerate(self.down_features):
-      skips.append(x)
-      y = nn.Conv(
-        features,
-        (3, 3),
-        strides=(2, 2),
-        padding=((1, 1), (1, 1)),
-        kernel_init=_conv_init(2),
-        name=f"down_{level}",
-      )(nn.leaky_relu(x))
-      x = y + _pad_or_crop_channels(avg_pool_half(x), features)
-    for level in reversed(range(len(self.up_features))):
-      features = self.up_features[level]
-      # torch ConvTranspose(k=4, s=2, p=1) doubles the size; Flax pads k - 1 - p = 2 per side.
-      y = nn.ConvTranspose(
-        features,
-        (4, 4),
-        strides=(2, 2),
-        padding=((2, 2), (2, 2)),
-        kernel_init=_conv_init(2),
-        name=f"up_{level}",
-      )(nn.leaky_relu(x))
-      residual = _pad_or_crop_channels(x, features)
-      residual = jax.image.resize(residual, y.shape, method="linear")
-      x = nn.GroupNorm(num_groups=math.gcd(8, features), name=f"norm_{level}")(y + residual)
-      skip = skips[level]
-      x = jnp.concatenate([x[:, : skip.shape[1], : skip.shape[2]], skip], axis=-1)
-    out = nn.Conv(
-      2, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init(2, zero=True), name="last"
-    )(x)
-    return out * self.output_scale
-
-
-def _pad_or_crop_channels(x: jax.Array, features: int) -> jax.Array:
-  """Keeps the first ``features`` channels, zero-padding at the front if there are fewer."""
-  x = x[..., :features]
-  missing = features - x.shape[-1]
-  if missing > 0:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(missing, 0)])
-  return x

@@ -18,13 +18,15 @@ Submodule names follow the torch attributes (``downConvs_0``, ``upConvs_0``, ``b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mammojax.models.registration.icon import avg_pool_half, check_image_pair
+from mammojax.models.registration.icon import check_image_pair
+from mammojax.nn import partitioning
+from mammojax.nn.resize import avg_pool_half, upsample
 
 # tallUNet2 with one input channel per image (uniGradICON, GradICON 2D/3D).
 TALL_DOWN_FEATURES = (2, 16, 32, 64, 256, 512)
@@ -33,7 +35,7 @@ TALL_UP_FEATURES = (16, 32, 64, 128, 256)
 
 def _kernel_init(num_spatial: int, zero: bool = False):
   init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
-  return nn.with_logical_partitioning(init, (None,) * num_spatial + ("embed", "mlp"))
+  return partitioning.conv_kernel_init(init, num_spatial)
 
 
 class ICONUNet2(nn.Module):
@@ -44,12 +46,14 @@ class ICONUNet2(nn.Module):
       encoder widths; ``len = num_layers + 1`` (tallUNet2: 2, 16, 32, 64, 256, 512).
     up_features: decoder widths, ``len = num_layers`` (tallUNet2: 16, 32, 64, 128, 256).
     train: BatchNorm uses (and updates) batch statistics; else running averages.
+    activation: before every down and up convolution (ICON: LeakyReLU, slope 0.01).
   Returns (``__call__``): ``[B, *S, n]`` displacement in ICON unit coordinates.
   """
 
   down_features: Sequence[int] = TALL_DOWN_FEATURES
   up_features: Sequence[int] = TALL_UP_FEATURES
   train: bool = False
+  activation: Callable[[jax.Array], jax.Array] = nn.leaky_relu
 
   @nn.compact
   def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
@@ -78,7 +82,7 @@ class ICONUNet2(nn.Module):
         padding=same3,
         kernel_init=_kernel_init(num_spatial),
         name=f"downConvs_{depth}",
-      )(nn.leaky_relu(x))
+      )(self.activation(x))
       x = y + _pad_or_crop_channels(avg_pool_half(x), y.shape[-1])
     for depth in reversed(range(num_layers)):
       # torch ConvTranspose(k=4, s=2, p=1) == conv of the stride-dilated input padded by
@@ -90,10 +94,10 @@ class ICONUNet2(nn.Module):
         padding=((2, 2),) * num_spatial,
         kernel_init=_kernel_init(num_spatial),
         name=f"upConvs_{depth}",
-      )(nn.leaky_relu(x))
+      )(self.activation(x))
       residual = _pad_or_crop_channels(x, y.shape[-1])
-      # Half-pixel linear resize by 2 == F.interpolate(scale_factor=2, align_corners=False).
-      x = y + jax.image.resize(residual, y.shape, method="linear")
+      # F.interpolate(scale_factor=2, align_corners=False); y is exactly twice x's size.
+      x = y + upsample(residual, 2, "linear")
       x = nn.BatchNorm(
         use_running_average=not self.train, momentum=0.9, epsilon=1e-5, name=f"batchNorms_{depth}"
       )(x)

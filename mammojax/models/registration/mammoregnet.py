@@ -17,7 +17,7 @@ Architecture (as the public PyTorch MammoRegNet of Longitudinal_Mammogram_Alignm
 Flow convention. The reference's flow is ``[B, 2, H, W]`` in pixels of the full-size image,
 channel 0 = rows, channel 1 = columns, and its spatial transformer samples
 ``moving(x + flow(x))`` bilinearly with ``align_corners=True`` normalisation and zero padding,
-i.e. at exactly the pixel coordinate ``x + flow(x)``. That is mammojax's convention (DESIGN.md),
+i.e. at exactly the pixel coordinate ``x + flow(x)``. That is mammojax's convention (docs/ARCHITECTURE.md),
 so the only conversion is the layout: ``ours = reference.transpose(0, 2, 3, 1)``
 (``[B, H, W, 2]``, 'ij'); warping uses :func:`mammojax.nn.warp.warp` unchanged.
 
@@ -34,24 +34,30 @@ window, and a map smaller than the 5x5 window uses a smaller window (see ``mammo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mammojax.nn import swin
+from mammojax.nn import initializers, partitioning, swin
+from mammojax.nn.conv_blocks import instance_norm
+from mammojax.nn.resize import downsample, resize_linear_align_corners
 from mammojax.nn.warp import warp
+
+Activation = Callable[[jax.Array], jax.Array]
 
 # Four 2x poolings between the five encoder levels.
 SIZE_MULTIPLE = 16
-INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d default (affine=False, no running stats)
+
+_dense_init = partitioning.dense_kernel_init(initializers.torch_default_kernel)
+_conv_init = partitioning.conv_kernel_init(initializers.torch_default_kernel)
 
 
-def instance_norm(x: jax.Array, eps: float = INSTANCE_NORM_EPS) -> jax.Array:
-  """Per-example, per-channel normalisation over ``H, W`` of ``[B, H, W, C]`` (biased var)."""
-  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+def leaky_relu_0_2(x: jax.Array) -> jax.Array:
+  """The reference's ``LeakyReLU(0.2)``."""
+  return nn.leaky_relu(x, negative_slope=0.2)
 
 
 def upsample_flow_2x(flow: jax.Array) -> jax.Array:
@@ -61,27 +67,7 @@ def upsample_flow_2x(flow: jax.Array) -> jax.Array:
   reads input position ``i * (h - 1) / (2h - 1)``). Note this is not :func:`mammojax.nn.warp.
   resize_displacement`, which uses half-pixel centres and scales by the size ratio.
   """
-  flow = 2.0 * flow
-  for axis in (1, 2):
-    size = flow.shape[axis]
-    low, high, frac = _align_corners_taps(size, 2 * size, np.dtype(flow.dtype))
-    weight_shape = [1, 1, 1, 1]
-    weight_shape[axis] = 2 * size
-    frac = jnp.asarray(frac.reshape(weight_shape), flow.dtype)
-    flow = jnp.take(flow, low, axis=axis) * (1.0 - frac) + jnp.take(flow, high, axis=axis) * frac
-  return flow
-
-
-def _align_corners_taps(
-  in_size: int, out_size: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and fraction of bilinear ``align_corners=True`` resampling, computed in
-  ``dtype`` as PyTorch does (scale rounded to ``dtype``, then times the output index)."""
-  scale = dtype.type((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
-  source = scale * np.arange(out_size, dtype=dtype)
-  low = np.floor(source).astype(np.int32)
-  high = np.minimum(low + 1, in_size - 1)
-  return low, high, (source - low).astype(dtype)
+  return resize_linear_align_corners(2.0 * flow, tuple(2 * n for n in flow.shape[1:-1]))
 
 
 def _normalised_positions(size: int, dtype: np.dtype) -> np.ndarray:
@@ -117,17 +103,20 @@ def affine_params_to_flow(affine_params: jax.Array, size: tuple[int, int]) -> ja
 
 
 class ConvBlock(nn.Module):
-  """(3x3 conv -> LeakyReLU 0.2 -> InstanceNorm) x 2, ``[B, H, W, C_in] -> [B, H, W, features]``."""
+  """(3x3 conv -> LeakyReLU 0.2 -> InstanceNorm) x 2, ``[B, H, W, C_in] -> [B, H, W, features]``.
+
+  Each step is :class:`mammojax.nn.conv_blocks.ConvNormAct` with ``norm='instance'`` and
+  ``activation_before_norm``, written out here to keep the checkpoint names ``Conv_1``, ``Conv_2``.
+  """
 
   features: int
+  activation: Activation = leaky_relu_0_2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for name in ("Conv_1", "Conv_2"):
-      x = nn.Conv(
-        self.features, (3, 3), padding="SAME", kernel_init=swin.conv_kernel_init(), name=name
-      )(x)
-      x = instance_norm(nn.leaky_relu(x, negative_slope=0.2))
+      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=_conv_init, name=name)(x)
+      x = instance_norm(self.activation(x))
     return x
 
 
@@ -135,6 +124,7 @@ class ConvEncoder(nn.Module):
   """Five conv blocks, ``channels * 2**k`` features, 2x2 average pooling between them."""
 
   channels: int
+  activation: Activation = leaky_relu_0_2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -142,8 +132,8 @@ class ConvEncoder(nn.Module):
     features = []
     for level in range(5):
       if level:
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-      x = ConvBlock(self.channels * 2**level, name=f"conv_{level + 1}")(x)
+        x = downsample(x, 2, "avg")
+      x = ConvBlock(self.channels * 2**level, self.activation, name=f"conv_{level + 1}")(x)
       features.append(x)
     return features
 
@@ -157,7 +147,7 @@ class DeformHead(nn.Module):
       2,
       (3, 3),
       padding="SAME",
-      kernel_init=swin.conv_kernel_init(nn.initializers.normal(1e-5)),
+      kernel_init=partitioning.conv_kernel_init(nn.initializers.normal(1e-5)),
       name="reg_head",
     )(x)
 
@@ -165,16 +155,16 @@ class DeformHead(nn.Module):
 class AffineHead(nn.Module):
   """Global affine from the coarsest features: mean -> Dense(C/2) -> ReLU -> Dense(6) -> tanh."""
 
+  activation: Activation = nn.relu
+
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``[B, h, w, C]`` -> (flow ``[B, h, w, 2]`` pixels 'ij', affine_params ``[B, 6]``)."""
     channels = x.shape[-1]
     h = jnp.mean(x, axis=(1, 2))
-    h = nn.Dense(
-      channels // 2, use_bias=False, kernel_init=swin.dense_kernel_init(), name="affine_head_1"
-    )(h)
-    h = nn.Dense(6, use_bias=False, kernel_init=swin.dense_kernel_init(), name="affine_head_2")(
-      nn.relu(h)
+    h = nn.Dense(channels // 2, use_bias=False, kernel_init=_dense_init, name="affine_head_1")(h)
+    h = nn.Dense(6, use_bias=False, kernel_init=_dense_init, name="affine_head_2")(
+      self.activation(h)
     )
     params = jnp.tanh(h)
     return affine_params_to_flow(params, x.shape[1:3]), params
@@ -208,9 +198,7 @@ class TransDecoder(nn.Module):
       )
 
     def backdim(level: int) -> nn.Conv:
-      return nn.Conv(
-        d * 2 ** (level - 1), (1, 1), kernel_init=swin.conv_kernel_init(), name=f"backdim_{level}"
-      )
+      return nn.Conv(d * 2 ** (level - 1), (1, 1), kernel_init=_conv_init, name=f"backdim_{level}")
 
     x = backdim(5)(jnp.concatenate([fixed[4], moving[4]], axis=-1))
     x = stage(5)(x)
@@ -279,12 +267,12 @@ class MammoRegNet(nn.Module):
         )
 
   @nn.compact
-  def __call__(self, fixed: jax.Array, moving: jax.Array) -> dict[str, jax.Array]:
-    """Registers ``moving`` to ``fixed``.
+  def __call__(self, moving: jax.Array, fixed: jax.Array) -> dict[str, jax.Array]:
+    """Registers ``moving`` to ``fixed`` (moving first, as every registration network here).
 
     Args:
-      fixed: ``[B, H, W, in_channels]``; H and W multiples of 16.
-      moving: same shape.
+      moving: ``[B, H, W, in_channels]``; H and W multiples of 16.
+      fixed: same shape.
     Returns:
       'warped': ``[B, H, W, C]`` moving warped by 'flow'.
       'flow': ``[B, H, W, 2]`` pixels, 'ij' (channel 0 = rows);
