@@ -26,7 +26,8 @@ import optax
 from flax import linen as nn
 
 from benchmarks import harness
-from mammojax.losses.registration import regularized_loss, ssd_loss
+from mammojax.losses.registration import regularized_loss
+from mammojax.losses.similarity import ssd_loss
 from mammojax.models.registration.icon import digits_registration
 
 LMBDA = 0.05

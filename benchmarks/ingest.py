@@ -19,59 +19,22 @@ import tempfile
 import numpy as np
 
 from benchmarks import harness
-from mammojax.data import readers
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram
-
-
-def _phantom(height: int, width: int) -> np.ndarray:
-  """A breast-like uint16 image with texture and a burned-in label (left breast)."""
-  rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-  inside = ((yy - height / 2) / (0.42 * height)) ** 2 + (xx / (0.7 * width)) ** 2 <= 1.0
-  texture = 20000 + 12000 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
-  image = np.where(inside, texture + rng.normal(0, 800, inside.shape), 150.0)
-  image[height // 40 : height // 12, -width // 6 : -width // 40] = 60000.0
-  return np.clip(image, 0, 65535).astype(np.uint16)
+from mammojax.data.ingest import readers
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram
+from mammojax.data.synthetic.image_files import phantom, write_dicom, write_png
 
 
 def _write_files(directory: str, image: np.ndarray) -> dict[str, str]:
-  from PIL import Image
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import (
-    DigitalMammographyXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-    generate_uid,
-  )
-
+  """The image as a 16-bit PNG and as DICOM, plain and with each lossless codec installed."""
   paths = {"png16": os.path.join(directory, "image.png")}
-  Image.fromarray(image).save(paths["png16"])
-  for name, syntax in (
-    ("dicom", None),
-    ("dicom_rle", RLELossless),
-    ("dicom_jpeg2000", JPEG2000Lossless),
-  ):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Modality, ds.ImageLaterality, ds.ViewPosition = "MG", "L", "CC"
-    ds.Rows, ds.Columns = image.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.WindowCenter, ds.WindowWidth = 30000.0, 60000.0
-    ds.PixelData = image.tobytes()
-    if syntax is not None:
-      try:
-        ds.compress(syntax)
-      except (RuntimeError, NotImplementedError):  # No encoder plugin installed.
-        continue
-    paths[name] = os.path.join(directory, f"{name}.dcm")
-    ds.save_as(paths[name], enforce_file_format=True)
+  write_png(paths["png16"], image)
+  for name, compress in (("dicom", None), ("dicom_rle", "rle"), ("dicom_jpeg2000", "jpeg2000")):
+    path = os.path.join(directory, f"{name}.dcm")
+    try:
+      write_dicom(path, image, window=(30000.0, 60000.0), compress=compress)
+    except (RuntimeError, NotImplementedError):  # No encoder plugin installed.
+      continue
+    paths[name] = path
   return paths
 
 
@@ -83,7 +46,7 @@ def main(argv: list[str]) -> None:
   source, target = ((256, 208), (128, 104)) if args.small else ((2048, 1664), (1024, 832))
   config = MammoPreprocessConfig(height=target[0], width=target[1])
   with tempfile.TemporaryDirectory() as directory:
-    paths = _write_files(directory, _phantom(*source))
+    paths = _write_files(directory, phantom(*source, texture_period=(17.0, 23.0)))
     cases = []
     for name, path in paths.items():
       cases.append(

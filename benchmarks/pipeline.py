@@ -5,14 +5,14 @@
   python benchmarks/pipeline.py --config=configs/imgfeatalign.py --augment  # + augmentations
 
 Reads ``ImgFeatAlignTask(config).dataset('train')`` (the synthetic set or ``config.data.dir``)
-through ``mammojax.data.pipeline.train_iterator``, the trainer's own iterator, at
+through ``mammojax.data.pipelines.batching.train_iterator``, the trainer's own iterator, at
 ``config.train.batch_size`` for one process. Each timed sample pulls ``--batches`` batches; a case
 is one worker count, measured alone (cases are not interleaved: an idle pipeline's workers keep
 prefetching and would steal the CPU from the one being timed). ``startup_s`` is the time to the
 first batch (worker start-up included). With ``--augment`` every worker count is also timed with
-the host augmentations of ``mammojax.data.augment`` (flip, affine, intensity jitter). Compare
-``batches_per_s`` with ``1000 / median_ms`` of ``benchmarks/train_step.py`` for the same config:
-the pipeline keeps up when it is higher.
+the host augmentations of ``mammojax.data.pipelines.augment`` (flip, affine, intensity
+jitter). Compare ``batches_per_s`` with ``1000 / median_ms`` of ``benchmarks/train_step.py`` for
+the same config: the pipeline keeps up when it is higher.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from mammojax.data import augment, pipeline  # noqa: E402
+from mammojax.data.pipelines import (
+  augment,  # noqa: E402
+  batching,  # noqa: E402
+)
 from mammojax.tasks.imgfeatalign import ImgFeatAlignTask  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +63,7 @@ def time_pipeline(
 ) -> dict:
   """One case: ``train_iterator`` over ``examples`` with ``workers`` worker processes."""
   start = time.perf_counter()
-  iterator = pipeline.train_iterator(
+  iterator = batching.train_iterator(
     examples,
     seed=seed,
     global_batch_size=batch_size,

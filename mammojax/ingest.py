@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from mammojax.data import tabular
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig
+from mammojax.atomic_files import atomic_write, write_json_atomic
+from mammojax.console import run_program
+from mammojax.data.ingest import tabular
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 
 TASKS = ("longitudinal", "mil", "sequence", "volume")
 ERRORS_FILE = "errors.csv"
@@ -302,28 +304,22 @@ def _state_path(out_dir: str, name: str) -> str:
 
 
 def _write_json(path: str, body: dict) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(body, f, sort_keys=True)
-  os.replace(tmp, path)
+  write_json_atomic(path, body, sort_keys=True)
 
 
 def _write_errors(out_dir: str, errors: list[tabular.ErrorRow]) -> None:
-  path = os.path.join(out_dir, ERRORS_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
+  with atomic_write(os.path.join(out_dir, ERRORS_FILE), newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["rows", "file", "reason"])
     for e in errors:
       writer.writerow([e.rows, e.file, e.reason])
-  os.replace(tmp, path)
 
 
 def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
   task, csv_path, root = _TASK.value, _CSV.value, _IMAGES.value
   fractions = tuple(tabular.parse_fractions(_SPLIT.value).items())
   if task == "volume":
-    from mammojax.data import volume_csv
+    from mammojax.data.ingest import volume_csv
 
     options = volume_csv.VolumeOptions(
       size=parse_size(_SIZE.value, 3),
@@ -342,9 +338,9 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
     threshold=_THRESHOLD.value,
   )
   if task == "longitudinal":
-    from mammojax.data import longitudinal
+    from mammojax.data.ingest import longitudinal_csv
 
-    options = longitudinal.LongitudinalOptions(
+    options = longitudinal_csv.LongitudinalOptions(
       num_years=_NUM_YEARS.value,
       prior=_PRIOR.value,
       min_gap_years=_MIN_GAP.value,
@@ -354,15 +350,15 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
       keep_columns=tuple(_KEEP.value),
       preprocess=preprocess,
     )
-    return longitudinal.plan(csv_path, root, options, salt), dataclasses.asdict(options)
+    return longitudinal_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   if task == "mil":
-    from mammojax.data import mil_csv
+    from mammojax.data.ingest import mil_csv
 
     options = mil_csv.MilOptions(
       labels=tuple(_LABELS.value), fractions=fractions, seed=_SEED.value, preprocess=preprocess
     )
     return mil_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
-  from mammojax.data import sequence_csv
+  from mammojax.data.ingest import sequence_csv
 
   # Sequence images need not be mammograms: no crop / orientation / size change unless asked.
   default = sequence_csv.SequenceOptions().preprocess
@@ -413,4 +409,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_program(main)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mammojax.data import augment
+from mammojax.data.pipelines import augment
 
 
 def _pair(shift=(1.5, -2.0), size=(40, 36)):

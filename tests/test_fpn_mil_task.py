@@ -3,40 +3,29 @@ offline feature extraction."""
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from shipped_configs import shipped_config, smoke_config, smoke_training_run
 
-from mammojax.data import patching, records, synthetic_mil
+from mammojax.data import records
+from mammojax.data.pipelines import patching
+from mammojax.data.synthetic import mil as synthetic_mil
 from mammojax.evaluate import evaluate_checkpoint, parse_threshold
 from mammojax.extract_features import encoder_variables, extract_features, make_pyramid_fn
-from mammojax.interpret import heatmaps
-from mammojax.losses.mil import deep_supervision_loss
-from mammojax.tasks.fpn_mil import FPNMILTask, detection_scalars, masked_deep_supervision_loss
+from mammojax.losses.mil import deep_supervision_loss, masked_deep_supervision_loss
+from mammojax.metrics.detection import box_iou, detection_report, heatmap_boxes
+from mammojax.models.mil import heatmaps
+from mammojax.tasks.fpn_mil import FPNMILTask, detection_scalars
 from mammojax.train import trainer
 from mammojax.train.metric_writer import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import fpn_mil as fpn_mil_config  # noqa: E402
-
-
-def _smoke(tmp_path):
-  config = fpn_mil_config.get_config("smoke")
-  config.data.synthetic.root = str(tmp_path / "data")
-  return config
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp("fpn_mil")
-  config = _smoke(tmp_path)
-  workdir = str(tmp_path / "run")
-  summary = trainer.train_and_evaluate(config, workdir, FPNMILTask(config), show_progress=False)
-  return config, workdir, summary, tmp_path
+  return smoke_training_run("fpn_mil", tmp_path_factory)
 
 
 # -- synthetic data --------------------------------------------------------------------------------
@@ -111,14 +100,14 @@ def test_heatmap_to_boxes_to_iou_on_a_hand_made_case():
   heat = heatmaps.scale_heatmap(attention, coords, (8, 16), 8)
   assert heat.shape == (8, 16) and heat.max() == pytest.approx(1.0) and heat.min() == 0.0
   assert heat[:, :8].max() == 0.0  # the cold patch stays cold
-  boxes = heatmaps.heatmap_boxes(heat, quantile=0.5, min_value=0.5, min_area=1)
+  boxes = heatmap_boxes(heat, quantile=0.5, min_value=0.5, min_area=1)
   assert boxes.shape == (1, 5)
   x0, y0, x1, y1, score = boxes[0]
   # Bilinear (aligned corners) 4 -> 8 samples the map at i * 3 / 7: pixels 2..5 of each axis
   # read 0.86 or 1 (pixels 1 and 6 read 0.43), and 0.86^2 > 0.5, so the box is rows / cols
   # 2..5 of the second patch (x offset 8).
   assert (x0, y0, x1, y1) == (10, 2, 14, 6) and score > 0
-  iou = heatmaps.box_iou(boxes[:, :4], np.array([[10, 2, 14, 6], [10, 2, 18, 6], [0, 0, 2, 2]]))
+  iou = box_iou(boxes[:, :4], np.array([[10, 2, 14, 6], [10, 2, 18, 6], [0, 0, 2, 2]]))
   np.testing.assert_allclose(iou, [[1.0, 0.5, 0.0]])
   # A padded patch is ignored even if its attention is high.
   masked = heatmaps.scale_heatmap(
@@ -131,7 +120,7 @@ def test_boxes_small_components_nms_and_aggregation():
   heat = np.zeros((20, 20))
   heat[2:6, 2:6] = 1.0  # 16 px
   heat[10:12, 10:11] = 0.9  # 2 px: below min_area
-  boxes = heatmaps.heatmap_boxes(heat, quantile=0.0, min_value=0.5, min_area=4)
+  boxes = heatmap_boxes(heat, quantile=0.0, min_value=0.5, min_area=4)
   np.testing.assert_array_equal(boxes[:, :4], [[2, 2, 6, 6]])
   assert boxes[0, 4] == pytest.approx(16.0)
   a, b = np.zeros((4, 4)), np.ones((4, 4))
@@ -152,7 +141,7 @@ def test_detection_report_by_hand():
     np.array([[20, 20, 30, 30, 2.0], [50, 50, 60, 60, 1.0]]),  # 1.0 and a miss
     np.array([[0, 0, 5, 5, 1.0]]),
   ]  # no truth: skipped
-  report = heatmaps.detection_report(predicted, truth, (0.25, 0.75))
+  report = detection_report(predicted, truth, (0.25, 0.75))
   assert report["num_images"] == 2 and report["num_truth"] == 3 and report["num_predicted"] == 3
   assert report["mean_iou"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
   assert report["recall_iou0.25"] == pytest.approx(2 / 3)
@@ -203,7 +192,7 @@ def _fake_predictions(task: FPNMILTask, num_examples: int) -> dict[str, np.ndarr
 
 
 def test_periodic_evaluation_scores_detection_of_a_capped_number_of_examples(tmp_path):
-  config = _smoke(tmp_path)
+  config = smoke_config("fpn_mil", tmp_path)
   config.eval.detection.max_examples = 2
   task = FPNMILTask(config)
   predictions = _fake_predictions(task, 3)
@@ -264,7 +253,7 @@ def test_smoke_training_logs_classification_metrics(smoke_run):
 
 
 def test_frozen_backbone_and_trainable_batch_norm_paths(tmp_path):
-  config = _smoke(tmp_path)
+  config = smoke_config("fpn_mil", tmp_path)
   task = FPNMILTask(config)
   assert task.frozen_param_patterns() == ("backbone/.*",)
   example = task.dataset("train")[0]
@@ -286,13 +275,13 @@ def test_frozen_backbone_and_trainable_batch_norm_paths(tmp_path):
 
 @pytest.mark.parametrize("variant", ["calc", "mass"])
 def test_reference_variants_build_their_heads(variant, tmp_path):
-  reference = fpn_mil_config.get_config(variant)
+  reference = shipped_config("fpn_mil", variant)
   assert reference.model.head.encoder_type == ("isab" if variant == "calc" else "mlp")
   assert reference.model.head.pooling_type == ("pma" if variant == "calc" else "gated-attention")
   assert reference.model.backbone.static_padding_size == (260, 260)
   assert not reference.model.backbone_trainable
   # The same head on the smoke data: ISAB inducing points follow the bag size.
-  config = _smoke(tmp_path)
+  config = smoke_config("fpn_mil", tmp_path)
   config.model.head = reference.model.head
   config.model.head.encoder_features = config.model.head.attention_hidden = 8
   task = FPNMILTask(config)
@@ -309,7 +298,7 @@ def test_reference_variants_build_their_heads(variant, tmp_path):
 
 def test_offline_variant_needs_features():
   with pytest.raises(ValueError, match="features_dir"):
-    FPNMILTask(fpn_mil_config.get_config("offline"))
+    FPNMILTask(shipped_config("fpn_mil", "offline"))
 
 
 def test_evaluate_report_has_detection_and_overlays(smoke_run, tmp_path):
@@ -357,7 +346,7 @@ def test_extract_features_round_trip_and_offline_training(smoke_run):
   extract_features(config, out, workdir, batch_size=4)  # up to date: nothing rewritten
   assert os.path.getmtime(os.path.join(out, records.MANIFEST)) == mtime
 
-  offline = _smoke(tmp_path)
+  offline = smoke_config("fpn_mil", tmp_path)
   offline.data.features_dir = out
   task = FPNMILTask(offline)
   online = FPNMILTask(config)

@@ -12,12 +12,13 @@ import pytest
 from image_files import PHI, phantom, write_dicom, write_nifti, write_png
 
 from mammojax import ingest
-from mammojax.data import longitudinal, mil_csv, records, sequence_csv, tabular, volume_csv
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig
+from mammojax.data import records
+from mammojax.data.ingest import longitudinal_csv, mil_csv, sequence_csv, tabular, volume_csv
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 from mammojax.data.survival import survival_targets
 
 SIZE = MammoPreprocessConfig(height=32, width=24)
-COLUMNS = list(longitudinal.REQUIRED_COLUMNS)
+COLUMNS = list(longitudinal_csv.REQUIRED_COLUMNS)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,10 +73,10 @@ def cohort(tmp_path):
 
 
 def _plan(csv_path, images, **kw):
-  options = longitudinal.LongitudinalOptions(
+  options = longitudinal_csv.LongitudinalOptions(
     preprocess=SIZE, fractions=(("train", 0.5), ("test", 0.5)), **kw
   )
-  return longitudinal.plan(csv_path, images, options, salt="s3cret")
+  return longitudinal_csv.plan(csv_path, images, options, salt="s3cret")
 
 
 def _read_all(directory):
@@ -152,7 +153,7 @@ def test_ingest_writes_shards_errors_and_stats(cohort, tmp_path):
   for split, entry in manifest["splits"].items():
     assert entry["count"] == len(data.get(split, []))
     for name in entry["shards"]:
-      assert entry["sha256"][name] == records._sha256(os.path.join(out, name))
+      assert entry["sha256"][name] == records.file_sha256(os.path.join(out, name))
 
 
 def test_resume_after_kill_gives_identical_bytes(cohort, tmp_path):
@@ -345,20 +346,25 @@ def test_mil_csv_labels_and_boxes(tmp_path):
   assert (x1 - x0) * (y1 - y0) <= 2 * len(cols) + 2 * ((x1 - x0) + (y1 - y0))
 
 
-def test_sequence_csv_windows(tmp_path):
+def _sequence_plan(directory, **options):
+  """Plans one patient's three yearly 16x16 PNGs (labels 0, 1, 0) as sequences."""
   for i in range(3):
-    write_png(str(tmp_path / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
+    write_png(str(directory / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
   rows = [
     dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
     for i in range(3)
   ]
-  _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
+  _write_csv(directory / "m.csv", rows, list(rows[0]))
   options = sequence_csv.SequenceOptions(
-    max_length=2,
     fractions=(("train", 1.0),),
     preprocess=MammoPreprocessConfig(height=16, width=16, orientation="none", crop=False),
+    **options,
   )
-  plan = sequence_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
+  return sequence_csv.plan(str(directory / "m.csv"), str(directory), options, salt="s")
+
+
+def test_sequence_csv_windows(tmp_path):
+  plan = _sequence_plan(tmp_path, max_length=2)
   items = plan.splits["train"]
   assert [int(i.fields["length"]) for i in items] == [1, 2, 2]
   last = items[2].build()
@@ -399,14 +405,14 @@ def test_split_is_stratified_by_outcome():
 
 def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path):
   """Real-format files -> ingest -> the same decoding and batching the ImgFeatAlign task uses."""
-  from mammojax.data import pipeline
-  from mammojax.data.longitudinal_pipeline import longitudinal_dataset
+  from mammojax.data.pipelines import batching
+  from mammojax.data.pipelines.longitudinal import longitudinal_dataset
 
   out = str(tmp_path / "out")
   ingest.write_dataset(_plan(*cohort), out, fingerprint="f", records_per_shard=2)
   examples = longitudinal_dataset(out, "train")
   batch = next(
-    pipeline.eval_batches(examples, global_batch_size=2, process_index=0, process_count=1)
+    batching.eval_batches(examples, global_batch_size=2, process_index=0, process_count=1)
   )
   assert batch["current_image"].shape == (2, 32, 24, 1)
   assert batch["current_image"].dtype == np.float32
@@ -416,27 +422,16 @@ def test_ingested_longitudinal_data_feeds_the_training_pipeline(cohort, tmp_path
   for i in range(2):
     if not batch["has_prior"][i]:
       assert not batch["y_mask_prior"][i].any() and not batch["previous_image"][i].any()
-  train = pipeline.train_iterator(
+  train = batching.train_iterator(
     examples, seed=0, global_batch_size=2, process_index=0, process_count=1
   )
   assert next(train)["current_image"].shape == (2, 32, 24, 1)
 
 
 def test_sequence_pipeline_pads_to_a_fixed_length(tmp_path):
-  from mammojax.data.sequence_pipeline import sequence_dataset
+  from mammojax.data.pipelines.sequence import sequence_dataset
 
-  for i in range(3):
-    write_png(str(tmp_path / f"s{i}.png"), (phantom(seed=i) // 256).astype(np.uint8))
-  rows = [
-    dict(patient_id="A", date=f"20{10 + i}-01-01", image_path=f"s{i}.png", label=i % 2)
-    for i in range(3)
-  ]
-  _write_csv(tmp_path / "m.csv", rows, list(rows[0]))
-  options = sequence_csv.SequenceOptions(
-    fractions=(("train", 1.0),),
-    preprocess=MammoPreprocessConfig(height=16, width=16, orientation="none", crop=False),
-  )
-  plan = sequence_csv.plan(str(tmp_path / "m.csv"), str(tmp_path), options, salt="s")
+  plan = _sequence_plan(tmp_path)
   out = str(tmp_path / "out")
   ingest.write_dataset(plan, out, fingerprint="f", records_per_shard=8)
   examples = [sequence_dataset(out, "train", max_length=2)[i] for i in range(3)]

@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 from image_files import phantom, write_dicom, write_nifti, write_png
 
-from mammojax.data import readers
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, breast_mask, preprocess_mammogram
+from mammojax.data.ingest import readers
+from mammojax.data.ingest.mammo_preprocess import (
+  MammoPreprocessConfig,
+  breast_mask,
+  preprocess_mammogram,
+)
 
 
 @pytest.fixture
@@ -145,7 +149,7 @@ def test_preprocess_errors():
 
 
 def test_geometry_maps_boxes_through_mirror():
-  from mammojax.data.mammo_preprocess import Geometry
+  from mammojax.data.ingest.mammo_preprocess import Geometry
 
   geo = Geometry(crop=(10, 20, 50, 60), flipped=True, scale=0.5, offset=(3, 0))
   box = geo.map_boxes(np.array([[25, 15, 35, 25]]))

@@ -1,4 +1,4 @@
-"""Registration losses on plain arrays (mammojax/losses/registration.py)."""
+"""Registration losses on plain arrays (mammojax/losses/similarity.py, registration.py)."""
 
 import functools
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mammojax.losses import registration as L
+from mammojax.losses import similarity as S
 from mammojax.nn import warp as W
 
 
@@ -18,28 +19,28 @@ def _image(key, shape=(2, 12, 12, 1)):
 def test_ssd_and_ncc_hand_computed():
   a = jnp.array([0.0, 1.0, 2.0, 3.0]).reshape(1, 2, 2, 1)
   b = jnp.array([1.0, 1.0, 1.0, 5.0]).reshape(1, 2, 2, 1)
-  np.testing.assert_allclose(L.ssd_loss(a, b), (1 + 0 + 1 + 4) / 4)
-  np.testing.assert_allclose(L.ncc_loss(a, 3 * a + 1), 0.0, atol=1e-6)
-  np.testing.assert_allclose(L.ncc_loss(a, -a), 2.0, atol=1e-6)
+  np.testing.assert_allclose(S.ssd_loss(a, b), (1 + 0 + 1 + 4) / 4)
+  np.testing.assert_allclose(S.ncc_loss(a, 3 * a + 1), 0.0, atol=1e-6)
+  np.testing.assert_allclose(S.ncc_loss(a, -a), 2.0, atol=1e-6)
   # Pearson r of (0,1,2,3) and (1,1,1,5) is 0.7745967.
-  np.testing.assert_allclose(L.ncc_loss(a, b), 1 - 0.7745967, atol=1e-5)
+  np.testing.assert_allclose(S.ncc_loss(a, b), 1 - 0.7745967, atol=1e-5)
 
 
 def test_lncc_identical_zero_and_inverted_two():
   a = _image(jax.random.key(0))
-  np.testing.assert_allclose(L.lncc_loss(a, a, sigma=1.5), 0.0, atol=1e-3)
-  np.testing.assert_allclose(L.lncc_loss(a, -a, sigma=1.5), 2.0, atol=1e-3)
-  np.testing.assert_allclose(L.lncc_loss(a, -a, sigma=1.5, squared=True), 0.0, atol=1e-3)
+  np.testing.assert_allclose(S.lncc_loss(a, a, sigma=1.5), 0.0, atol=1e-3)
+  np.testing.assert_allclose(S.lncc_loss(a, -a, sigma=1.5), 2.0, atol=1e-3)
+  np.testing.assert_allclose(S.lncc_loss(a, -a, sigma=1.5, squared=True), 0.0, atol=1e-3)
   b = _image(jax.random.key(1))
-  assert 0.5 < float(L.lncc_loss(a, b, sigma=1.5)) < 1.5
+  assert 0.5 < float(S.lncc_loss(a, b, sigma=1.5)) < 1.5
   half = jnp.zeros_like(a).at[:, :6].set(1.0)
-  masked = L.lncc_loss(a, b, sigma=1.5, mask=half)
-  assert float(masked) > float(L.lncc_loss(a, b, sigma=1.5)) - 0.5
+  masked = S.lncc_loss(a, b, sigma=1.5, mask=half)
+  assert float(masked) > float(S.lncc_loss(a, b, sigma=1.5)) - 0.5
 
 
 def test_gaussian_blur_preserves_constants_inside_3d():
   x = jnp.ones((1, 9, 9, 9, 2))
-  blurred = L.gaussian_blur(x, 1.0)
+  blurred = S.gaussian_blur(x, 1.0)
   np.testing.assert_allclose(blurred[0, 4, 4, 4], [1.0, 1.0], atol=1e-6)
   assert float(blurred[0, 0, 0, 0, 0]) < 1.0  # zero padding at the border
 
@@ -48,12 +49,12 @@ def test_mutual_information_hand_computed():
   # Two values sitting on bin centres with sharp Parzen windows: MI(a, a) = H(a) = log 2.
   a = jnp.array([0.0, 1.0] * 8).reshape(1, 4, 4, 1)
   sharp = dict(num_bins=2, value_range=(0.0, 1.0), bin_sigma=0.05)
-  np.testing.assert_allclose(L.mutual_information_loss(a, a, **sharp), -np.log(2), atol=1e-5)
+  np.testing.assert_allclose(S.mutual_information_loss(a, a, **sharp), -np.log(2), atol=1e-5)
   # Inverting intensities keeps all the information (multimodal invariance).
-  np.testing.assert_allclose(L.mutual_information_loss(a, 1 - a, **sharp), -np.log(2), atol=1e-5)
+  np.testing.assert_allclose(S.mutual_information_loss(a, 1 - a, **sharp), -np.log(2), atol=1e-5)
   # An independent pattern carries none.
   b = jnp.array([0.0, 0.0, 1.0, 1.0] * 4).reshape(1, 4, 4, 1)
-  np.testing.assert_allclose(L.mutual_information_loss(a, b, **sharp), 0.0, atol=1e-5)
+  np.testing.assert_allclose(S.mutual_information_loss(a, b, **sharp), 0.0, atol=1e-5)
 
 
 def test_diffusion_and_bending_hand_computed():
@@ -129,7 +130,7 @@ def test_loss_wrappers_return_their_parts():
   )
   assert jnp.isfinite(sparse["loss"])
   parts = L.regularized_loss(moving, fixed, jnp.zeros_like(u_ab), lmbda=0.05)
-  np.testing.assert_allclose(parts["similarity"], 2 * L.ssd_loss(moving, fixed), rtol=1e-6)
+  np.testing.assert_allclose(parts["similarity"], 2 * S.ssd_loss(moving, fixed), rtol=1e-6)
   np.testing.assert_allclose(parts["regularity"], 0.0)
   np.testing.assert_allclose(parts["folds"], 0.0)
   grads = jax.jit(
@@ -176,7 +177,7 @@ def test_mammoregnet_loss_matches_reference_formulas():
 
 def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="same shape"):
-    L.ssd_loss(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 5, 1)))
+    S.ssd_loss(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 5, 1)))
   with pytest.raises(ValueError, match="displacement"):
     L.diffusion_regularity(jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="regularizer"):
@@ -192,7 +193,7 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("shape", [(1, 20, 18, 1), (1, 10, 9, 8, 1)])
 def test_mind_is_invariant_to_affine_intensity_changes(shape):
   image = jax.random.uniform(jax.random.key(0), shape)
-  image = L.gaussian_blur(image, 1.0)  # smooth structure, so shifts change the descriptors
-  assert float(L.mind_loss(image, 1.0 - image)) < 1e-4
-  assert float(L.mind_loss(image, 3.0 * image + 0.5)) < 1e-4
-  assert float(L.mind_loss(image, jnp.roll(image, 3, axis=1))) > 1e-2
+  image = S.gaussian_blur(image, 1.0)  # smooth structure, so shifts change the descriptors
+  assert float(S.mind_loss(image, 1.0 - image)) < 1e-4
+  assert float(S.mind_loss(image, 3.0 * image + 0.5)) < 1e-4
+  assert float(S.mind_loss(image, jnp.roll(image, 3, axis=1))) > 1e-2

@@ -6,11 +6,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from mammojax.data.constants import NO_CANCER_YEARS as NO_CANCER
 from mammojax.data.survival import survival_targets
-from mammojax.metrics import calibration, risk
-
-NO_CANCER = 100.0
-
+from mammojax.metrics import bootstrap, calibration, risk, risk_report
 
 # ---------------------------------------------------------------------------------------------
 # Independent slow implementations written from the definitions.
@@ -273,7 +271,7 @@ def test_bootstrap_ci_contains_point_and_shrinks_with_n():
   for num_exams in (300, 6000):
     probs, ytc, ytf = random_cohort(rng, num_exams)
     probs = np.clip(probs + 0.3 * (ytc < 5)[:, None], 0, 1)  # informative risk
-    point, low, high = risk.bootstrap_ci(
+    point, low, high = bootstrap.bootstrap_ci(
       lambda w: risk.c_index(probs, ytc, ytf, sample_weight=w), num_exams, n_resamples=200, seed=0
     )
     assert point == pytest.approx(risk.c_index(probs, ytc, ytf))
@@ -289,12 +287,12 @@ def test_bootstrap_is_seeded_stratified_and_clusters_patients():
   def draws(weights):
     return weights
 
-  a = risk.bootstrap_samples(draws, 10, n_resamples=50, seed=7, strata=event)
-  b = risk.bootstrap_samples(draws, 10, n_resamples=50, seed=7, strata=event)
+  a = bootstrap.bootstrap_samples(draws, 10, n_resamples=50, seed=7, strata=event)
+  b = bootstrap.bootstrap_samples(draws, 10, n_resamples=50, seed=7, strata=event)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a[:, event].sum(axis=1), 3)
   np.testing.assert_array_equal(a[:, ~event].sum(axis=1), 7)
-  by_patient = risk.bootstrap_samples(draws, 10, n_resamples=50, seed=7, patient_ids=patients)
+  by_patient = bootstrap.bootstrap_samples(draws, 10, n_resamples=50, seed=7, patient_ids=patients)
   for members in ([0, 1], [2, 3], [5, 6, 7], [8, 9]):
     np.testing.assert_array_equal(by_patient[:, members].std(axis=1), 0)
   np.testing.assert_array_equal(by_patient[:, [0, 2, 4, 5, 8]].sum(axis=1), 5)
@@ -309,7 +307,7 @@ def test_subgroup_metrics_equal_metrics_on_each_subset():
   probs, ytc, ytf = random_cohort(rng, 300)
   density = rng.integers(1, 5, 300)
   survival = risk.reference_weight_survival(ytc, ytf, 5)
-  blocks = risk.subgroup_metrics(probs, ytc, ytf, {"density": density})["density"]
+  blocks = risk_report.subgroup_metrics(probs, ytc, ytf, {"density": density})["density"]
   assert sorted(blocks) == ["1", "2", "3", "4"]
   for value, block in blocks.items():
     members = density == int(value)
@@ -327,7 +325,7 @@ def test_risk_report_is_json_with_intervals_counts_and_nulls():
   rng = np.random.default_rng(8)
   probs, ytc, ytf = random_cohort(rng, 200)
   ytc[(ytc < 1)] = NO_CANCER  # no cancer in year 1: its AUC is NaN, written as null
-  report = risk.risk_report(
+  report = risk_report.risk_report(
     probs, ytc, ytf, {"cancer_type": np.where(ytc < 5, "idc", "none")}, n_bootstrap=50, seed=0
   )
   text = json.dumps(report, allow_nan=False)
@@ -357,7 +355,7 @@ def test_risk_report_is_json_with_intervals_counts_and_nulls():
 def test_bad_input_raises_value_error_naming_the_array(change, name):
   rng = np.random.default_rng(9)
   args = change(*random_cohort(rng, 20))
-  for fn in (risk.c_index, risk.auc_per_year, risk.risk_report):
+  for fn in (risk.c_index, risk.auc_per_year, risk_report.risk_report):
     with pytest.raises(ValueError, match=name):
       fn(*args)
 
@@ -389,7 +387,7 @@ def test_write_risk_report_writes_json_and_pngs(tmp_path):
 
   rng = np.random.default_rng(11)
   probs, ytc, ytf = random_cohort(rng, 120)
-  report = risk.risk_report(probs, ytc, ytf, None, n_bootstrap=20, seed=0)
+  report = risk_report.risk_report(probs, ytc, ytf, None, n_bootstrap=20, seed=0)
   paths = risk_plots.write_risk_report(tmp_path / "eval", report, probs, ytc, ytf)
   assert json.loads(paths["report"].read_text()) == json.loads(json.dumps(report))
   for key in ("roc", "calibration"):

@@ -5,7 +5,7 @@ MammoRegNet task relies on."""
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data.synthetic_longitudinal import SyntheticLongitudinalSpec, generate_example
+from mammojax.data.synthetic.longitudinal import SyntheticLongitudinalSpec, generate_example
 
 
 def _misalignment(current, prior, displacement, inside):

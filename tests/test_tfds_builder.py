@@ -10,8 +10,9 @@ from image_files import phantom, write_dicom, write_png
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from mammojax.data import longitudinal, tfds_builder  # noqa: E402
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram  # noqa: E402
+from mammojax.data import tfds_builder  # noqa: E402
+from mammojax.data.ingest import longitudinal_csv  # noqa: E402
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram  # noqa: E402
 
 
 def test_builder_prepares_and_feeds_grain(tmp_path):
@@ -20,7 +21,7 @@ def test_builder_prepares_and_feeds_grain(tmp_path):
   write_png(str(manual / "a.png"), phantom(40, 32, "L", seed=1))
   write_png(str(manual / "b.png"), phantom(40, 32, "L", seed=2))
   write_dicom(str(manual / "c.dcm"), phantom(40, 32, "R", seed=3), laterality="R")
-  columns = list(longitudinal.REQUIRED_COLUMNS) + ["image_path"]
+  columns = list(longitudinal_csv.REQUIRED_COLUMNS) + ["image_path"]
   rows = [
     ["P1", "e1", "L", "CC", 2018, "", 5, "2", "", "x", "a.png"],
     ["P1", "e2", "L", "CC", 2020, "", 3, "2", "", "x", "b.png"],

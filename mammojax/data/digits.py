@@ -27,10 +27,11 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from mammojax.data.constants import SPLITS
+
 log = logging.getLogger("mammojax")
 
 Source = Literal["auto", "mnist", "sklearn"]
-SPLITS = ("train", "val", "test")
 
 
 class DigitsUnavailableError(RuntimeError):

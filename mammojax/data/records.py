@@ -20,6 +20,8 @@ import numpy as np
 from array_record.python import array_record_module
 from flax import serialization
 
+from mammojax.atomic_files import atomic_path, write_json_atomic
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -53,17 +55,16 @@ def shard_name(prefix: str, index: int, count: int) -> str:
 
 def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> tuple[int, str]:
   """Writes one ArrayRecord shard atomically. Returns (number of records, sha256 of the file)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  count = 0
-  try:
-    for example in examples:
-      writer.write(encode_example(example))
-      count += 1
-  finally:
-    writer.close()
-  digest = _sha256(tmp)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    count = 0
+    try:
+      for example in examples:
+        writer.write(encode_example(example))
+        count += 1
+    finally:
+      writer.close()
+    digest = file_sha256(tmp)
   return count, digest
 
 
@@ -82,10 +83,9 @@ def write_manifest(
 ) -> None:
   """Writes ``manifest.json`` atomically (the dataset counts as complete once it exists)."""
   body = {"schema_version": SCHEMA_VERSION, "splits": dict(splits), "config": dict(config)}
-  tmp = os.path.join(directory, f".{MANIFEST}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(body, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
+  write_json_atomic(
+    os.path.join(directory, MANIFEST), body, indent=2, sort_keys=True, default=_json_default
+  )
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -111,7 +111,8 @@ def split_evenly(items: Sequence[Any], count: int) -> list[Sequence[Any]]:
   return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,7 +1,8 @@
 """TFDS builder for longitudinal mammography over the same preprocessing as ``mammojax.ingest``.
 
-Put the longitudinal CSV (``meta.csv``, columns as in :mod:`mammojax.data.longitudinal`) and the
-images it names under the manual directory, then::
+Put the longitudinal CSV (``meta.csv``, columns as in
+:mod:`mammojax.data.ingest.longitudinal_csv`) and the images it names under the manual directory,
+then::
 
   builder = MammojaxLongitudinal(config="default", data_dir=DATA)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=FILES))
@@ -26,8 +27,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mammojax.data import longitudinal, tabular
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig
+from mammojax.data.ingest import longitudinal_csv, tabular
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 
 CSV_NAME = "meta.csv"
 
@@ -47,9 +48,9 @@ class LongitudinalConfig(tfds.core.BuilderConfig):
   orientation: str = "laterality"
   split_seed: int = 0
 
-  def options(self) -> longitudinal.LongitudinalOptions:
+  def options(self) -> longitudinal_csv.LongitudinalOptions:
     test = round(1.0 - self.train_fraction - self.val_fraction, 9)
-    return longitudinal.LongitudinalOptions(
+    return longitudinal_csv.LongitudinalOptions(
       num_years=self.num_years,
       prior=self.prior,
       min_gap_years=self.min_gap_years,
@@ -118,7 +119,7 @@ class MammojaxLongitudinal(tfds.core.GeneratorBasedBuilder):
     manual = str(dl_manager.manual_dir)
     csv_path = os.path.join(manual, CSV_NAME)
     salt, new = tabular.load_salt(manual, None)
-    plan = longitudinal.plan(csv_path, manual, self.builder_config.options(), salt)
+    plan = longitudinal_csv.plan(csv_path, manual, self.builder_config.options(), salt)
     if new:
       tabular.store_salt(manual, salt)
     for error in plan.errors:

@@ -11,9 +11,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from mammojax.models.risk_model import RiskHeads
+from mammojax.losses.bce import weighted_bce_with_logits
+
+# head name -> (logits [B, Y], target [B, Y], mask [B, Y]): what ``RiskModel.risk_heads`` returns.
+RiskHeads = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
 
 DEFAULT_HEAD_WEIGHTS: Mapping[str, float] = {"fused": 1.0, "cur": 0.2, "pri": 0.2}
 
@@ -25,11 +27,7 @@ def masked_bce_with_logits(logits: jax.Array, target: jax.Array, mask: jax.Array
       f"logits {logits.shape}, target {target.shape} and mask {mask.shape} must "
       "have one shape [B, num_years]"
     )
-  logits = logits.astype(jnp.float32)
-  mask = mask.astype(jnp.float32)
-  losses = optax.sigmoid_binary_cross_entropy(logits, target.astype(jnp.float32))
-  count = jnp.sum(mask)
-  return jnp.where(count > 0, jnp.sum(losses * mask) / jnp.maximum(count, 1.0), 0.0)
+  return weighted_bce_with_logits(logits, target, mask=mask)
 
 
 def risk_loss(

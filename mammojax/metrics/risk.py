@@ -19,22 +19,19 @@ Definitions follow the public references (yala/Mirai ``onconet/learn/utils.py`` 
   exams whose cancer came after year ``k``.
 
 Every metric accepts ``sample_weight`` — how many times each exam is counted, ``[N]`` or a batch
-``[B, N]`` — so a bootstrap resample is a weight vector and never copies or re-sorts the data.
+``[B, N]`` — so a bootstrap resample (``mammojax.metrics.bootstrap``) is a weight vector and
+never copies or re-sorts the data.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 SURVIVAL_FLOOR = 1e-6
 CONVENTIONS = ("mirai", "bcrbench")
 WEIGHTINGS = ("reference", "none")
-# Bootstrap weights are built in chunks of about this many (resample, exam) entries.
-_CHUNK_ENTRIES = 4_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def _weighted_greater_equal(
   return greater, equal
 
 
-def _c_index_batch(
+def c_index_batch(
   probs: np.ndarray,
   time: np.ndarray,
   event: np.ndarray,
@@ -230,7 +227,15 @@ def _c_index_batch(
   survival: np.ndarray,
   convention: str,
 ) -> np.ndarray:
-  """C-index per weight row. ``survival`` is ``[B, Y]``; returns ``[B]`` (NaN: no pairs)."""
+  """C-index per weight row, on checked inputs (``c_index`` without the checks).
+
+  Args:
+    probs: ``[N, Y]``; time, event: ``[N]`` from ``event_times``; weights: ``[B, N]`` exam
+      multiplicities; survival: ``[B, Y]`` IPCW curve per row; convention: as in ``c_index``.
+
+  Returns:
+    ``[B]`` (NaN: no comparable pair).
+  """
   num_years = probs.shape[1]
   concordant = np.zeros(weights.shape[0])
   pairs = np.zeros(weights.shape[0])
@@ -315,7 +320,7 @@ def c_index(
     survival = np.broadcast_to(survival, (weights.shape[0], num_years))
   else:
     survival = np.maximum(km_survival(time, event, num_years, weights), SURVIVAL_FLOOR)
-  values = _c_index_batch(probs, time, event, weights, survival, convention)
+  values = c_index_batch(probs, time, event, weights, survival, convention)
   return values if batched else float(values[0])
 
 
@@ -338,10 +343,18 @@ def year_labels(
   return included, positive
 
 
-def _auc_batch(
+def auc_batch(
   scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, weights: np.ndarray
 ) -> np.ndarray:
-  """Weighted Mann-Whitney AUC per weight row (ties count one half); NaN with one class."""
+  """Weighted Mann-Whitney AUC per weight row (ties count one half); NaN with one class.
+
+  Args:
+    scores: ``[N]``; positive, negative: ``[N]`` bool (exams in neither are left out);
+      weights: ``[B, N]`` exam multiplicities.
+
+  Returns:
+    ``[B]``.
+  """
   positives = np.flatnonzero(positive)
   negatives = np.flatnonzero(negative)
   if positives.size == 0 or negatives.size == 0:
@@ -372,7 +385,7 @@ def auc_per_year(
   included, positive = year_labels(years_to_cancer, years_to_followup, num_years)
   result: dict[int, float | np.ndarray] = {}
   for column in range(num_years):
-    values = _auc_batch(
+    values = auc_batch(
       probs[:, column], positive[:, column], included[:, column] & ~positive[:, column], weights
     )
     result[column + 1] = values if batched else float(values[0])
@@ -403,332 +416,3 @@ def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
   tpr = np.r_[0.0, true_positives[last_of_run] / labels.sum()]
   fpr = np.r_[0.0, false_positives[last_of_run] / (~labels).sum()]
   return fpr, tpr, np.r_[np.inf, sorted_scores[last_of_run]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Bootstrap.
-
-
-class BootstrapCI(NamedTuple):
-  """Point estimate on all exams and the percentile interval of the resampled values."""
-
-  point: float
-  low: float
-  high: float
-
-
-def _bootstrap_units(
-  num_exams: int, patient_ids: Any, strata: Any
-) -> tuple[np.ndarray, list[np.ndarray], int]:
-  """Resampling unit of each exam ``[N]``, the units of each stratum, and the unit count."""
-  if patient_ids is None:
-    unit_of_exam = np.arange(num_exams)
-  else:
-    patient_ids = np.asarray(patient_ids)
-    if patient_ids.shape != (num_exams,):
-      raise ValueError(f"patient_ids must have shape [{num_exams}], got {patient_ids.shape}")
-    _, unit_of_exam = np.unique(patient_ids, return_inverse=True)
-  num_units = int(unit_of_exam.max()) + 1
-  if strata is None:
-    unit_stratum = np.zeros(num_units, np.int64)
-  else:
-    strata = np.asarray(strata)
-    if strata.shape != (num_exams,):
-      raise ValueError(f"strata must have shape [{num_exams}], got {strata.shape}")
-    _, stratum_of_exam = np.unique(strata, return_inverse=True)
-    # A patient belongs to the largest stratum label among its exams (for an event indicator:
-    # whether any of its exams is a case).
-    unit_stratum = np.zeros(num_units, np.int64)
-    np.maximum.at(unit_stratum, unit_of_exam, stratum_of_exam)
-  members = [np.flatnonzero(unit_stratum == s) for s in np.unique(unit_stratum)]
-  return unit_of_exam, members, num_units
-
-
-def bootstrap_samples(
-  metric_fn: Callable[[np.ndarray], np.ndarray],
-  num_exams: int,
-  *,
-  n_resamples: int,
-  seed: int,
-  patient_ids: Any = None,
-  strata: Any = None,
-) -> np.ndarray:
-  """Metric values on ``n_resamples`` bootstrap resamples.
-
-  Args:
-    metric_fn: maps exam multiplicities ``[B, N]`` (float) to values ``[B]`` or ``[B, ...]``;
-      for example ``lambda w: c_index(probs, ytc, ytf, sample_weight=w)``.
-    num_exams: ``N``.
-    n_resamples: number of resamples.
-    seed: seed of ``numpy.random.default_rng``.
-    patient_ids: ``[N]``; when given, patients are drawn with replacement and carry all their
-      exams (cluster bootstrap).
-    strata: ``[N]`` labels; units are drawn separately within each stratum so that each
-      resample keeps the stratum sizes (BCRBench stratifies on the cancer indicator).
-
-  Returns:
-    ``[n_resamples, ...]`` metric values.
-  """
-  if n_resamples < 1:
-    raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-  unit_of_exam, members, num_units = _bootstrap_units(num_exams, patient_ids, strata)
-  rng = np.random.default_rng(seed)
-  chunk = max(1, min(n_resamples, _CHUNK_ENTRIES // max(num_exams, 1)))
-  values = []
-  for start in range(0, n_resamples, chunk):
-    rows = min(chunk, n_resamples - start)
-    row_offset = (np.arange(rows) * num_units)[:, None]
-    flat_draws = np.concatenate(
-      [
-        (units[rng.integers(0, units.size, size=(rows, units.size))] + row_offset).ravel()
-        for units in members
-      ]
-    )
-    unit_counts = np.bincount(flat_draws, minlength=rows * num_units).reshape(rows, num_units)
-    values.append(np.asarray(metric_fn(unit_counts[:, unit_of_exam].astype(np.float64))))
-  return np.concatenate(values, axis=0)
-
-
-def _percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
-  valid = samples[np.isfinite(samples)]
-  if valid.size == 0:
-    return math.nan, math.nan
-  low, high = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  return float(low), float(high)
-
-
-def bootstrap_ci(
-  metric_fn: Callable[[np.ndarray], np.ndarray],
-  num_exams: int,
-  *,
-  n_resamples: int,
-  seed: int,
-  alpha: float = 0.05,
-  patient_ids: Any = None,
-  strata: Any = None,
-) -> BootstrapCI:
-  """Point estimate and ``1 - alpha`` percentile interval of a scalar metric.
-
-  ``metric_fn`` and the resampling options are those of ``bootstrap_samples``; the point
-  estimate is ``metric_fn`` on every exam once. Resamples where the metric is NaN (a single
-  class) are left out of the percentiles.
-  """
-  if not 0 < alpha < 1:
-    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-  point = float(np.asarray(metric_fn(np.ones((1, num_exams)))).reshape(-1)[0])
-  samples = bootstrap_samples(
-    metric_fn, num_exams, n_resamples=n_resamples, seed=seed, patient_ids=patient_ids, strata=strata
-  ).reshape(-1)
-  return BootstrapCI(point, *_percentile_interval(samples, alpha))
-
-
-# ---------------------------------------------------------------------------------------------
-# Report.
-
-
-def _json_float(value: float) -> float | None:
-  value = float(value)
-  return value if math.isfinite(value) else None
-
-
-def _interval(point: float, samples: np.ndarray | None, alpha: float) -> dict[str, Any]:
-  block: dict[str, Any] = {"point": _json_float(point)}
-  if samples is not None:
-    low, high = _percentile_interval(samples, alpha)
-    valid = samples[np.isfinite(samples)]
-    block.update(
-      low=_json_float(low),
-      high=_json_float(high),
-      bootstrap_mean=_json_float(valid.mean()) if valid.size else None,
-      valid_resamples=int(valid.size),
-    )
-  return block
-
-
-def _metric_block(
-  probs: np.ndarray,
-  years_to_cancer: np.ndarray,
-  years_to_followup: np.ndarray,
-  survival: np.ndarray,
-  n_bootstrap: int,
-  seed: int,
-  alpha: float,
-  patient_ids: np.ndarray | None,
-) -> dict[str, Any]:
-  """C-index and per-year AUC (with intervals when ``n_bootstrap > 0``) of one set of exams."""
-  num_years = probs.shape[1]
-  included, positive = year_labels(years_to_cancer, years_to_followup, num_years)
-  negative = included & ~positive
-  time, event = event_times(years_to_cancer, years_to_followup, num_years)
-
-  def all_metrics(weights: np.ndarray) -> np.ndarray:
-    columns = [
-      _c_index_batch(
-        probs,
-        time,
-        event,
-        weights,
-        np.broadcast_to(survival, (weights.shape[0], num_years)),
-        "mirai",
-      )
-    ]
-    columns += [
-      _auc_batch(probs[:, k], positive[:, k], negative[:, k], weights) for k in range(num_years)
-    ]
-    return np.stack(columns, axis=1)
-
-  point = all_metrics(np.ones((1, probs.shape[0])))[0]
-  samples = None
-  if n_bootstrap > 0:
-    samples = bootstrap_samples(
-      all_metrics,
-      probs.shape[0],
-      n_resamples=n_bootstrap,
-      seed=seed,
-      patient_ids=patient_ids,
-      strata=event,
-    )
-  column = (lambda i: None) if samples is None else (lambda i: samples[:, i])
-  return {
-    "num_exams": int(probs.shape[0]),
-    "num_cancers": int(event.sum()),
-    "c_index": _interval(point[0], column(0), alpha),
-    "auc_year": {
-      str(k + 1): _interval(point[k + 1], column(k + 1), alpha) for k in range(num_years)
-    },
-    "counts_year": {
-      str(k + 1): {"positives": int(positive[:, k].sum()), "negatives": int(negative[:, k].sum())}
-      for k in range(num_years)
-    },
-  }
-
-
-def subgroup_metrics(
-  probs: Any,
-  years_to_cancer: Any,
-  years_to_followup: Any,
-  subgroups: Mapping[str, Any],
-  *,
-  n_bootstrap: int = 0,
-  seed: int = 0,
-  alpha: float = 0.05,
-  weight_survival: Any = None,
-  patient_ids: Any = None,
-) -> dict[str, dict[str, dict[str, Any]]]:
-  """The report's metric block for every value of every subgroup column.
-
-  Args:
-    subgroups: ``{column name: [N] values}`` (ints or strings, e.g. density 1-4).
-    weight_survival: ``[Y]`` IPCW curve; default: fitted on all exams (not per subgroup), as
-      BCRBench does.
-    Others as in ``risk_report``.
-
-  Returns:
-    ``{column: {str(value): block}}`` where a block has ``num_exams``, ``num_cancers``,
-    ``c_index``, ``auc_year`` and ``counts_year``.
-  """
-  probs, years_to_cancer, years_to_followup = check_inputs(
-    probs, years_to_cancer, years_to_followup
-  )
-  num_exams, num_years = probs.shape
-  survival = (
-    reference_weight_survival(years_to_cancer, years_to_followup, num_years)
-    if weight_survival is None
-    else np.asarray(weight_survival, dtype=np.float64)
-  )
-  if patient_ids is not None:
-    patient_ids = np.asarray(patient_ids)
-    if patient_ids.shape != (num_exams,):
-      raise ValueError(f"patient_ids must have shape [{num_exams}], got {patient_ids.shape}")
-  result: dict[str, dict[str, dict[str, Any]]] = {}
-  for name, values in subgroups.items():
-    values = np.asarray(values)
-    if values.shape != (num_exams,):
-      raise ValueError(f"subgroup {name!r} must have shape [{num_exams}], got {values.shape}")
-    blocks = {}
-    for value in np.unique(values):
-      members = np.flatnonzero(values == value)
-      blocks[str(value.item() if hasattr(value, "item") else value)] = _metric_block(
-        probs[members],
-        years_to_cancer[members],
-        years_to_followup[members],
-        survival,
-        n_bootstrap,
-        seed,
-        alpha,
-        None if patient_ids is None else patient_ids[members],
-      )
-    result[name] = blocks
-  return result
-
-
-def risk_report(
-  probs: Any,
-  years_to_cancer: Any,
-  years_to_followup: Any,
-  subgroups: Mapping[str, Any] | None = None,
-  n_bootstrap: int = 1000,
-  seed: int = 0,
-  *,
-  alpha: float = 0.05,
-  weight_survival: Any = None,
-  patient_ids: Any = None,
-) -> dict[str, Any]:
-  """All risk metrics of one evaluation as a JSON-serialisable dict (NaN written as null).
-
-  Args:
-    probs: ``[N, Y]`` predicted cumulative risk of years ``1..Y``.
-    years_to_cancer: ``[N]``; ``>= Y`` or inf means no cancer in the horizon.
-    years_to_followup: ``[N]``.
-    subgroups: optional ``{column name: [N] values}``; each value gets its own block.
-    n_bootstrap: resamples for the percentile intervals (0: point estimates only). Cases and
-      controls are resampled separately, as BCRBench does.
-    seed: bootstrap seed.
-    alpha: intervals cover ``1 - alpha``.
-    weight_survival: ``[Y]`` IPCW curve (e.g. from the training set, as Mirai); default: fitted
-      on these exams, as BCRBench. Resamples and subgroups reuse it, as BCRBench does.
-    patient_ids: ``[N]``; when given, the bootstrap resamples patients.
-
-  Returns:
-    ``{num_exams, num_cancers, num_years, c_index: {point, low, high, bootstrap_mean,
-    valid_resamples}, auc_year: {"k": {...}}, counts_year: {"k": {positives, negatives}},
-    weight_survival: [Y], bootstrap: {...}, subgroups: {column: {value: block}}}``.
-  """
-  probs, years_to_cancer, years_to_followup = check_inputs(
-    probs, years_to_cancer, years_to_followup
-  )
-  num_years = probs.shape[1]
-  if weight_survival is None:
-    survival = reference_weight_survival(years_to_cancer, years_to_followup, num_years)
-  else:
-    survival = np.asarray(weight_survival, dtype=np.float64)
-    if survival.shape != (num_years,) or not np.all((survival > 0) & (survival <= 1)):
-      raise ValueError(f"weight_survival must be [{num_years}] with values in (0, 1]")
-  if patient_ids is not None:
-    patient_ids = np.asarray(patient_ids)
-    if patient_ids.shape != (probs.shape[0],):
-      raise ValueError(f"patient_ids must have shape [{probs.shape[0]}], got {patient_ids.shape}")
-  report = _metric_block(
-    probs, years_to_cancer, years_to_followup, survival, n_bootstrap, seed, alpha, patient_ids
-  )
-  report["num_years"] = int(num_years)
-  report["weight_survival"] = [float(s) for s in survival]
-  report["bootstrap"] = {
-    "n_resamples": int(n_bootstrap),
-    "seed": int(seed),
-    "alpha": float(alpha),
-    "unit": "exam" if patient_ids is None else "patient",
-    "stratified_by": "cancer within horizon",
-  }
-  report["subgroups"] = subgroup_metrics(
-    probs,
-    years_to_cancer,
-    years_to_followup,
-    subgroups or {},
-    n_bootstrap=n_bootstrap,
-    seed=seed,
-    alpha=alpha,
-    weight_survival=survival,
-    patient_ids=patient_ids,
-  )
-  return report

@@ -2,7 +2,7 @@
 
 Two input modes, chosen by ``config.data.features_dir``:
 
-* online (empty): images are cut into patches on the host (:mod:`mammojax.data.mil_pipeline`),
+* online (empty): images are cut into patches on the host (:mod:`mammojax.data.pipelines.mil`),
   and every step runs EfficientNet + FPN + the multi-scale MIL head. The encoder is frozen (its
   parameters never train and its batch norm uses running statistics) unless
   ``model.backbone_trainable``;
@@ -21,7 +21,6 @@ pictures.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -32,30 +31,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mammojax.data import mil_pipeline, records
-from mammojax.interpret import heatmaps
+from mammojax.atomic_files import write_json_atomic
+from mammojax.data import records
+from mammojax.data.pipelines import mil as mil_pipeline
+from mammojax.data.specs import spec_from_config
+from mammojax.losses.mil import masked_deep_supervision_loss
 from mammojax.metrics.classification import classification_metrics, roc_auc
+from mammojax.metrics.detection import detection_report, heatmap_boxes
+from mammojax.models.mil import heatmaps
 from mammojax.models.mil.fpn_mil import FPNMIL, MultiScaleMILHead
 from mammojax.nn.efficientnet import EfficientNet
 from mammojax.nn.fpn import FPN
 from mammojax.nn.set_transformer import num_inducing_points
 from mammojax.train.task import Task
+from mammojax.viz.overlays import save_overlay
 
 PASSTHROUGH = ("label", "patch_coords", "patch_mask", "boxes", "num_boxes", "thumbnail")
 
 
 def patch_settings(data: ml_collections.ConfigDict) -> mil_pipeline.PatchSettings:
   """The patching settings of a config's ``data`` section."""
-  return mil_pipeline.PatchSettings(
-    image_size=tuple(data.image_size),
-    patch_size=data.patch_size,
-    overlap=data.overlap,
-    min_foreground=data.min_foreground,
-    background_threshold=data.background_threshold,
-    channels=data.channels,
-    max_boxes=data.max_boxes,
-    thumbnail_stride=data.thumbnail_stride,
-  )
+  return spec_from_config(mil_pipeline.PatchSettings, data)
 
 
 def build_backbone(model: ml_collections.ConfigDict) -> EfficientNet:
@@ -74,34 +70,6 @@ def build_fpn(model: ml_collections.ConfigDict) -> FPN:
   return FPN(
     features=model.fpn.features, top_down=model.fpn.top_down, group_norm=model.fpn.group_norm
   )
-
-
-def masked_deep_supervision_loss(
-  logits: jax.Array,
-  scale_logits: jax.Array | None,
-  labels: jax.Array,
-  valid: jax.Array,
-  pos_weight: float,
-  side_weight: float,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted BCE of the bag logits [B] plus ``side_weight`` x each side logit's [B, S], over the
-  valid examples (equal to ``losses.mil.deep_supervision_loss`` when all are valid)."""
-  valid = valid.astype(jnp.float32)
-  labels = labels.astype(jnp.float32)
-  count = jnp.maximum(valid.sum(), 1.0)
-
-  def bce(x):
-    x = x.astype(jnp.float32)
-    per = -(pos_weight * labels * jax.nn.log_sigmoid(x) + (1.0 - labels) * jax.nn.log_sigmoid(-x))
-    return jnp.sum(per * valid) / count
-
-  bag = bce(logits)
-  sides = (
-    sum((bce(scale_logits[:, s]) for s in range(scale_logits.shape[1])), jnp.zeros(()))
-    if scale_logits is not None
-    else jnp.zeros(())
-  )
-  return bag + side_weight * sides, {"loss_bag": bag, "loss_sides": sides}
 
 
 class FPNMILTask(Task):
@@ -337,9 +305,9 @@ class FPNMILTask(Task):
   def detection(
     self, predictions: dict[str, np.ndarray], out_dir: str | None = None, max_examples: int = 0
   ) -> dict[str, dict[str, float]]:
-    """Detection metrics per heatmap (:func:`heatmaps.detection_report`) over the positive
-    examples with boxes, the first ``max_examples`` of them (0 = all); with ``out_dir`` also
-    overlay PNGs of the first ``eval.num_overlays``."""
+    """Detection metrics per heatmap (:func:`mammojax.metrics.detection.detection_report`) over
+    the positive examples with boxes, the first ``max_examples`` of them (0 = all); with
+    ``out_dir`` also overlay PNGs of the first ``eval.num_overlays``."""
     d = self.config.eval.detection
     box_args = dict(
       quantile=d.quantile,
@@ -360,12 +328,12 @@ class FPNMILTask(Task):
       truth.append(gt)
       maps = self.example_heatmaps(predictions, int(i))
       for name, heatmap in maps.items():
-        found.setdefault(name, []).append(heatmaps.heatmap_boxes(heatmap, **box_args))
+        found.setdefault(name, []).append(heatmap_boxes(heatmap, **box_args))
       if out_dir and rank < self.config.eval.num_overlays:
         stride = self.thumbnail_stride
         thumb = predictions["thumbnail"][i]
         scaled = lambda b: np.concatenate([b[:, :4] / stride, b[:, 4:]], axis=1)  # noqa: E731
-        heatmaps.save_overlay(
+        save_overlay(
           os.path.join(out_dir, f"overlay_{rank:03d}.png"),
           thumb,
           maps["aggregated"][::stride, ::stride],
@@ -375,8 +343,7 @@ class FPNMILTask(Task):
         )
     iou_thresholds = tuple(d.iou_thresholds)
     return {
-      str(name): heatmaps.detection_report(boxes, truth, iou_thresholds)
-      for name, boxes in found.items()
+      str(name): detection_report(boxes, truth, iou_thresholds) for name, boxes in found.items()
     }
 
   def write_report(self, predictions, out_dir):
@@ -391,10 +358,7 @@ class FPNMILTask(Task):
     if has_detection_targets(predictions):
       report["detection"] = self.detection(predictions, os.path.join(out_dir, "overlays"))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".report.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(_finite(report), f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "report.json"))
+    write_json_atomic(os.path.join(out_dir, "report.json"), _finite(report), indent=2)
     return report
 
 

@@ -25,15 +25,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mammojax.data.longitudinal_pipeline import longitudinal_dataset, resolve_longitudinal_dir
-from mammojax.losses.registration import gradicon_loss, lncc_loss
+from mammojax.data.constants import IMAGE_SUFFIXES, SPLITS
+from mammojax.data.pipelines.longitudinal import longitudinal_dataset, resolve_longitudinal_dir
+from mammojax.losses.registration import gradicon_loss
+from mammojax.losses.similarity import lncc_loss
 from mammojax.models.registration import icon
 from mammojax.models.registration.icon_unet import ICONUNet2
 from mammojax.nn.warp import count_folds, warp
-from mammojax.train.task import Task
-
-SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
+from mammojax.train.task import RegistrationTask
 
 
 class LongitudinalToPair(grain.transforms.Map):
@@ -62,7 +61,7 @@ class ImageFilePairs:
     return {"moving": self._load(moving), "fixed": self._load(fixed)}
 
   def _load(self, path: str) -> np.ndarray:
-    from mammojax.data.readers import read_image  # pylint: disable=import-outside-toplevel
+    from mammojax.data.ingest.readers import read_image  # pylint: disable=import-outside-toplevel
 
     pixels = read_image(path).pixels
     resized = np.asarray(jax.image.resize(pixels, self._size, "linear"))
@@ -120,7 +119,7 @@ def file_pairs(
   return [(chosen[i], chosen[j]) for i, j in zip(first, second)]
 
 
-class GradICONUNetTask(Task):
+class GradICONUNetTask(RegistrationTask):
   """``config.task='mammojax.tasks.gradicon_unet:GradICONUNetTask'``; batches hold ``moving``
   and ``fixed`` ``[B, H, W, 1]`` (and ``displacement`` ``[B, H, W, 2]`` when known)."""
 
@@ -190,13 +189,13 @@ class GradICONUNetTask(Task):
     metrics = {k: v for k, v in parts.items() if k != "loss"}
     return parts["loss"], (metrics, model_state)
 
-  def displacement(self, variables, moving, fixed) -> jax.Array:
+  def displacement(self, variables, *, moving, fixed) -> jax.Array:
     """The trained field ``[B, H, W, 2]`` (pixels, 'ij'); ``mammojax.register --model`` uses it."""
     return self._eval_model.apply(variables, moving, fixed)
 
   def predict(self, variables, batch):
     moving, fixed = batch["moving"], batch["fixed"]
-    field = self.displacement(variables, moving, fixed)
+    field = self.displacement(variables, moving=moving, fixed=fixed)
     warped = warp(moving, field, padding="border")
     sigma = self.config.model.lncc_sigma
     per_example = jax.vmap(lambda a, b: lncc_loss(a[None], b[None], sigma=sigma))

@@ -13,7 +13,6 @@ mammojax.evaluate``) adds ``registration.png`` (moving, fixed, warped, deformed 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -23,16 +22,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mammojax.atomic_files import write_json_atomic
 from mammojax.data.digits import DigitPairsSpec, digit_pairs
-from mammojax.losses.registration import regularized_loss, ssd_loss
+from mammojax.losses.registration import regularized_loss
+from mammojax.losses.similarity import ssd_loss
 from mammojax.models.registration.icon import digits_registration
 from mammojax.nn.warp import count_folds, warp
-from mammojax.train.task import Task
+from mammojax.train.task import RegistrationTask
 
 FIGURE_NAME = "registration.png"
 
 
-class IconDigitsTask(Task):
+class IconDigitsTask(RegistrationTask):
   """``config.task='mammojax.tasks.icon_digits:IconDigitsTask'``; batches hold ``moving`` and
   ``fixed`` digits ``[B, H, W, 1]``."""
 
@@ -81,13 +82,13 @@ class IconDigitsTask(Task):
   def input_shape(self) -> tuple[int, int]:
     return (self.config.data.size, self.config.data.size)
 
-  def displacement(self, variables, moving, fixed) -> jax.Array:
+  def displacement(self, variables, *, moving, fixed) -> jax.Array:
     """The network's field ``[B, H, W, 2]`` (pixels, 'ij'); ``mammojax.register --model``."""
     return self.model.apply(variables, moving, fixed)
 
   def predict(self, variables, batch):
     moving, fixed = batch["moving"], batch["fixed"]
-    displacement = self.displacement(variables, moving, fixed)
+    displacement = self.displacement(variables, moving=moving, fixed=fixed)
     warped = warp(moving, displacement, padding="border")
     per_example = lambda a, b: jnp.mean(jnp.square(a - b), axis=(1, 2, 3))  # noqa: E731
     return {
@@ -132,8 +133,5 @@ class IconDigitsTask(Task):
       ],
     )
     report["figure"] = FIGURE_NAME
-    tmp = os.path.join(out_dir, ".report.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "report.json"))
+    write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=2)
     return report

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mammojax.data.augment import AugmentConfig, train_augmentations
-from mammojax.data.longitudinal_pipeline import longitudinal_dataset, resolve_longitudinal_dir
+from mammojax.data.pipelines.augment import AugmentConfig, train_augmentations
+from mammojax.data.pipelines.longitudinal import longitudinal_dataset, resolve_longitudinal_dir
 from mammojax.losses.risk import risk_loss
 from mammojax.metrics import risk as risk_metrics
+from mammojax.metrics.risk_report import risk_report
 from mammojax.models.imgfeatalign import ImgFeatAlign
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.train.task import Task
@@ -139,7 +140,7 @@ class ImgFeatAlignTask(Task):
       for name in ("density", "cancer_type")
       if name in predictions and np.any(predictions[name] > 0)
     }
-    report = risk_metrics.risk_report(
+    report = risk_report(
       probs,
       ytc,
       ytf,

@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mammojax.data.longitudinal_pipeline import longitudinal_dataset, resolve_longitudinal_dir
-from mammojax.losses.registration import mammoregnet_loss, ncc_loss
+from mammojax.data.pipelines.longitudinal import longitudinal_dataset, resolve_longitudinal_dir
+from mammojax.losses.registration import mammoregnet_loss
+from mammojax.losses.similarity import ncc_loss
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.nn.warp import count_folds
-from mammojax.train.task import Task
+from mammojax.train.task import RegistrationTask
 
 
-class MammoRegNetTask(Task):
+class MammoRegNetTask(RegistrationTask):
   """``config.task='mammoregnet'``; the fixed image is ``current_image``, the moving one
   ``previous_image``."""
 
@@ -32,12 +33,14 @@ class MammoRegNetTask(Task):
     return longitudinal_dataset(self._data_dir, split)
 
   def init_variables(self, rng, batch):
-    return self.model.init(rng, batch["current_image"], batch["previous_image"])
+    return self.model.init(rng, moving=batch["previous_image"], fixed=batch["current_image"])
 
   def loss(self, params, model_state, batch, rng, train):
     del rng, train  # deterministic network
     out = self.model.apply(
-      {"params": params, **model_state}, batch["current_image"], batch["previous_image"]
+      {"params": params, **model_state},
+      moving=batch["previous_image"],
+      fixed=batch["current_image"],
     )
     valid = batch["_valid"].astype(jnp.float32)[:, None, None, None]
     parts = mammoregnet_loss(
@@ -51,9 +54,17 @@ class MammoRegNetTask(Task):
     metrics = {k: v for k, v in parts.items() if k != "loss"}
     return parts["loss"], (metrics, model_state)
 
+  def input_shape(self) -> tuple[int, int]:
+    return tuple(self.config.data.image_size)
+
+  def displacement(self, variables, *, moving, fixed) -> jax.Array:
+    """MammoRegNet's flow ``[B, H, W, 2]`` (pixels, 'ij'); ``mammojax.register --model``."""
+    return self.model.apply(variables, moving=moving, fixed=fixed)["flow"]
+
   def predict(self, variables, batch):
-    out = self.model.apply(variables, batch["current_image"], batch["previous_image"])
-    fixed, moving, flow = batch["current_image"], batch["previous_image"], out["flow"]
+    fixed, moving = batch["current_image"], batch["previous_image"]
+    out = self.model.apply(variables, moving=moving, fixed=fixed)
+    flow = out["flow"]
     ncc = jax.vmap(lambda a, b: 1.0 - ncc_loss(a[None], b[None]))
     result = {
       "ncc": ncc(fixed, out["warped"]),

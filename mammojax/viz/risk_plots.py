@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from mammojax.atomic_files import atomic_write
 from mammojax.metrics import calibration, risk
 
 
@@ -27,17 +27,12 @@ def _new_figure(width: float, height: float) -> Any:
   return figure
 
 
-def _save_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
-  """Calls ``write(temp_path)`` in the destination folder, then renames onto ``path``."""
+def _save_atomically(path: Path, write: Callable[[IO[Any]], Any], mode: str) -> Path:
+  """Calls ``write(file)`` on a temporary file in the destination folder (created if missing),
+  then renames it onto ``path``."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-  os.close(handle)
-  try:
-    write(Path(temp_name))
-    os.replace(temp_name, path)
-  except BaseException:
-    Path(temp_name).unlink(missing_ok=True)
-    raise
+  with atomic_write(path, mode) as f:
+    write(f)
   return path
 
 
@@ -81,7 +76,7 @@ def plot_roc_per_year(
     title="ROC per year",
   )
   axes.legend(loc="lower right", fontsize=8)
-  return _save_atomically(Path(path), lambda temp: figure.savefig(temp, format="png"))
+  return _save_atomically(Path(path), lambda f: figure.savefig(f, format="png"), "wb")
 
 
 def plot_calibration(path: str | os.PathLike, calibration_arrays: dict[str, np.ndarray]) -> Path:
@@ -117,7 +112,7 @@ def plot_calibration(path: str | os.PathLike, calibration_arrays: dict[str, np.n
     title="Calibration by risk bin",
   )
   axes.legend(loc="upper left", fontsize=8)
-  return _save_atomically(Path(path), lambda temp: figure.savefig(temp, format="png"))
+  return _save_atomically(Path(path), lambda f: figure.savefig(f, format="png"), "wb")
 
 
 def write_risk_report(
@@ -132,7 +127,7 @@ def write_risk_report(
 
   Args:
     out_dir: folder, created if missing.
-    report: the dict of ``risk.risk_report`` (any JSON-serialisable dict).
+    report: the dict of ``risk_report.risk_report`` (any JSON-serialisable dict).
     probs, years_to_cancer, years_to_followup: the arrays the report was computed from.
     num_bins: calibration bins (fewer when there are fewer exams).
 
@@ -141,9 +136,7 @@ def write_risk_report(
   """
   out_dir = Path(out_dir)
   text = json.dumps(report, indent=2, allow_nan=False)
-  paths = {
-    "report": _save_atomically(out_dir / "report.json", lambda temp: temp.write_text(text + "\n"))
-  }
+  paths = {"report": _save_atomically(out_dir / "report.json", lambda f: f.write(text + "\n"), "w")}
   paths["roc"] = plot_roc_per_year(
     out_dir / "roc_per_year.png", probs, years_to_cancer, years_to_followup
   )

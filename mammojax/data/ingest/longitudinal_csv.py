@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from mammojax.data import tabular
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram
+from mammojax.data.constants import NO_CANCER_YEARS
+from mammojax.data.ingest import tabular
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram
 from mammojax.data.survival import survival_targets
 
 REQUIRED_COLUMNS = (
@@ -53,7 +54,6 @@ REQUIRED_COLUMNS = (
   "cancer_type",
   "race",
 )
-NO_CANCER_YEARS = 100.0
 CANCER_TYPE_CODES = {
   0: "none or unknown",
   1: "invasive",

@@ -128,7 +128,7 @@ def preprocess_mammogram(
   """Runs the whole pipeline on one image.
 
   Args:
-    pixels: ``[H, W]`` float, larger = brighter (as :mod:`mammojax.data.readers` returns).
+    pixels: ``[H, W]`` float, larger = brighter (as :mod:`mammojax.data.ingest.readers` returns).
     laterality: 'L', 'R' or None (needed only for ``orientation='laterality'``).
     config: the settings.
 
@@ -204,7 +204,7 @@ def load_mammogram(
   Raises:
     ImageReadError: the file is missing, unreadable, or holds no breast to segment.
   """
-  from mammojax.data.readers import ImageReadError, read_image
+  from mammojax.data.ingest.readers import ImageReadError, read_image
 
   image = read_image(path)
   try:

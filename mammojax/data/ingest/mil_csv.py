@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from mammojax.data import tabular
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram
+from mammojax.data.constants import IMAGE_SUFFIXES
+from mammojax.data.ingest import tabular
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram
 
 VIEW_CODES = {"CC": 0, "MLO": 1}  # anything else: 2
 BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")
 
 
 @dataclasses.dataclass(frozen=True)

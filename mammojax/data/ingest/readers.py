@@ -20,9 +20,7 @@ import os
 
 import numpy as np
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
-PNG_SUFFIXES = (".png",)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from mammojax.data.constants import DICOM_SUFFIXES, PNG_SUFFIXES
 
 
 class ImageReadError(Exception):

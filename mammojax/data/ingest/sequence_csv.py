@@ -1,5 +1,8 @@
 """Sequence CSV for the temporal task: each image with the patient's earlier images.
 
+Scaffolding for a coming system: the sequence records feed the Temporal-GradCam model, which is
+not implemented yet; ``python -m mammojax.ingest --task=sequence`` already writes them.
+
 Columns: ``patient_id``, ``date`` (YYYY-MM-DD), ``image_path`` (relative to the images root),
 ``label`` (integer class); optional ``split``. One record per row, as in the Temporal-GradCam
 setup: the row's image is the last element of a sequence holding the patient's earlier images
@@ -20,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mammojax.data import tabular
-from mammojax.data.mammo_preprocess import MammoPreprocessConfig, load_mammogram
+from mammojax.data.ingest import tabular
+from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram
 
 REQUIRED_COLUMNS = ("patient_id", "date", "image_path", "label")
 

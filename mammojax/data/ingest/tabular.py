@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from mammojax.atomic_files import atomic_write
+
 SALT_FILE = "salt.txt"
 SPLIT_ALIASES = {
   "train": "train",
@@ -134,12 +136,8 @@ def load_salt(out_dir: str, salt: str | None) -> tuple[str, bool]:
 def store_salt(out_dir: str, salt: str) -> None:
   """Writes ``DIR/salt.txt`` (owner-readable only) atomically."""
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, SALT_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_write(os.path.join(out_dir, SALT_FILE), permissions=0o600) as f:
     f.write(salt + "\n")
-  os.chmod(tmp, 0o600)
-  os.replace(tmp, path)
 
 
 def pseudonym(identifier: str, salt: str) -> str:
@@ -282,7 +280,7 @@ def run_item(item) -> tuple[str, object]:
 
   Lives here (free of jax imports) so spawned ingestion workers start quickly.
   """
-  from mammojax.data.readers import ImageReadError
+  from mammojax.data.ingest.readers import ImageReadError
 
   try:
     return "ok", item.build()

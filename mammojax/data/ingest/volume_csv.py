@@ -1,5 +1,8 @@
 """Volume CSV for multi-contrast 3-D MRI: one subject per row, a variable set of contrasts.
 
+Scaffolding for a coming system: the volume records are for the 3-D MRI model, which is not
+implemented yet; ``python -m mammojax.ingest --task=volume`` already writes them.
+
 Columns: ``subject``; one column per contrast holding a NIfTI path relative to the images root
 (an empty cell = contrast not acquired); optional ``mask`` (segmentation NIfTI) and ``split``.
 The contrast columns are the ones named in ``VolumeOptions.contrasts`` or, by default, every
@@ -24,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data import tabular
-from mammojax.data.readers import ImageReadError, read_nifti
+from mammojax.data.ingest import tabular
+from mammojax.data.ingest.readers import ImageReadError, read_nifti
 
 RESERVED = ("subject", "mask", "split")
 

@@ -83,10 +83,6 @@ def eval_batches(
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def num_eval_batches(examples: grain.MapDataset, global_batch_size: int) -> int:
-  return -(-len(examples) // global_batch_size)
-
-
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(

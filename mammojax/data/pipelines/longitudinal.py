@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
-from mammojax.data import records, synthetic_longitudinal
+from mammojax.data import records
+from mammojax.data.constants import default_data_root
+from mammojax.data.specs import spec_from_config
+from mammojax.data.synthetic import longitudinal as synthetic_longitudinal
 
 # Record fields the risk models consume besides the two images.
 LABEL_FIELDS = (
@@ -62,31 +64,12 @@ def longitudinal_dataset(directory: str, split: str) -> grain.MapDataset:
   )
 
 
-def default_data_root() -> str:
-  """Where synthetic datasets are cached: $MAMMOJAX_DATA or ~/.cache/mammojax/datasets."""
-  return os.environ.get(
-    "MAMMOJAX_DATA", os.path.join(os.path.expanduser("~"), ".cache", "mammojax", "datasets")
-  )
-
-
 def synthetic_spec(
   data: ml_collections.ConfigDict,
 ) -> synthetic_longitudinal.SyntheticLongitudinalSpec:
-  """The generator settings of a config's ``data`` section."""
-  s = data.synthetic
-  return synthetic_longitudinal.SyntheticLongitudinalSpec(
-    image_size=tuple(data.image_size),
-    num_train=s.num_train,
-    num_val=s.num_val,
-    num_test=s.num_test,
-    num_years=data.num_years,
-    positive_fraction=s.positive_fraction,
-    missing_prior_fraction=s.missing_prior_fraction,
-    deformation_pixels=s.deformation_pixels,
-    lesion_contrast=s.lesion_contrast,
-    store_displacement=s.get("store_displacement", False),
-    seed=s.seed,
-  )
+  """The generator settings of a config's ``data`` section (``data.synthetic``, plus
+  ``image_size`` and ``num_years`` from ``data``)."""
+  return spec_from_config(synthetic_longitudinal.SyntheticLongitudinalSpec, data.synthetic, data)
 
 
 def resolve_longitudinal_dir(data: ml_collections.ConfigDict) -> str:

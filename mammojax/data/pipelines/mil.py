@@ -15,8 +15,11 @@ import grain
 import ml_collections
 import numpy as np
 
-from mammojax.data import patching, records, synthetic_mil
-from mammojax.data.longitudinal_pipeline import default_data_root
+from mammojax.data import records
+from mammojax.data.constants import default_data_root
+from mammojax.data.pipelines import patching
+from mammojax.data.specs import spec_from_config
+from mammojax.data.synthetic import mil as synthetic_mil
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +58,6 @@ def label_index(manifest_config: dict[str, Any], label: str) -> int:
       "config.data.label to one of them"
     )
   return names.index(label)
-
-
-def dataset_image_size(manifest_config: dict[str, Any]) -> tuple[int, int]:
-  """(H, W) of the images of a synthetic or ingested MIL dataset, from its manifest."""
-  if "image_size" in manifest_config:
-    return tuple(int(v) for v in manifest_config["image_size"])
-  preprocess = manifest_config.get("preprocess") or {}
-  if "height" in preprocess and "width" in preprocess:
-    return int(preprocess["height"]), int(preprocess["width"])
-  raise ValueError(
-    "the dataset manifest records no image size (neither 'image_size' nor "
-    "'preprocess.height/width'); re-ingest it with mammojax.ingest"
-  )
 
 
 def select_boxes(
@@ -243,22 +233,9 @@ def label_counts(directory: str, split: str, label: str) -> tuple[int, int]:
 
 
 def synthetic_spec(data: ml_collections.ConfigDict) -> synthetic_mil.SyntheticMILSpec:
-  """The generator settings of a config's ``data`` section."""
-  s = data.synthetic
-  return synthetic_mil.SyntheticMILSpec(
-    image_size=tuple(data.image_size),
-    num_train=s.num_train,
-    num_val=s.num_val,
-    num_test=s.num_test,
-    mass_fraction=s.mass_fraction,
-    calc_fraction=s.calc_fraction,
-    mass_radius=tuple(s.mass_radius),
-    mass_contrast=s.mass_contrast,
-    calc_spots=tuple(s.calc_spots),
-    calc_cluster_radius=s.calc_cluster_radius,
-    calc_contrast=s.calc_contrast,
-    seed=s.seed,
-  )
+  """The generator settings of a config's ``data`` section (``data.synthetic``, plus
+  ``image_size`` from ``data``)."""
+  return spec_from_config(synthetic_mil.SyntheticMILSpec, data.synthetic, data)
 
 
 def resolve_image_dir(data: ml_collections.ConfigDict) -> str:

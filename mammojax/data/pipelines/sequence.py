@@ -1,5 +1,8 @@
 """Decoding sequence records (``mammojax.ingest --task=sequence``) into fixed-length examples.
 
+Scaffolding for a coming system: the Temporal-GradCam model that reads these examples is not
+implemented yet, so no task uses this pipeline today.
+
 A patient's image sequence has a variable length ``T``; batches need one shape. Sequences are
 left-padded to ``max_length`` (the newest image stays last, at index ``max_length - 1``) and a
 ``sequence_mask`` marks the real images, so temporal models attend to real images only.

@@ -1,31 +1,32 @@
-"""Small real-format image files for the ingestion tests: DICOM, PNG, NIfTI.
+"""Real-format image files of a synthetic breast phantom: DICOM, PNG, NIfTI.
 
-The phantom is a half-ellipse "breast" against the chest wall with a smooth texture and a bright
-burned-in label block far from it, stored the way mammography DICOMs store it: a left breast has
-its chest wall on the left edge, a right breast on the right edge.
+What the ingestion tests and ``benchmarks/ingest.py`` read (``pydicom``, ``pillow`` and
+``nibabel`` come with the ``dicom`` extra). The phantom is a half-ellipse "breast" against the
+chest wall with a smooth texture and a bright burned-in label block far from it, stored the way
+mammography DICOMs store it: a left breast has its chest wall on the left edge, a right breast on
+the right edge.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PHI = {
-  "PatientName": "Doe^Janet",
-  "PatientBirthDate": "19580214",
-  "AccessionNumber": "ACC98765Z",
-  "PatientID": "MRN-555-0199",
-}
-
 
 def phantom(
-  height: int = 64, width: int = 48, side: str = "L", label: bool = True, seed: int = 0
+  height: int = 64,
+  width: int = 48,
+  side: str = "L",
+  label: bool = True,
+  seed: int = 0,
+  texture_period: tuple[float, float] = (3.0, 4.0),
 ) -> np.ndarray:
-  """uint16 ``[H, W]`` breast phantom (breast values 2000-40000, background ~100)."""
+  """uint16 ``[H, W]`` breast phantom (breast values 2000-40000, background ~100); the texture
+  varies over ``texture_period`` (rows, columns) pixels (longer for full-size images)."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
   cy, ry, rx = height / 2, 0.42 * height, 0.7 * width
   inside = ((yy - cy) / ry) ** 2 + (xx / rx) ** 2 <= 1.0
-  texture = 20000 + 15000 * np.sin(yy / 3.0) * np.cos(xx / 4.0)
+  texture = 20000 + 15000 * np.sin(yy / texture_period[0]) * np.cos(xx / texture_period[1])
   image = np.where(inside, texture + rng.normal(0, 500, inside.shape), 100.0)
   if label:
     image[1:5, width - 9 : width - 2] = 60000.0
@@ -44,9 +45,13 @@ def write_dicom(
   window: tuple[float, float] | None = None,
   rescale: tuple[float, float] | None = None,
   compress: str | None = None,
-  phi: bool = True,
+  header: dict[str, str] | None = None,
 ) -> None:
-  """Writes a single-frame 16-bit DICOM (optionally RLE / JPEG 2000 compressed)."""
+  """Writes a single-frame 16-bit DICOM (optionally RLE / JPEG 2000 compressed).
+
+  ``header``: extra data elements by keyword (the privacy tests put patient fields here).
+  Raises ``RuntimeError`` / ``NotImplementedError`` when no encoder for ``compress`` is installed.
+  """
   from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation,
@@ -65,10 +70,8 @@ def write_dicom(
   ds.SOPClassUID = meta.MediaStorageSOPClassUID
   ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
   ds.Modality = "MG"
-  if phi:
-    for key, value in PHI.items():
-      setattr(ds, key, value)
-    ds.StudyDescription = "free text that must not leak"
+  for key, value in (header or {}).items():
+    setattr(ds, key, value)
   if laterality:
     ds.ImageLaterality = laterality
   ds.ViewPosition = view

@@ -4,9 +4,9 @@ Each example is one patient's current exam and a prior exam of the same breast, 
 the same ArrayRecord + Grain path as ingested real data (same record fields, see
 ``mammojax.ingest``). What the generator models:
 
-- anatomy: a breast-shaped half ellipse against the chest wall (left edge), skin falloff, and
-  fibroglandular texture (band-passed noise, streaks towards the nipple) whose amount follows
-  the BI-RADS density (1-4);
+- anatomy (:mod:`mammojax.data.synthetic.anatomy`): a breast-shaped half ellipse against the
+  chest wall (left edge), skin falloff, and fibroglandular texture (band-passed noise, streaks
+  towards the nipple) whose amount follows the BI-RADS density (1-4);
 - the prior is the same anatomy imaged under a different positioning/compression: a smooth
   random deformation (small affine + low-frequency field) relates the two, and the ground-truth
   displacement is recorded (``displacement`` ``[H, W, 2]`` pixels 'ij', such that
@@ -30,10 +30,10 @@ import hashlib
 import numpy as np
 from scipy import ndimage
 
+from mammojax.data.constants import NO_CANCER_YEARS, SPLITS
 from mammojax.data.survival import survival_targets
-from mammojax.data.synthetic_splits import SPLITS, SplitCounts, write_splits
-
-NO_CANCER = 100.0
+from mammojax.data.synthetic import anatomy as anatomy_lib
+from mammojax.data.synthetic.splits import SplitCounts, write_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
   height, width = spec.image_size
   density = int(rng.integers(1, 5))
-  anatomy = _breast_anatomy(rng, height, width, density)
+  anatomy = anatomy_lib.breast_anatomy(rng, height, width, density)
   breast_mask = anatomy > 0
 
   positive = rng.random() < spec.positive_fraction
@@ -68,14 +68,14 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
     years_to_followup = years_to_cancer + float(rng.integers(0, 3))
     cancer_type = int(rng.integers(1, 3))  # 1 invasive, 2 DCIS
   else:
-    years_to_cancer = NO_CANCER
+    years_to_cancer = NO_CANCER_YEARS
     years_to_followup = float(rng.integers(1, spec.num_years + 3))
     cancer_type = 0
   time_gap = float(np.round(rng.uniform(0.8, 3.0), 2))
 
   # Stable benign densities: same place in both exams (drawn in the prior's anatomy frame).
   for _ in range(int(rng.integers(0, 3))):
-    anatomy += _blob(
+    anatomy += anatomy_lib.blob(
       rng,
       breast_mask,
       radius=rng.uniform(2.0, 5.0),
@@ -87,12 +87,12 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
     # Sooner cancer -> larger lesion now; in the prior it is absent or smaller.
     radius_now = 6.0 - 0.9 * years_to_cancer + rng.uniform(-0.5, 0.5)
     grows = rng.random() < 0.4
-    center = _point_in(rng, breast_mask)
-    current_anatomy = current_anatomy + _blob(
+    center = anatomy_lib.point_in(rng, breast_mask)
+    current_anatomy = current_anatomy + anatomy_lib.blob(
       rng, breast_mask, radius_now, spec.lesion_contrast, center
     )
     if grows:
-      prior_anatomy = prior_anatomy + _blob(
+      prior_anatomy = prior_anatomy + anatomy_lib.blob(
         rng, breast_mask, radius_now * 0.45, spec.lesion_contrast, center
       )
 
@@ -118,8 +118,8 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
   gain, offset = rng.uniform(0.85, 1.15), rng.uniform(-0.05, 0.05)
   prior_img = np.where(prior_img > 0, prior_img * gain + offset, 0.0)
 
-  current = _to_uint16(_acquisition_noise(rng, current_anatomy))
-  prior = _to_uint16(_acquisition_noise(rng, prior_img))
+  current = anatomy_lib.to_uint16(anatomy_lib.acquisition_noise(rng, current_anatomy))
+  prior = anatomy_lib.to_uint16(anatomy_lib.acquisition_noise(rng, prior_img))
   has_prior = int(rng.random() >= spec.missing_prior_fraction)
   if not has_prior:
     prior = np.zeros_like(prior)
@@ -160,60 +160,6 @@ def write_dataset(directory: str, spec: SyntheticLongitudinalSpec) -> str:
   )
 
 
-def _breast_anatomy(rng: np.random.Generator, height: int, width: int, density: int) -> np.ndarray:
-  """Breast intensity in [0, ~1], zero outside the breast; chest wall at column 0."""
-  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-  center_row = height * rng.uniform(0.45, 0.55)
-  semi_rows = height * rng.uniform(0.38, 0.47)
-  semi_cols = width * rng.uniform(0.65, 0.9)
-  radial = np.sqrt(((rows - center_row) / semi_rows) ** 2 + (cols / semi_cols) ** 2)
-  inside = radial < 1.0
-  fat = 0.35 + 0.1 * rng.random()
-  skin_falloff = np.clip((1.0 - radial) * 8.0, 0.0, 1.0)
-  # Fibroglandular texture: band-passed noise plus streaks pointing at the nipple.
-  noise = rng.standard_normal((height, width))
-  texture = ndimage.gaussian_filter(noise, 1.5) - ndimage.gaussian_filter(noise, 6.0)
-  streaks = ndimage.gaussian_filter(rng.standard_normal((height, width)), sigma=(3.0, 0.7))
-  tissue = np.clip(
-    0.6 * texture / (texture.std() + 1e-8)
-    + 0.4 * streaks / (streaks.std() + 1e-8)
-    + (density - 2.5) * 0.6,
-    -2.0,
-    3.0,
-  )
-  glandular = (1.0 / (1.0 + np.exp(-tissue))) * np.exp(-radial * 1.2) * (0.15 + 0.12 * density)
-  return np.where(inside, (fat + glandular) * skin_falloff, 0.0)
-
-
-def _point_in(rng: np.random.Generator, mask: np.ndarray) -> tuple[float, float]:
-  eroded = ndimage.binary_erosion(mask, iterations=6)
-  candidates = np.argwhere(eroded if eroded.any() else mask)
-  r, c = candidates[rng.integers(len(candidates))]
-  return float(r), float(c)
-
-
-def _blob(
-  rng: np.random.Generator,
-  mask: np.ndarray,
-  radius: float,
-  contrast: float,
-  center: tuple[float, float] | None = None,
-) -> np.ndarray:
-  """A dense mass with an irregular (lobulated) margin, inside the breast."""
-  if center is None:
-    center = _point_in(rng, mask)
-  height, width = mask.shape
-  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-  angle = np.arctan2(rows - center[0], cols - center[1])
-  lobes = (
-    1.0
-    + 0.25 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
-    + 0.15 * np.sin(5 * angle + rng.uniform(0, 2 * np.pi))
-  )
-  dist = np.hypot(rows - center[0], cols - center[1]) / (max(radius, 0.5) * lobes)
-  return np.where(mask, contrast / (1.0 + np.exp(np.minimum((dist - 1.0) * 6.0, 50.0))), 0.0)
-
-
 def _smooth_deformation(
   rng: np.random.Generator, height: int, width: int, magnitude: float
 ) -> np.ndarray:
@@ -232,11 +178,3 @@ def _smooth_deformation(
   )
   field *= magnitude / (np.abs(field).max() + 1e-8)
   return np.stack([affine_r, affine_c], -1) + field
-
-
-def _acquisition_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-  return np.where(image > 0, image + rng.normal(0.0, 0.01, image.shape), 0.0)
-
-
-def _to_uint16(image: np.ndarray) -> np.ndarray:
-  return np.clip(image * 40000.0, 0, 65535).astype(np.uint16)

@@ -2,9 +2,9 @@
 
 Each example is one breast image with image-level labels and lesion boxes, written through the
 same ArrayRecord + Grain path and with the same record fields as the VinDr-style ingestion
-(:mod:`mammojax.data.mil_csv`):
+(:mod:`mammojax.data.ingest.mil_csv`):
 
-- anatomy: the breast model of :mod:`mammojax.data.synthetic_longitudinal` (half ellipse against
+- anatomy: the breast model of :mod:`mammojax.data.synthetic.anatomy` (half ellipse against
   the chest wall at the left edge, skin falloff, fibroglandular texture following a density 1-4);
 - a mass is a dense blob with a lobulated margin (radius ``mass_radius`` pixels);
 - a calcification finding is a cluster of ``calc_spots`` small bright spots within
@@ -25,14 +25,9 @@ import hashlib
 import numpy as np
 from scipy import ndimage
 
-from mammojax.data.synthetic_longitudinal import (
-  _acquisition_noise,
-  _blob,
-  _breast_anatomy,
-  _point_in,
-  _to_uint16,
-)
-from mammojax.data.synthetic_splits import SPLITS, SplitCounts, write_splits
+from mammojax.data.constants import SPLITS
+from mammojax.data.synthetic import anatomy as anatomy_lib
+from mammojax.data.synthetic.splits import SplitCounts, write_splits
 
 LABEL_NAMES = ("Mass", "Suspicious_Calcification")
 
@@ -64,15 +59,15 @@ def generate_example(spec: SyntheticMILSpec, split: str, index: int) -> dict:
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
   height, width = spec.image_size
   density = int(rng.integers(1, 5))
-  anatomy = _breast_anatomy(rng, height, width, density)
+  anatomy = anatomy_lib.breast_anatomy(rng, height, width, density)
   breast = anatomy > 0
   has_mass = rng.random() < spec.mass_fraction
   has_calc = rng.random() < spec.calc_fraction
   boxes, box_labels = [], []
   if has_mass:
     radius = rng.uniform(*spec.mass_radius)
-    center = _point_in(rng, breast)
-    mass = _blob(rng, breast, radius, spec.mass_contrast * rng.uniform(0.8, 1.2), center)
+    center = anatomy_lib.point_in(rng, breast)
+    mass = anatomy_lib.blob(rng, breast, radius, spec.mass_contrast * rng.uniform(0.8, 1.2), center)
     anatomy = anatomy + mass
     boxes.append(_box_of(mass > 0.5 * mass.max()))
     box_labels.append(0)
@@ -82,8 +77,8 @@ def generate_example(spec: SyntheticMILSpec, split: str, index: int) -> dict:
     boxes.append(_box_of(spots > 0.25 * spots.max(), margin=2))
     box_labels.append(1)
   elif rng.random() < 0.5:
-    anatomy = anatomy + _spots(rng, breast, [_point_in(rng, breast)], spec.calc_contrast)
-  image = _to_uint16(_acquisition_noise(rng, anatomy))
+    anatomy = anatomy + _spots(rng, breast, [anatomy_lib.point_in(rng, breast)], spec.calc_contrast)
+  image = anatomy_lib.to_uint16(anatomy_lib.acquisition_noise(rng, anatomy))
   return {
     "image": image,
     "labels": np.asarray([has_mass, has_calc], np.float32),
@@ -118,7 +113,7 @@ def write_dataset(directory: str, spec: SyntheticMILSpec) -> str:
 def _calcification_cluster(
   rng: np.random.Generator, breast: np.ndarray, spec: SyntheticMILSpec
 ) -> np.ndarray:
-  center = np.asarray(_point_in(rng, breast))
+  center = np.asarray(anatomy_lib.point_in(rng, breast))
   count = int(rng.integers(spec.calc_spots[0], spec.calc_spots[1] + 1))
   offsets = rng.normal(0.0, spec.calc_cluster_radius / 2.0, size=(count, 2))
   offsets = np.clip(offsets, -spec.calc_cluster_radius, spec.calc_cluster_radius)

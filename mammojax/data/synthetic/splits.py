@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from mammojax.data import records
-
-SPLITS = ("train", "val", "test")
+from mammojax.data.constants import SPLITS
 
 
 class SplitCounts:
