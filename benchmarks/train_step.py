@@ -23,24 +23,20 @@ if not __package__:  # Run as a script: make the repository root importable (ben
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from mammojax import tasks  # noqa: E402
-from mammojax.data import pipeline  # noqa: E402
-from mammojax.train import evaluation, init_state, optim, sharding  # noqa: E402
-from mammojax.train.step import make_train_step  # noqa: E402
-from mammojax.train.trainer import COMPUTE_DTYPES  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "Experiment config file, optionally with a variant: configs/X.py:smoke. "
-  "Override any field with --config.a.b=value.",
-  lock_config=True,
+from mammojax import (
+  console,  # noqa: E402
+  tasks,  # noqa: E402
 )
+from mammojax.console import define_experiment_config  # noqa: E402
+from mammojax.data.pipelines import batching  # noqa: E402
+from mammojax.train import evaluation  # noqa: E402
+from mammojax.train.build import build  # noqa: E402
+
+_CONFIG = define_experiment_config()
+flags.adopt_module_key_flags(console)  # --help lists --config with this module's flags
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps before timing.")
 flags.mark_flags_as_required(["config"])
@@ -52,55 +48,27 @@ def main(argv: list[str]) -> None:
   harness.setup_host_memory()  # as python -m mammojax.main does
   config = _CONFIG.value
   task = tasks.build_task(config)
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  batch_sharding = sharding.batch_sharding(mesh)
-  data_parallel = sharding.data_parallel_size(mesh)
-  if config.train.batch_size % data_parallel:
-    raise app.UsageError(
-      f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-      f"data-parallel mesh size {data_parallel} ({len(mesh.devices.flat)} devices, "
-      f"config.mesh.shape={tuple(config.mesh.shape)})"
-    )
-  train_examples = task.dataset("train")
+  start = time.perf_counter()
+  try:
+    built = build(task, config)
+  except ValueError as e:  # e.g. a batch size the mesh cannot split
+    raise app.UsageError(str(e)) from None
+  jax.block_until_ready(built.state)
+  init_s = time.perf_counter() - start
   host_batch = next(
-    pipeline.train_iterator(
-      train_examples,
+    batching.train_iterator(
+      task.dataset("train"),
       seed=config.seed,
       global_batch_size=config.train.batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
   )
-  batch = evaluation.to_global(host_batch, batch_sharding)
+  batch = evaluation.to_global(host_batch, built.batch_sharding)
+  train_step = built.train_step()
+  compiled, compile_s = harness.compile_jax(train_step, built.state, batch)
 
-  start = time.perf_counter()
-  example_batch = next(
-    pipeline.eval_batches(
-      train_examples, global_batch_size=data_parallel, process_index=0, process_count=1
-    )
-  )
-  init = init_state.create_train_state(task, config, mesh, example_batch)
-  jax.block_until_ready(init.state)
-  init_s = time.perf_counter() - start
-
-  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-  train_step = jax.jit(
-    make_train_step(
-      task,
-      init.tx,
-      init.trainable,
-      jax.random.key(config.seed + 1, impl=config.rng_impl),
-      COMPUTE_DTYPES[config.train.compute_dtype],
-      schedule,
-      optim.uses_loss_value(config),
-    ),
-    in_shardings=(init.shardings, batch_sharding),
-    out_shardings=(init.shardings, NamedSharding(mesh, P())),
-    donate_argnums=0,
-  )
-  compiled, compile_s = harness.compile_jax(train_step, init.state, batch)
-
-  state = init.state
+  state = built.state
 
   def run_step() -> None:
     nonlocal state
@@ -116,7 +84,7 @@ def main(argv: list[str]) -> None:
     extra={
       "batch_size": config.train.batch_size,
       "init_s": init_s,
-      "mesh": dict(mesh.shape),
+      "mesh": dict(built.mesh.shape),
       "compute_dtype": config.train.compute_dtype,
       **stats,
     },

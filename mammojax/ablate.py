@@ -20,20 +20,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mammojax import tasks
-from mammojax.console import setup_console_logging
+from mammojax.atomic_files import atomic_write
+from mammojax.console import run_program, setup_console_logging
 from mammojax.evaluate import evaluate_checkpoint
-from mammojax.train.stages import run_pretraining
+from mammojax.runs.config_files import set_config_field
+from mammojax.runs.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
-
-
-def set_field(config, dotted: str, value) -> None:
-  *parents, name = dotted.split(".")
-  owner = config
-  for part in parents:
-    owner = owner[part]
-  if name not in owner:
-    raise KeyError(f"--field={dotted!r} names no config field")
-  owner[name] = value
 
 
 def summarize(report: dict) -> dict:
@@ -52,11 +44,13 @@ def run_ablation(config, workdir: str, field: str, values: list, split: str) -> 
   arms = {}
   for value in values:
     arm = copy.deepcopy(config)
-    set_field(arm, field, value)
+    set_config_field(arm, field, value, what="--field")
     arm_dir = os.path.join(workdir, f"{field}={value}")
     train_and_evaluate(arm, arm_dir, tasks.build_task(arm))
-    which = "best" if arm.checkpoint.best_metric else "latest"
-    result = evaluate_checkpoint(arm, arm_dir, which, split, os.path.join(arm_dir, f"eval_{split}"))
+    # "best" falls back to the newest step for a config that tracks no best metric.
+    result = evaluate_checkpoint(
+      arm, arm_dir, "best", split, os.path.join(arm_dir, f"eval_{split}")
+    )
     arms[str(value)] = {"step": result["step"], **summarize(result["report"])}
   return {"field": field, "split": split, "arms": arms}
 
@@ -69,7 +63,7 @@ def main(argv: list[str]) -> None:
   values = [ast.literal_eval(v) for v in f.values]
   result = run_ablation(f.config, f.workdir, f.field, values, f.split)
   text = json.dumps(result, indent=2)
-  with open(os.path.join(f.workdir, "ablation.json"), "w") as out:
+  with atomic_write(os.path.join(f.workdir, "ablation.json")) as out:
     out.write(text)
   print(text)
 
@@ -87,5 +81,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_program(main, define_flags)

@@ -29,23 +29,13 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mammojax import tasks
-from mammojax.console import setup_console_logging
-from mammojax.data import pipeline
-from mammojax.train import checkpoint, evaluation, init_state, sharding
-from mammojax.train.step import make_predict_step
+from mammojax.console import run_program, setup_console_logging
+from mammojax.runs.config_files import load_run_config
+from mammojax.runs.restore import restore_run
+from mammojax.train import evaluation
 from mammojax.train.task import Task
-from mammojax.train.trainer import COMPUTE_DTYPES
 
 YOUDEN_PREFIX = "youden:"
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: pass --config=configs/<experiment>.py")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def parse_threshold(spec: str) -> float | str:
@@ -94,29 +84,14 @@ def evaluate_checkpoint(
     if "threshold" not in config.eval:
       raise ValueError(f"--threshold: task {config.task!r} has no eval.threshold to set")
     config = config.copy_and_resolve_references()
-  task = tasks.build_task(config)
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  run = restore_run(workdir, config, which, example_split=split)
+  task, state, step = run.task, run.state, run.step
   examples = task.dataset(split)
-  data_parallel = sharding.data_parallel_size(mesh)
-  example_batch = next(
-    pipeline.eval_batches(
-      examples, global_batch_size=data_parallel, process_index=0, process_count=1
-    )
-  )
-  init = init_state.create_train_state(task, config, mesh, example_batch)
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), init.state, init.shardings
-  )
-  directory = os.path.join(os.path.abspath(workdir), "best" if which == "best" else "checkpoints")
-  state, step = checkpoint.restore_state_only(directory, abstract)
-  predict = jax.jit(
-    make_predict_step(task, COMPUTE_DTYPES[config.train.compute_dtype]),
-    in_shardings=(init.shardings, sharding.batch_sharding(mesh)),
-  )
+  predict = run.built.predict_step()
 
   def predictions_of(split_examples):
     return evaluation.collect_predictions(
-      predict, state, split_examples, config.eval.batch_size, sharding.batch_sharding(mesh)
+      predict, state, split_examples, config.eval.batch_size, run.built.batch_sharding
     )
 
   if isinstance(requested, str):
@@ -171,5 +146,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_program(main, define_flags)

@@ -34,10 +34,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mammojax.convert.store import load_variables
-from mammojax.data import mil_pipeline, records
+from mammojax.console import run_program
+from mammojax.data import records
+from mammojax.data.pipelines import mil as mil_pipeline
 from mammojax.tasks.fpn_mil import FPNMILTask, build_backbone, build_fpn
 from mammojax.train.init_state import load_pretrained
+from mammojax.train.variable_store import load_variables
 
 log = logging.getLogger("mammojax")
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -243,7 +245,7 @@ def extract_features(
   return out_dir
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """CLI flags, defined only when run as a program (``mammojax.main`` owns --config in-process)."""
   config_flags.DEFINE_config_file(
     "config",
@@ -271,5 +273,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  run_program(main, define_flags)

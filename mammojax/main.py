@@ -15,21 +15,15 @@ import logging
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-from mammojax import tasks
-from mammojax.console import setup_console_logging
+from mammojax import console, tasks
+from mammojax.console import define_experiment_config, run_program, setup_console_logging
 from mammojax.host_memory import keep_freed_host_memory
-from mammojax.train.stages import run_pretraining
+from mammojax.runs.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "Experiment config file, optionally with a variant: configs/X.py:smoke. "
-  "Override any field with --config.a.b=value.",
-  lock_config=True,
-)
+_CONFIG = define_experiment_config()
+flags.adopt_module_key_flags(console)  # --help lists --config with this module's flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 for a multi-process run."
@@ -79,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_program(main)

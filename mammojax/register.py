@@ -1,9 +1,9 @@
 r"""Register one image pair by instance optimisation: ``python -m mammojax.register``.
 
-  python -m mammojax.register --fixed current.png --moving prior.png --out /tmp/reg
-  python -m mammojax.register --fixed a.nii.gz --moving b.nii.gz --out /tmp/reg --steps 300 \
-      --similarity lncc --lambda 1.0
-  python -m mammojax.register --fixed a.dcm --moving b.dcm --out /tmp/reg --model RUN_OR_CKPT
+  python -m mammojax.register --fixed=current.png --moving=prior.png --out=/tmp/reg
+  python -m mammojax.register --fixed=a.nii.gz --moving=b.nii.gz --out=/tmp/reg --steps=300 \
+      --similarity=lncc --lambda=1.0
+  python -m mammojax.register --fixed=a.dcm --moving=b.dcm --out=/tmp/reg --model=RUN_OR_CKPT
 
 Inputs: PNG or DICOM (2D) or NIfTI (3D), same shape and dimensionality. Intensities are
 min-max scaled to [0, 1] per image. A dense displacement ``u`` (pixels, 'ij') is optimised with
@@ -26,14 +26,18 @@ determinants), the steps and the output directory.
 
 from __future__ import annotations
 
-import argparse
+import gzip
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from mammojax.atomic_files import atomic_write, write_npy_atomic
+from mammojax.console import command_flags, fail, run_program
 
 SIMILARITIES = ("lncc", "ncc", "ssd", "mind", "mi")
 REGULARIZERS = ("diffusion", "bending")
@@ -77,10 +81,11 @@ def read_pair(fixed_path: str, moving_path: str) -> tuple[np.ndarray, np.ndarray
 
 
 def _read_any(path: str, flag: str) -> tuple[np.ndarray, dict]:
-  from mammojax.data import readers  # pylint: disable=import-outside-toplevel
+  from mammojax.data.constants import NIFTI_SUFFIXES  # pylint: disable=import-outside-toplevel
+  from mammojax.data.ingest import readers  # pylint: disable=import-outside-toplevel
 
   try:
-    if path.lower().endswith(readers.NIFTI_SUFFIXES):
+    if path.lower().endswith(NIFTI_SUFFIXES):
       volume = readers.read_nifti(path)
       if min(volume.voxels.shape) < 2:
         raise RegistrationInputError(
@@ -103,7 +108,7 @@ def _unit_range(image: np.ndarray) -> np.ndarray:
 
 
 def similarity_fn(name: str, sigma: float) -> Callable:
-  from mammojax.losses import registration as losses  # pylint: disable=import-outside-toplevel
+  from mammojax.losses import similarity as losses  # pylint: disable=import-outside-toplevel
 
   if name == "lncc":
     return lambda a, b: losses.lncc_loss(a, b, sigma=sigma)
@@ -246,38 +251,36 @@ def predict_displacement(model_dir: str, fixed: np.ndarray, moving: np.ndarray) 
     raise RegistrationInputError(
       f"--model {model_dir} registers {len(input_shape)}D images; the inputs are {fixed.ndim}D"
     )
-  images = [
+  moving_image, fixed_image = (
     jax.image.resize(jnp.asarray(x), input_shape, "linear")[None, ..., None]
     for x in (moving, fixed)
-  ]
-  field = field_fn(variables, *images)  # [1, *input_shape, n] pixels of the input grid
+  )
+  # [1, *input_shape, n] pixels of the input grid
+  field = field_fn(variables, moving=moving_image, fixed=fixed_image)
   return np.asarray(warp_lib.resize_displacement(field, fixed.shape, align_corners=True)[0])
 
 
 def _network_for(model_dir: str) -> tuple[Callable, tuple[int, ...]]:
-  config_path = os.path.join(model_dir, "config.json")
-  source_path = os.path.join(model_dir, "source.json")
-  if os.path.exists(config_path):
-    import ml_collections  # pylint: disable=import-outside-toplevel
+  """``(field_fn(variables, moving=, fixed=), input_shape)`` of a registration run or of a
+  converted ICON checkpoint."""
+  from mammojax.runs import restore  # pylint: disable=import-outside-toplevel
+  from mammojax.train.task import RegistrationTask  # pylint: disable=import-outside-toplevel
 
+  if restore.is_workdir(model_dir):
     from mammojax import tasks  # pylint: disable=import-outside-toplevel
+    from mammojax.runs.config_files import load_run_config  # pylint: disable=import-outside-toplevel
 
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    try:
+      config = load_run_config(model_dir)
+    except ValueError as e:
+      raise RegistrationInputError(f"--model: {e}") from None
     task = tasks.build_task(config)
-    if hasattr(task, "displacement"):
-      return task.displacement, tuple(task.input_shape())
-    from mammojax.models.registration.mammoregnet import MammoRegNet  # pylint: disable=import-outside-toplevel
-
-    if isinstance(task.model, MammoRegNet):
-
-      def mammoregnet_field(variables, moving, fixed):
-        return task.model.apply(variables, fixed, moving)["flow"]
-
-      return mammoregnet_field, tuple(config.data.image_size)
-    raise RegistrationInputError(
-      f"the run in {model_dir} (task {config.task!r}) is not a registration network"
-    )
+    if not isinstance(task, RegistrationTask):
+      raise RegistrationInputError(
+        f"the run in {model_dir} (task {config.task!r}) is not a registration network"
+      )
+    return task.displacement, tuple(task.input_shape())
+  source_path = os.path.join(model_dir, "source.json")
   if os.path.exists(source_path):
     with open(source_path) as f:
       source = json.load(f)
@@ -286,7 +289,7 @@ def _network_for(model_dir: str) -> tuple[Callable, tuple[int, ...]]:
 
       network = build_icon_network(source["model_fields"])
 
-      def icon_field(variables, moving, fixed):
+      def icon_field(variables, *, moving, fixed):
         return network.apply(variables, moving, fixed)
 
       return icon_field, tuple(source["input_shape"])
@@ -313,14 +316,13 @@ def write_outputs(
   os.makedirs(out_dir, exist_ok=True)
   displacement = result["displacement"].astype(np.float32)
   warped = result["warped"].astype(np.float32)
-  np.save(os.path.join(out_dir, "displacement.npy"), displacement)
-  np.save(os.path.join(out_dir, "warped.npy"), warped)
+  write_npy_atomic(os.path.join(out_dir, "displacement.npy"), displacement)
+  write_npy_atomic(os.path.join(out_dir, "warped.npy"), warped)
   if fixed.ndim == 2:
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
-    Image.fromarray(np.round(np.clip(warped, 0, 1) * 255).astype(np.uint8)).save(
-      os.path.join(out_dir, "warped.png")
-    )
+    with atomic_write(os.path.join(out_dir, "warped.png"), "wb") as f:
+      Image.fromarray(np.round(np.clip(warped, 0, 1) * 255).astype(np.uint8)).save(f, "PNG")
     save_registration_figure(os.path.join(out_dir, "grid.png"), moving, fixed, warped, displacement)
     return
   _write_nifti(os.path.join(out_dir, "warped.nii.gz"), warped, geometry)
@@ -342,68 +344,89 @@ def _write_nifti(path: str, array_zyx: np.ndarray, geometry: dict) -> None:
   import nibabel as nib  # pylint: disable=import-outside-toplevel
 
   data = np.ascontiguousarray(np.moveaxis(array_zyx, (0, 1, 2), (2, 1, 0)))
-  nib.save(nib.Nifti1Image(data.astype(np.float32), geometry["affine"]), path)
+  image = nib.Nifti1Image(data.astype(np.float32), geometry["affine"])
+  # nibabel picks the format from the file name, so the atomic temporary gets the bytes.
+  with atomic_write(path, "wb") as f:
+    f.write(gzip.compress(image.to_bytes()) if path.endswith(".gz") else image.to_bytes())
 
 
 # ----------------------------------------------------------------------------- CLI
 
+PROGRAM = "mammojax.register"
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(
-    prog="python -m mammojax.register",
-    description="Register --moving to --fixed (PNG, DICOM or NIfTI) by instance optimisation.",
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (the global flags when run as a program)."""
+  define = {"flag_values": values}
+  flags.DEFINE_string("fixed", None, "Fixed image (PNG, DICOM or NIfTI).", **define)
+  flags.DEFINE_string("moving", None, "Moving image, same shape as --fixed.", **define)
+  flags.DEFINE_string("out", None, "Output directory.", **define)
+  flags.DEFINE_string(
+    "model",
+    "",
+    "Start from this trained network's field: a training workdir of a registration task or a "
+    "converted checkpoint directory (python -m mammojax.convert icon).",
+    **define,
   )
-  parser.add_argument("--fixed", required=True, help="fixed image (PNG, DICOM or NIfTI)")
-  parser.add_argument("--moving", required=True, help="moving image, same shape as --fixed")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument(
-    "--model",
-    default="",
-    help="start from this trained network's field: a training workdir or a "
-    "converted checkpoint directory",
+  flags.DEFINE_integer(
+    "steps", 200, "Optimisation steps (0: only the network's field).", lower_bound=0, **define
   )
-  parser.add_argument(
-    "--steps", type=int, default=200, help="optimisation steps (0: only the network's field)"
-  )
-  parser.add_argument("--similarity", choices=SIMILARITIES, default="lncc")
-  parser.add_argument("--lambda", dest="lmbda", type=float, default=1.0, help="regulariser weight")
-  parser.add_argument("--regularizer", choices=REGULARIZERS, default="diffusion")
-  parser.add_argument("--lr", type=float, default=0.1, help="Adam step size (pixels)")
-  parser.add_argument("--sigma", type=float, default=2.0, help="LNCC window std (pixels)")
-  parser.add_argument("--no_progress", action="store_true")
-  args = parser.parse_args(argv)
-  if args.steps < 0:
-    parser.error(f"--steps must be >= 0, got {args.steps}")
+  flags.DEFINE_enum("similarity", "lncc", SIMILARITIES, "Similarity ('mi': mutual info).", **define)
+  flags.DEFINE_float("lambda", 1.0, "Weight of the regulariser.", **define)
+  flags.DEFINE_enum("regularizer", "diffusion", REGULARIZERS, "Regulariser of the field.", **define)
+  flags.DEFINE_float("lr", 0.1, "Adam step size (pixels).", **define)
+  flags.DEFINE_float("sigma", 2.0, "LNCC window standard deviation (pixels).", **define)
+  flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.", **define)
+  flags.mark_flags_as_required(["fixed", "moving", "out"], flag_values=values)
+
+
+def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
+  """Registers, writes the outputs and prints the JSON summary; a user error ends the command
+  with one line on stderr and exit code 2."""
   try:
-    fixed, moving, geometry = read_pair(args.fixed, args.moving)
-    initial = predict_displacement(args.model, fixed, moving) if args.model else None
+    fixed, moving, geometry = read_pair(f.fixed, f.moving)
+    initial = predict_displacement(f.model, fixed, moving) if f.model else None
   except RegistrationInputError as e:
-    parser.exit(2, f"error: {e}\n")
+    fail(str(e))
   result = register(
     fixed,
     moving,
-    steps=args.steps,
-    similarity=args.similarity,
-    lmbda=args.lmbda,
-    regularizer=args.regularizer,
-    learning_rate=args.lr,
-    sigma=args.sigma,
+    steps=f.steps,
+    similarity=f.similarity,
+    lmbda=f["lambda"].value,
+    regularizer=f.regularizer,
+    learning_rate=f.lr,
+    sigma=f.sigma,
     initial_displacement=initial,
-    progress=not args.no_progress,
+    progress=f.progress,
   )
-  write_outputs(args.out, result, fixed, moving, geometry)
+  write_outputs(f.out, result, fixed, moving, geometry)
   summary = {
-    "similarity": args.similarity,
+    "similarity": f.similarity,
     "similarity_before": result["similarity_before"],
     "similarity_after": result["similarity_after"],
     "folds": result["folds"],
-    "steps": args.steps,
+    "steps": f.steps,
     "shape": list(fixed.shape),
-    "out": args.out,
+    "out": f.out,
   }
   print(json.dumps(summary))
   return summary
 
 
+def run(argv: Sequence[str]) -> dict[str, Any]:
+  """The command in-process: ``run(["--fixed=a.png", "--moving=b.png", "--out=/tmp/r"])``."""
+  values, positional = command_flags(define_flags, argv, PROGRAM)
+  if positional:
+    fail(f"unexpected arguments {positional}; every input is a flag (see --help)")
+  return run_from_flags(values)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; every input is a flag (see --help)")
+  run_from_flags(flags.FLAGS)
+
+
 if __name__ == "__main__":
-  main()
+  run_program(main, define_flags)

@@ -9,13 +9,18 @@ import jax
 import numpy as np
 import pytest
 
-from mammojax.convert.__main__ import main
-from mammojax.convert.store import load_variables
+from mammojax import tasks
+from mammojax.convert.__main__ import run
 from mammojax.models.imgfeatalign import ImgFeatAlign
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.nn.resnet import MiraiResNet18
+from mammojax.runs.config_files import load_config_file
+from mammojax.train.variable_store import load_variables
 
 torch = pytest.importorskip("torch")
+from torch_refs.efficientnet_torch import TorchEfficientNet  # noqa: E402
+from torch_refs.efficientnet_torch import randomize_batch_norm as randomize_norms  # noqa: E402
+from torch_refs.fpn_mil_torch import TorchFPN, TorchFPNMIL  # noqa: E402
 from torch_refs.imgfeatalign_torch import ImgFeatAlignTorch  # noqa: E402
 from torch_refs.mammoregnet_torch import MammoRegNetTorch  # noqa: E402
 from torch_refs.resnet_torch import ResNet18Trunk, randomize_batch_norm  # noqa: E402
@@ -49,7 +54,7 @@ def test_mirai_round_trip(tmp_path):
   state["module._model.fc.weight"] = torch.zeros(2, 8 * WIDTH)
   path = tmp_path / "mirai_state.pt"
   torch.save({"model": state}, path)
-  assert main(["mirai", str(path), f"--out={tmp_path / 'out'}"]) == 0
+  assert run(["mirai", str(path), f"--out={tmp_path / 'out'}"]) == 0
   source = json.loads((tmp_path / "out" / "source.json").read_text())
   assert source["model_fields"] == {"base_width": WIDTH}
   assert source["skipped_keys"] == ["_model.fc.weight"]
@@ -74,8 +79,8 @@ def test_imgfeatalign_round_trip_with_mammoregnet_end_to_end(tmp_path, capsys):
   model_t.eval()
   path = tmp_path / "imgfeatalign.pth"
   torch.save(model_t.state_dict(), path)
-  assert main(["imgfeatalign", str(path), f"--out={tmp_path / 'ifa'}", "--num_heads=2"]) == 0
-  assert main(["mammoregnet", str(path), f"--out={tmp_path / 'reg'}"]) == 1  # wrong kind
+  assert run(["imgfeatalign", str(path), f"--out={tmp_path / 'ifa'}", "--num_heads=2"]) == 0
+  assert run(["mammoregnet", str(path), f"--out={tmp_path / 'reg'}"]) == 1  # wrong kind
   assert "cannot convert" in capsys.readouterr().err
   source = json.loads((tmp_path / "ifa" / "source.json").read_text())
   fields = source["model_fields"]
@@ -126,6 +131,77 @@ def test_imgfeatalign_round_trip_with_mammoregnet_end_to_end(tmp_path, capsys):
 def test_bad_files_fail_with_a_message(tmp_path, capsys):
   path = tmp_path / "not_a_checkpoint.pt"
   path.write_bytes(b"garbage")
-  assert main(["mirai", str(path), f"--out={tmp_path / 'x'}"]) == 1
+  assert run(["mirai", str(path), f"--out={tmp_path / 'x'}"]) == 1
   assert "cannot convert" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
+
+
+def _calibrate_batch_norm(module, images):
+  """Running statistics measured on ``images``: with random ones a tiny EfficientNet's maps no
+  longer depend on its input (default init shrinks the signal block by block)."""
+  for m in module.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.reset_running_stats()
+      m.momentum = None  # cumulative average over the calibration batch
+  module.train()
+  with torch.no_grad():
+    module(images)
+  module.eval()
+
+
+def test_fpn_mil_kind_matches_the_torch_model(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config_file = os.path.join(repo, "configs", "fpn_mil.py")
+  config = load_config_file(config_file, "smoke")
+  m, head = config.model, config.model.head
+  assert not m.fpn.group_norm and m.fpn.top_down and head.encoder_type == "mlp"
+  model = tasks.build_task(config).model
+  backbone = model.backbone
+  torch.manual_seed(2)
+  model_t = TorchFPNMIL(
+    TorchFPN(
+      TorchEfficientNet(
+        width=m.backbone.width,
+        depth=m.backbone.depth,
+        static_size=tuple(m.backbone.static_padding_size) or None,
+        drop_connect_rate=m.backbone.drop_connect_rate,
+      ),
+      (backbone.stride16_channels, backbone.stride32_channels),
+      features=m.fpn.features,
+      group_norm=m.fpn.group_norm,
+    ),
+    in_dim=m.fpn.features,
+    dim=head.encoder_features,
+    scales=tuple(head.scales),
+    encoder_type=head.encoder_type,
+    pooling_type=head.pooling_type,
+    attention_hidden=head.attention_hidden,
+  )
+  randomize_norms(model_t, torch.Generator().manual_seed(2))
+  size = config.data.patch_size
+  calibration = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(3))
+  _calibrate_batch_norm(model_t.inst_encoder, calibration)
+  model_t.eval()
+  path = tmp_path / "fpn_mil.pth"
+  torch.save(model_t.state_dict(), path)
+  out = tmp_path / "out"
+  assert run(["fpn_mil", str(path), f"--out={out}", f"--config={config_file}:smoke"]) == 0
+  source = json.loads((out / "source.json").read_text())
+  assert source["kind"] == "fpn_mil"
+  assert source["config_file"] == f"{config_file}:smoke"
+
+  patches = np.random.default_rng(2).normal(size=(2, 3, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    logits, side, _ = model_t(torch.from_numpy(patches).permute(0, 1, 4, 2, 3))
+  ours = jax.jit(lambda v, x: model.apply(v, x))(load_variables(str(out)), patches)
+  assert np.ptp(logits.numpy()) > 1e-2  # the logits depend on the patches
+  np.testing.assert_allclose(np.asarray(ours["logits"]), logits.numpy(), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(ours["scale_logits"]), side.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_fpn_mil_kind_needs_its_config(tmp_path, capsys):
+  path = tmp_path / "fpn_mil.pth"
+  torch.save({"classifier.head_classifier.weight": torch.zeros(1, 8)}, path)
+  assert run(["fpn_mil", str(path), f"--out={tmp_path / 'out'}"]) == 1
+  assert "--config" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()

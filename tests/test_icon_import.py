@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from shipped_configs import shipped_config
 
 from mammojax.convert import icon as icon_convert
 from mammojax.models.registration import icon
@@ -141,14 +142,11 @@ def test_bad_state_dicts_raise():
 
 
 def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
-  import importlib.util
-  import os
-
   from PIL import Image
 
   from mammojax import tasks
-  from mammojax.convert.store import save_variables
   from mammojax.train.trainer import train_and_evaluate
+  from mammojax.train.variable_store import save_variables
 
   rng = np.random.default_rng(0)
   images = tmp_path / "images"
@@ -166,13 +164,7 @@ def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
       "input_shape": [16, 16],
     },
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-    "gradicon_config", os.path.join(root, "configs", "gradicon_unet.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = shipped_config("gradicon_unet", "smoke")
   config.data.image_dir = str(images)
   config.data.image_size = (16, 16)
   config.model.down_features, config.model.up_features = DOWN, UP
@@ -189,7 +181,7 @@ def test_converted_weights_initialise_gradicon_task_on_png_pairs(tmp_path):
 def test_convert_cli_icon_kind_feeds_the_register_command(tmp_path, capsys):
   torch = pytest.importorskip("torch")
   from mammojax import register
-  from mammojax.convert.__main__ import main as convert_main
+  from mammojax.convert.__main__ import run as convert_main
 
   rng = np.random.default_rng(1)
   state = {

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from shipped_configs import shipped_config
 
 from mammojax import register
 
@@ -19,6 +20,22 @@ def _blobs(shape):
   first = np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (0.04 * min(shape) ** 2))
   other = np.exp(-sum((g - c) ** 2 for g, c in zip(grids, second)) / (0.01 * min(shape) ** 2))
   return first + 0.6 * other
+
+
+def _register(directory, fixed, moving, *options):
+  """``python -m mammojax.register`` of ``directory/moving`` to ``directory/fixed``, writing
+  ``directory/out``."""
+  return register.run(
+    [
+      "--fixed",
+      str(directory / fixed),
+      "--moving",
+      str(directory / moving),
+      "--out",
+      str(directory / "out"),
+      *options,
+    ]
+  )
 
 
 def _write_png(path, image):
@@ -33,23 +50,8 @@ def test_png_translation_is_recovered_with_outputs(tmp_path, capsys):
   _write_png(tmp_path / "fixed.png", fixed)
   _write_png(tmp_path / "moving.png", moving)
   out = tmp_path / "out"
-  summary = register.main(
-    [
-      "--fixed",
-      str(tmp_path / "fixed.png"),
-      "--moving",
-      str(tmp_path / "moving.png"),
-      "--out",
-      str(out),
-      "--steps",
-      "80",
-      "--similarity",
-      "ssd",
-      "--lambda",
-      "0.1",
-      "--no_progress",
-    ]
-  )
+  options = ("--steps", "80", "--similarity", "ssd", "--lambda", "0.1", "--noprogress")
+  summary = _register(tmp_path, "fixed.png", "moving.png", *options)
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed == summary
   assert summary["similarity_after"] < 0.2 * summary["similarity_before"]
@@ -75,23 +77,8 @@ def test_nifti_volume_registration_writes_nifti(tmp_path, similarity):
       tmp_path / f"{name}.nii.gz",
     )
   out = tmp_path / "out"
-  summary = register.main(
-    [
-      "--fixed",
-      str(tmp_path / "fixed.nii.gz"),
-      "--moving",
-      str(tmp_path / "moving.nii.gz"),
-      "--out",
-      str(out),
-      "--steps",
-      "30",
-      "--similarity",
-      similarity,
-      "--sigma",
-      "1.5",
-      "--no_progress",
-    ]
-  )
+  options = ("--steps", "30", "--similarity", similarity, "--sigma", "1.5", "--noprogress")
+  summary = _register(tmp_path, "fixed.nii.gz", "moving.nii.gz", *options)
   assert summary["similarity_after"] < summary["similarity_before"]
   displacement = np.load(out / "displacement.npy")
   assert displacement.shape == (10, 12, 11, 3)
@@ -119,63 +106,24 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
   }
   for moving, message in cases.items():
     with pytest.raises(SystemExit) as exit_info:
-      register.main(
-        [
-          "--fixed",
-          str(tmp_path / "a.png"),
-          "--moving",
-          str(tmp_path / moving),
-          "--out",
-          str(tmp_path / "out"),
-          "--no_progress",
-        ]
-      )
+      _register(tmp_path, "a.png", moving, "--noprogress")
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_info:
-    register.main(
-      [
-        "--fixed",
-        str(tmp_path / "s.nii"),
-        "--moving",
-        str(tmp_path / "s.nii"),
-        "--out",
-        str(tmp_path / "out"),
-        "--no_progress",
-      ]
-    )
+    _register(tmp_path, "s.nii", "s.nii", "--noprogress")
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert "s.nii" in err and "single slice" in err
   with pytest.raises(SystemExit):
-    register.main(
-      [
-        "--fixed",
-        str(tmp_path / "a.png"),
-        "--moving",
-        str(tmp_path / "a.png"),
-        "--out",
-        str(tmp_path / "out"),
-        "--model",
-        str(tmp_path),
-      ]
-    )
+    _register(tmp_path, "a.png", "a.png", "--model", str(tmp_path))
   assert "neither config.json" in capsys.readouterr().err
 
 
 def test_starting_from_a_trained_digits_run(tmp_path):
-  import importlib.util
-
   from mammojax import tasks
   from mammojax.train.trainer import train_and_evaluate
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-    "digits_config", os.path.join(root, "configs", "icon_digits.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = shipped_config("icon_digits", "smoke")
   config.train.steps = config.eval.every_steps = config.checkpoint.every_steps = 2
   run = tmp_path / "run"
   train_and_evaluate(config, str(run), tasks.build_task(config), show_progress=False)
@@ -186,19 +134,5 @@ def test_starting_from_a_trained_digits_run(tmp_path):
   assert field.shape == (16, 16, 2) and np.abs(field).max() > 0
   _write_png(tmp_path / "f.png", fixed)
   _write_png(tmp_path / "m.png", moving)
-  register.main(
-    [
-      "--fixed",
-      str(tmp_path / "f.png"),
-      "--moving",
-      str(tmp_path / "m.png"),
-      "--out",
-      str(tmp_path / "out"),
-      "--model",
-      str(run),
-      "--steps",
-      "0",
-      "--no_progress",
-    ]
-  )
+  _register(tmp_path, "f.png", "m.png", "--model", str(run), "--steps", "0", "--noprogress")
   np.testing.assert_allclose(np.load(tmp_path / "out" / "displacement.npy"), field, atol=1e-3)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from minimal_task import TinyTask, tiny_config
 
+from mammojax.train import build as build_lib
+from mammojax.train import init_state, trainer
 from mammojax.train import step as step_lib
-from mammojax.train import trainer
 from mammojax.train.checkpoint import restore_state_only
 from mammojax.train.metric_writer import read_metrics
 
@@ -25,6 +26,24 @@ def _run(tmp_path, name, config, **kwargs):
     config, workdir, TinyTask(config), show_progress=False, **kwargs
   )
   return workdir, summary
+
+
+@pytest.fixture
+def watch_train_state(monkeypatch):
+  """``watch_train_state(record)`` calls ``record(created)`` with every result of
+  ``init_state.create_train_state`` from then on, as it is created (before any step)."""
+
+  def install(record):
+    original = init_state.create_train_state
+
+    def spy(*args, **kwargs):
+      out = original(*args, **kwargs)
+      record(out)
+      return out
+
+    monkeypatch.setattr(init_state, "create_train_state", spy)
+
+  return install
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 2, 1), (2, 2, 2)])
@@ -42,19 +61,16 @@ def test_loss_is_independent_of_device_count_and_param_sharding(tmp_path, mesh_s
     np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
 
 
-def test_fsdp_shards_parameters(tmp_path, monkeypatch):
+def test_fsdp_shards_parameters(tmp_path, watch_train_state):
   config = tiny_config()
   config.mesh.shape = (4, 2, 1)
   seen = {}
-  original = trainer.init_state.create_train_state
 
-  def spy(*args, **kwargs):
-    out = original(*args, **kwargs)
+  def record(out):
     seen["kernel"] = out.state.params["dense1"]["kernel"].sharding.spec
     seen["mu"] = out.state.opt_state
-    return out
 
-  monkeypatch.setattr(trainer.init_state, "create_train_state", spy)
+  watch_train_state(record)
   _run(tmp_path, "fsdp", config)
   # dense1 kernel is ('embed', 'mlp') = (8, 16): embed -> fsdp, mlp -> model (size 1).
   assert seen["kernel"][0] == "fsdp"
@@ -95,7 +111,7 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
   def traced_once(*args, **kwargs):
     return chex.assert_max_traces(original(*args, **kwargs), n=1)
 
-  monkeypatch.setattr(trainer, "make_train_step", traced_once)
+  monkeypatch.setattr(build_lib, "make_train_step", traced_once)
   config = tiny_config()
   config.train.steps = 5
   _, summary = _run(tmp_path, "traces", config)
@@ -146,18 +162,11 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "best", "1"))
 
 
-def test_frozen_parameters_do_not_move(tmp_path, monkeypatch):
+def test_frozen_parameters_do_not_move(tmp_path, watch_train_state):
   config = tiny_config()
   config.train.freeze = ["dense1/.*"]
   states = {}
-  original = trainer.init_state.create_train_state
-
-  def spy(*args, **kwargs):
-    out = original(*args, **kwargs)
-    states["init"] = jax.device_get(out.state.params)
-    return out
-
-  monkeypatch.setattr(trainer.init_state, "create_train_state", spy)
+  watch_train_state(lambda out: states.update(init=jax.device_get(out.state.params)))
   workdir, _ = _run(tmp_path, "frozen", config)
   abstract = jax.tree.map(np.asarray, states["init"])
   restored = jax.device_get(jax.tree.map(lambda x: x, _restore_params(workdir)))
@@ -248,8 +257,8 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["converted", "run"])
-def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, source):
-  from mammojax.convert.store import save_variables
+def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, watch_train_state, source):
+  from mammojax.train.variable_store import save_variables
 
   trained_dir, _ = _run(tmp_path, "trained", tiny_config())
   trained = jax.tree.map(np.asarray, _restore_params(trained_dir))
@@ -259,14 +268,7 @@ def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, s
   else:
     init_dir = trained_dir
   seen = {}
-  original = trainer.init_state.create_train_state
-
-  def spy(*args, **kwargs):
-    out = original(*args, **kwargs)
-    seen["params"] = jax.device_get(out.state.params)
-    return out
-
-  monkeypatch.setattr(trainer.init_state, "create_train_state", spy)
+  watch_train_state(lambda out: seen.update(params=jax.device_get(out.state.params)))
   config = tiny_config()
   config.init_from = init_dir
   config.train.steps = 1
@@ -276,7 +278,7 @@ def test_init_from_loads_converted_checkpoints_and_runs(tmp_path, monkeypatch, s
 
 
 def test_init_from_with_wrong_shapes_names_the_parameter(tmp_path):
-  from mammojax.convert.store import save_variables
+  from mammojax.train.variable_store import save_variables
 
   bad = str(tmp_path / "bad")
   save_variables(

@@ -1,22 +1,16 @@
 """``python -m mammojax.convert <kind> <file> --out=<dir>``: PyTorch checkpoint -> Flax variables.
 
 Reads a .pt/.pth/.tar/.p file with torch (the ``torch`` extra), converts it and writes the
-variable tree with ``mammojax.convert.store.save_variables`` (``<dir>/variables`` +
+variable tree with ``mammojax.train.variable_store.save_variables`` (``<dir>/variables`` +
 ``<dir>/source.json``, which records the file, its SHA-256 and the model fields to build the
 matching Flax module with). ``--config.init_from=<dir>`` in a training config then loads it.
-"""
 
-from __future__ import annotations
-
-import argparse
-import hashlib
-import json
-import os
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any
-
-KINDS_HELP = """kinds:
+kinds:
+  fpn_mil       a trained FPN-MIL (PyramidalMILmodel) state dict. Flags: --config (required:
+                the FPN-MIL config it was trained with, e.g. configs/fpn_mil.py:calc, which
+                decides backbone + FPN + head, FPN + head or head alone), --backbone (a
+                Mammo-CLIP .tar to take the backbone from when the checkpoint has none).
+                Then --config.init_from=DIR with the same config.
   icon          ICON / GradICON / uniGradICON registration network (state dict of a
                 TwoStep/Downsample/FunctionFromVectorField tree of UNet2s, optionally under a
                 loss wrapper's 'regis_net.'). Flag: --input_shape (required: the grid it was
@@ -43,51 +37,59 @@ KINDS_HELP = """kinds:
                 and convert mirai_state.pt.
 """
 
+from __future__ import annotations
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from mammojax.console import command_flags, fail, run_program
+from mammojax.data.records import file_sha256
+
+PROGRAM = "mammojax.convert"
 
 
-def _convert_imgfeatalign(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+def _convert_imgfeatalign(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   from mammojax.convert.imgfeatalign import import_imgfeatalign, infer_hparams
 
   variables = import_imgfeatalign(
     state_dict,
-    num_heads=args.num_heads,
-    max_time=args.max_time,
-    registration_hparams=args.registration_hparams,
+    num_heads=f.num_heads,
+    max_time=f.max_time,
+    registration_hparams=_registration_hparams(f),
   )
-  fields = dict(infer_hparams(state_dict), num_heads=args.num_heads, max_time=args.max_time)
-  return variables, {"model_fields": fields, "registration_hparams": args.registration_hparams}
+  fields = dict(infer_hparams(state_dict), num_heads=f.num_heads, max_time=f.max_time)
+  return variables, {"model_fields": fields, "registration_hparams": _registration_hparams(f)}
 
 
-def _convert_icon(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+def _convert_icon(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   from mammojax.convert.icon import describe_icon_tree, import_icon_registration
 
-  if not args.input_shape:
+  if not f.input_shape:
     raise ValueError(
       "--input_shape is required for icon checkpoints (the grid the network was "
       "trained on, e.g. --input_shape=175,175,175)"
     )
   return import_icon_registration(state_dict), {
     "model_fields": describe_icon_tree(state_dict),
-    "input_shape": list(args.input_shape),
+    "input_shape": list(_shape(f.input_shape)),
   }
 
 
-def _convert_mammoregnet(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+def _convert_mammoregnet(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   from mammojax.convert.mammoregnet import import_mammoregnet
 
-  variables = import_mammoregnet(state_dict, **args.registration_hparams)
-  return variables, {"model_fields": args.registration_hparams}
+  variables = import_mammoregnet(state_dict, **_registration_hparams(f))
+  return variables, {"model_fields": _registration_hparams(f)}
 
 
-def _convert_mirai(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
-  del args
+def _convert_mirai(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  del f
   from mammojax.convert.mirai import backbone_width, find_backbone, import_backbone
 
   prefixes, layout = find_backbone(state_dict)
@@ -100,8 +102,8 @@ def _convert_mirai(state_dict: dict, args: argparse.Namespace) -> tuple[dict, di
   }
 
 
-def _convert_mammoclip(state_dict: dict, args: argparse.Namespace) -> tuple[dict, dict]:
-  del args
+def _convert_mammoclip(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  del f
   from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
 
   variables = import_efficientnet(state_dict)
@@ -110,7 +112,29 @@ def _convert_mammoclip(state_dict: dict, args: argparse.Namespace) -> tuple[dict
   }
 
 
-CONVERTERS: dict[str, Callable[[dict, argparse.Namespace], tuple[dict, dict]]] = {
+def _convert_fpn_mil(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  from mammojax import tasks
+  from mammojax.convert.mammoclip import import_fpn_mil
+  from mammojax.convert.torch_files import load_torch_state_dict
+
+  config = f.config
+  if config is None or config.get("task") != "fpn_mil":
+    raise ValueError(
+      "--config is required for fpn_mil checkpoints: the FPN-MIL config the model was "
+      "trained with, e.g. --config=configs/fpn_mil.py:calc"
+    )
+  model = tasks.build_task(config).model
+  backbone = load_torch_state_dict(f.backbone) if f.backbone else None
+  variables = import_fpn_mil(state_dict, model, backbone_state_dict=backbone)
+  return variables, {
+    "config_file": config_flags.get_config_filename(f["config"]),
+    "model": config.model.to_dict(),
+    "backbone_file": os.path.abspath(f.backbone) if f.backbone else "",
+  }
+
+
+CONVERTERS: dict[str, Callable[[dict, flags.FlagValues], tuple[dict, dict]]] = {
+  "fpn_mil": _convert_fpn_mil,
   "icon": _convert_icon,
   "imgfeatalign": _convert_imgfeatalign,
   "mammoclip": _convert_mammoclip,
@@ -119,13 +143,13 @@ CONVERTERS: dict[str, Callable[[dict, argparse.Namespace], tuple[dict, dict]]] =
 }
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _registration_hparams(f: flags.FlagValues) -> dict[str, Any]:
   try:
-    value = json.loads(text)
+    value = json.loads(f.registration_hparams)
   except json.JSONDecodeError as e:
-    raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    raise ValueError(f"--registration_hparams is not valid JSON: {e}") from None
   if not isinstance(value, dict):
-    raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enc_channels\": 8}'")
+    raise ValueError("--registration_hparams must be a JSON object, e.g. '{\"enc_channels\": 8}'")
   return value
 
 
@@ -135,70 +159,75 @@ def _shape(text: str) -> tuple[int, ...]:
   except ValueError:
     shape = ()
   if len(shape) not in (2, 3) or min(shape) < 1:
-    raise argparse.ArgumentTypeError(f"expected H,W or D,H,W positive integers, got {text!r}")
+    raise ValueError(f"--input_shape: expected H,W or D,H,W positive integers, got {text!r}")
   return shape
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="python -m mammojax.convert",
-    description=__doc__,
-    epilog=KINDS_HELP,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (the global flags when run as a program)."""
+  define = {"flag_values": values}
+  flags.DEFINE_string("out", None, "New output directory (must not exist).", **define)
+  flags.DEFINE_integer(
+    "num_heads", 8, "imgfeatalign: attention heads of the trained model (BCRBench: 8).", **define
   )
-  parser.add_argument("kind", choices=sorted(CONVERTERS), help="what the file holds (see below)")
-  parser.add_argument("file", help="PyTorch checkpoint (.pt/.pth/.tar/.p)")
-  parser.add_argument("--out", required=True, help="new output directory (must not exist)")
-  parser.add_argument(
-    "--num_heads",
-    type=int,
-    default=8,
-    help="imgfeatalign: attention heads of the trained model (default 8)",
+  flags.DEFINE_float(
+    "max_time", 5.0, "imgfeatalign: time-encoding range in years (BCRBench: 5.0).", **define
   )
-  parser.add_argument(
-    "--max_time",
-    type=float,
-    default=5.0,
-    help="imgfeatalign: time-encoding range in years (default 5.0)",
+  flags.DEFINE_string(
+    "registration_hparams",
+    "{}",
+    "imgfeatalign/mammoregnet: JSON object of MammoRegNet sizes passed to import_mammoregnet "
+    "(default: the reference sizes).",
+    **define,
   )
-  parser.add_argument(
-    "--registration_hparams",
-    type=_json_object,
-    default={},
-    help="imgfeatalign/mammoregnet: JSON object of MammoRegNet sizes passed to "
-    "import_mammoregnet (default: the reference sizes)",
+  flags.DEFINE_string(
+    "input_shape", "", "icon: spatial size the network was trained on, e.g. 175,175,175.", **define
   )
-  parser.add_argument(
-    "--input_shape",
-    type=_shape,
-    default=None,
-    help="icon: spatial size the network was trained on, e.g. 175,175,175",
+  config_flags.DEFINE_config_file(
+    "config", None, "fpn_mil: the FPN-MIL config the model was trained with.", **define
   )
-  return parser
+  flags.DEFINE_string(
+    "backbone", "", "fpn_mil: Mammo-CLIP .tar for a checkpoint trained on features.", **define
+  )
+  flags.mark_flag_as_required("out", flag_values=values)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  from mammojax.convert.store import save_variables
+def convert(kind: str, path: str, f: flags.FlagValues) -> int:
+  """Converts ``path`` as ``kind`` into ``f.out``; 0 on success, 1 (with one line on stderr) when
+  the file cannot be converted."""
   from mammojax.convert.torch_files import load_torch_state_dict
+  from mammojax.train.variable_store import save_variables
 
+  if kind not in CONVERTERS:
+    fail(f"unknown kind {kind!r}; choose one of {sorted(CONVERTERS)} (see --help)")
   try:
-    state_dict = load_torch_state_dict(args.file)
-    variables, details = CONVERTERS[args.kind](state_dict, args)
-    source = {
-      "kind": args.kind,
-      "file": os.path.abspath(args.file),
-      "sha256": _file_sha256(args.file),
-      **details,
-    }
-    save_variables(args.out, variables, source)
+    state_dict = load_torch_state_dict(path)
+    variables, details = CONVERTERS[kind](state_dict, f)
+    source = {"kind": kind, "file": os.path.abspath(path), "sha256": file_sha256(path), **details}
+    save_variables(f.out, variables, source)
   except (KeyError, ValueError, OSError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: cannot convert {args.file} as {args.kind}: {message}", file=sys.stderr)
+    print(f"error: cannot convert {path} as {kind}: {message}", file=sys.stderr)
     return 1
-  print(f"wrote {args.out} ({args.kind} from {args.file})")
+  print(f"wrote {f.out} ({kind} from {path})")
   return 0
 
 
+def _kind_and_file(positional: Sequence[str]) -> tuple[str, str]:
+  if len(positional) != 2:
+    fail(f"expected <kind> <file>, got {list(positional)}; kinds: {sorted(CONVERTERS)}")
+  return positional[0], positional[1]
+
+
+def run(argv: Sequence[str]) -> int:
+  """The command in-process: ``run(["mirai", "ckpt.pt", "--out=DIR"])``."""
+  f, positional = command_flags(define_flags, argv, PROGRAM)
+  return convert(*_kind_and_file(positional), f)
+
+
+def main(argv: list[str]) -> None:
+  raise SystemExit(convert(*_kind_and_file(argv[1:]), flags.FLAGS))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run_program(main, define_flags)

@@ -8,36 +8,25 @@ default ImgFeatAlign job trains its frozen MammoRegNet before using it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 
 import ml_collections
 
+from mammojax import tasks
+from mammojax.runs.config_files import config_field, load_config_file
 from mammojax.train.trainer import train_and_evaluate
 
 log = logging.getLogger("mammojax")
-
-
-def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
-  """``get_config(variant)`` of a config file, as ``--config=path:variant`` would load it."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"_mammojax_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def run_pretraining(
   config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True
 ) -> None:
   """Trains every stage of ``config.pretrain`` whose link field is empty, then links it."""
-  from mammojax import tasks  # the registry imports every task lazily; keep it out of import time
-
   for name, stage in (config.get("pretrain") or {}).items():
-    owner, field = _resolve(config, stage.link)
+    owner, field = config_field(config, stage.link, what="config.pretrain link")
     if owner[field]:
       continue
     stage_config = load_config_file(stage.config, stage.get("variant", ""))
@@ -60,13 +49,3 @@ def _finished(run_dir: str) -> bool:
     return False
   with open(path) as f:
     return json.load(f).get("stopped") in ("steps", "early_stopping")
-
-
-def _resolve(config: ml_collections.ConfigDict, dotted: str):
-  *parents, field = dotted.split(".")
-  owner = config
-  for part in parents:
-    owner = owner[part]
-  if field not in owner:
-    raise KeyError(f"config.pretrain link {dotted!r} names no config field")
-  return owner, field

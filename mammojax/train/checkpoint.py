@@ -24,15 +24,12 @@ class Checkpoints:
     keep: int,
     best_metric: str | None,
     best_mode: str,
-    save_interval_steps: int = 1,
   ):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.latest = ocp.CheckpointManager(
       self.directory,
       item_names=("state", "data_iter"),
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, save_interval_steps=save_interval_steps
-      ),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
     )
     self.best = None
     self.best_metric = best_metric

@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from mammojax.data import pipeline
+from mammojax.data.pipelines import batching
 from mammojax.train.task import Task
 
 
@@ -32,7 +32,7 @@ def collect_predictions(
 ) -> dict[str, np.ndarray]:
   """All per-example outputs of ``predict_fn`` over ``examples``, padding removed, on every host."""
   chunks: dict[str, list[np.ndarray]] = {}
-  for local in pipeline.eval_batches(
+  for local in batching.eval_batches(
     examples,
     global_batch_size=global_batch_size,
     process_index=jax.process_index(),
@@ -44,7 +44,7 @@ def collect_predictions(
     for key, value in outputs.items():
       chunks.setdefault(key, []).append(np.asarray(value))
   merged = {k: np.concatenate(v) for k, v in chunks.items()}
-  valid = merged.pop(pipeline.VALID_KEY).astype(bool)
+  valid = merged.pop(batching.VALID_KEY).astype(bool)
   return {k: v[valid] for k, v in merged.items()}
 
 

@@ -16,11 +16,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mammojax.convert.store import load_variables
 from mammojax.train import optim, sharding
 from mammojax.train.checkpoint import restore_state_only
 from mammojax.train.step import TrainState
 from mammojax.train.task import Batch, Task
+from mammojax.train.variable_store import load_variables
 
 
 @dataclasses.dataclass

@@ -7,7 +7,6 @@ everything else: batching, sharding, the optimizer, freezing, checkpoints, metri
 from __future__ import annotations
 
 import abc
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+
+from mammojax.atomic_files import write_json_atomic
 
 Batch = dict[str, Any]
 Variables = dict[str, Any]
@@ -81,12 +82,23 @@ class Task(abc.ABC):
     """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics."""
     report = self.evaluate(predictions)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".report.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "report.json"))
+    write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=2)
     return report
 
   def eval_passthrough_keys(self) -> tuple[str, ...]:
     """Batch fields copied into the predictions for :meth:`evaluate` (labels, subgroups)."""
     return ()
+
+
+class RegistrationTask(Task):
+  """A task whose model registers an image pair: ``python -m mammojax.register --model`` runs any
+  such task's trained network through these two methods."""
+
+  @abc.abstractmethod
+  def input_shape(self) -> tuple[int, ...]:
+    """The spatial shape ``S`` (``(H, W)`` or ``(D, H, W)``) the network takes."""
+
+  @abc.abstractmethod
+  def displacement(self, variables: Variables, *, moving: jax.Array, fixed: jax.Array) -> jax.Array:
+    """The field ``[B, *S, n]`` (pixels, 'ij') with ``warped(x) = moving(x + u(x))`` for images
+    ``moving`` and ``fixed`` ``[B, *S, C]``."""

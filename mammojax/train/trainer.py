@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -11,23 +10,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from mammojax.data import pipeline
-from mammojax.train import checkpoint, evaluation, init_state, optim, sharding
+from mammojax.atomic_files import atomic_write, write_json_atomic
+from mammojax.data.pipelines import batching
+from mammojax.train import checkpoint, evaluation
+from mammojax.train.build import build
 from mammojax.train.metric_writer import MetricWriter
-from mammojax.train.step import make_predict_step, make_train_step
 from mammojax.train.task import Task
 
 log = logging.getLogger("mammojax")
-
-COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,25 +77,10 @@ def train_and_evaluate(
   """
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with atomic_write(os.path.join(workdir, "config.json")) as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  data_parallel = sharding.data_parallel_size(mesh)
-  for name, size in (
-    ("train.batch_size", config.train.batch_size),
-    ("eval.batch_size", config.eval.batch_size),
-  ):
-    if size % data_parallel:
-      raise ValueError(
-        f"config.{name}={size} must be divisible by the data-parallel mesh size "
-        f"{data_parallel} (config.mesh.shape={tuple(config.mesh.shape)})"
-      )
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = NamedSharding(mesh, P())
-  compute_dtype = COMPUTE_DTYPES[config.train.compute_dtype]
-
   train_examples = task.dataset("train")
-  data_iter = pipeline.train_iterator(
+  data_iter = batching.train_iterator(
     train_examples,
     seed=config.seed,
     global_batch_size=config.train.batch_size,
@@ -109,30 +89,10 @@ def train_and_evaluate(
     workers=config.data.get("workers", 0),
     augmentations=task.augmentations(),
   )
-  example_batch = next(
-    pipeline.eval_batches(
-      train_examples, global_batch_size=data_parallel, process_index=0, process_count=1
-    )
-  )
-  init = init_state.create_train_state(task, config, mesh, example_batch)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-  train_step = jax.jit(
-    make_train_step(
-      task,
-      init.tx,
-      init.trainable,
-      jax.random.key(config.seed + 1, impl=config.rng_impl),
-      compute_dtype,
-      schedule,
-      optim.uses_loss_value(config),
-    ),
-    in_shardings=(init.shardings, batch_sharding),
-    out_shardings=(init.shardings, replicated),
-    donate_argnums=0,
-  )
-  predict_step = jax.jit(
-    make_predict_step(task, compute_dtype), in_shardings=(init.shardings, batch_sharding)
-  )
+  built = build(task, config)
+  batch_sharding = built.batch_sharding
+  train_step = built.train_step()
+  predict_step = built.predict_step()
 
   ckpt = checkpoint.Checkpoints(
     workdir,
@@ -140,13 +100,10 @@ def train_and_evaluate(
     best_metric=config.checkpoint.best_metric,
     best_mode=config.checkpoint.best_mode,
   )
-  state = init.state
+  state = built.state
   start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, init.shardings
-    )
-    state = ckpt.restore(start, abstract, data_iter)
+    state = ckpt.restore(start, built.abstract_state(), data_iter)
     log.info("resumed from %s/%d", ckpt.directory, start)
   start = int(state.step)
 
@@ -202,7 +159,7 @@ def train_and_evaluate(
         if is_log or is_eval:
           check_and_accumulate(*pending)
           pending = None
-        if is_log and log_count:
+        if is_log:  # check_and_accumulate just ran, so log_count >= 1
           elapsed = time.perf_counter() - log_start
           train_metrics = {f"train/{k}": v / log_count for k, v in log_sums.items()}
           train_metrics["train/steps_per_sec"] = log_count / elapsed
@@ -261,8 +218,7 @@ def train_and_evaluate(
     writer.close()
   summary["step"] = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary, indent=2, default=float)
   return summary
 
 
