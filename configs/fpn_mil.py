@@ -22,19 +22,11 @@ over at most ``eval.detection.max_examples`` positive examples
 val's Youden threshold to the test split; its report.json names the threshold it used and scores
 detection on every positive example, with overlay pictures.
 
-Measured on a 2-core CPU (600 steps, seed 0): 107 s wall; val AUC 0.96 at step 200, then
-0.97-0.98 (0.972 at step 600); at step 600 balanced accuracy 0.92 at 0.5 (sensitivity 0.89) and
-0.94 at the Youden threshold; detection (aggregated heatmap) recall 0.04 at IoU 0.25, mean IoU
-0.03. A later run of the same command on a slower 2-core machine (where the whole test suite
-also took 2.5x longer) took 248 s wall: val AUC 0.953 at steps 200-300, 0.99 at 400-600;
-balanced accuracy 0.95 at 0.5 and at the Youden threshold; detection recall 0.02 at IoU 0.25,
-mean IoU 0.03. An earlier measurement with the native depthwise convolution took about 4 minutes
-(same plateau, 0.96-0.97); seed 1 plateaued lower there (AUC 0.88-0.91, balanced accuracy 0.85).
-The attention picks the patch that holds the lesion (89% of val positives at step 400; chance
-17%) but not the lesion within the 64-pixel patch, hence the low IoUs. The encoder's batch norm
-uses momentum 0.9: with Mammo-CLIP's 0.99 its running averages lag the from-scratch weights and
-the evaluation-mode AUC stays near chance until the learning rate has decayed (0.54 at step 400,
-0.94 at step 600).
+The attention tends to pick the patch that holds the lesion but not the lesion within the
+64-pixel patch, so the detection IoUs stay low. The encoder's batch norm uses momentum 0.9: with
+Mammo-CLIP's 0.99 its running averages lag the from-scratch weights and the evaluation-mode AUC
+stays near chance until the learning rate has decayed. Measured runs (wall time, AUC, detection,
+seeds): benchmarks/RESULTS.md.
 
 Variants (``--config=configs/fpn_mil.py:<variant>``):
 
@@ -63,6 +55,7 @@ Lesion-detection analysis as in the reference uses overlapping patches, e.g.
 import ml_collections
 
 from mammojax.losses.mil import VINDR_CALCIFICATION_POS_WEIGHT, VINDR_MASS_POS_WEIGHT
+from mammojax.train import config_fragments as fragments
 from mammojax.train.base_config import base_config
 
 
@@ -76,26 +69,29 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.mode = "auto"  # offline iff features_dir; "offline" makes features_dir required
   c.data.label = "Mass"  # or "Suspicious_Calcification"
   c.data.image_size = (192, 128)  # (H, W) of every image of the dataset
-  c.data.patch_size = 64
-  c.data.overlap = 0.0
+  c.data.update(patch_size=64, overlap=0.0)
   c.data.min_foreground = 0.0  # patches with no breast pixel are dropped
   c.data.background_threshold = 0.05
   c.data.channels = 1  # 3 for Mammo-CLIP weights
-  c.data.max_boxes = 8
-  c.data.thumbnail_stride = 1
-  c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.root = ""  # cache dir for generated data; empty = $MAMMOJAX_DATA or ~/.cache
-  c.data.synthetic.num_train = 512
-  c.data.synthetic.num_val = 128
-  c.data.synthetic.num_test = 128
-  c.data.synthetic.mass_fraction = 0.4
-  c.data.synthetic.calc_fraction = 0.4
-  c.data.synthetic.mass_radius = (5.0, 9.0)
-  c.data.synthetic.mass_contrast = 0.3
-  c.data.synthetic.calc_spots = (6, 12)
-  c.data.synthetic.calc_cluster_radius = 7.0
-  c.data.synthetic.calc_contrast = 0.6
-  c.data.synthetic.seed = 0
+  c.data.update(max_boxes=8, thumbnail_stride=1)
+  # The synthetic mammograms; root: cache dir for generated data (empty = $MAMMOJAX_DATA or
+  # ~/.cache).
+  c.data.synthetic = ml_collections.ConfigDict(
+    {
+      "root": "",
+      "num_train": 512,
+      "num_val": 128,
+      "num_test": 128,
+      "mass_fraction": 0.4,
+      "calc_fraction": 0.4,
+      "mass_radius": (5.0, 9.0),
+      "mass_contrast": 0.3,
+      "calc_spots": (6, 12),
+      "calc_cluster_radius": 7.0,
+      "calc_contrast": 0.6,
+      "seed": 0,
+    }
+  )
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = ml_collections.ConfigDict()
@@ -105,7 +101,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.backbone.drop_connect_rate = 0.0
   # Running averages that keep up with a from-scratch encoder (Mammo-CLIP: 0.99).
   c.model.backbone.batch_norm_momentum = 0.9
-  # Depthwise-conv lowering: shifted multiply-adds on CPU (3.8x faster there), native elsewhere.
+  # Depthwise-conv lowering: shifted multiply-adds on CPU (much faster there), native elsewhere.
   c.model.backbone.depthwise_impl = "auto"  # "auto" | "conv" | "taps"
   c.model.backbone_trainable = True  # no pretrained encoder for the synthetic default
   c.model.frozen_backbone_batch_stats = False
@@ -136,10 +132,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.loss.pos_weight_from_data = True  # negatives / positives of the training split
   c.loss.side_weight = 1.0
 
-  c.train.steps = 600
-  c.train.batch_size = 8
-  c.eval.batch_size = 16
-  c.eval.every_steps = 100
+  c.train.update(steps=600, batch_size=8)
+  c.eval.update(batch_size=16, every_steps=100)
   c.eval.threshold = 0.5  # also reported: the split's Youden threshold and metrics at it
   c.eval.num_overlays = 8
   c.eval.detection = ml_collections.ConfigDict(
@@ -158,39 +152,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "max_examples": 64,
     }
   )
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 30
-  c.optim.weight_decay = 1e-4
-  c.checkpoint.every_steps = 200
-  c.checkpoint.best_metric = "eval/auc"
-  c.checkpoint.best_mode = "max"
+  c.optim.update(learning_rate=1e-3, warmup_steps=30, weight_decay=1e-4)
+  c.checkpoint.update(every_steps=200, best_metric="eval/auc", best_mode="max")
   c.logging.every_steps = 20
 
   if variant == "smoke":
-    c.data.image_size = (64, 48)
-    c.data.patch_size = 32
-    c.data.synthetic.num_train = 16
-    c.data.synthetic.num_val = 8
-    c.data.synthetic.num_test = 8
-    c.data.synthetic.mass_fraction = 0.5
-    c.data.synthetic.mass_radius = (3.0, 5.0)
-    c.data.synthetic.calc_cluster_radius = 4.0
-    c.model.backbone.width = 0.1
-    c.model.backbone.depth = 0.1
+    c.data.update(image_size=(64, 48), patch_size=32)
+    c.data.synthetic.update(num_train=16, num_val=8, num_test=8, mass_fraction=0.5)
+    c.data.synthetic.update(mass_radius=(3.0, 5.0), calc_cluster_radius=4.0)
+    c.model.backbone.update(width=0.1, depth=0.1)
     c.model.backbone_trainable = False  # the frozen-encoder path (and a faster compile)
     c.model.fpn.features = 8
-    c.model.head.encoder_features = 8
-    c.model.head.attention_hidden = 8
-    c.train.steps = 2
-    c.train.batch_size = 8
-    c.eval.batch_size = 8
-    c.eval.every_steps = 2
+    c.model.head.update(encoder_features=8, attention_hidden=8)
+    fragments.apply_smoke(c, 2)
     c.eval.num_overlays = 2
     c.eval.detection.min_area = 2
-    c.checkpoint.every_steps = 2
-    c.logging.every_steps = 1
-    c.logging.tensorboard = False
-    c.optim.warmup_steps = 1
   elif variant == "offline":
     c.name = "fpn_mil_offline"
     c.data.mode = "offline"
@@ -198,10 +174,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-3
   elif variant in ("calc", "mass"):
     c.name = f"fpn_mil_{variant}"
-    c.data.image_size = (1520, 912)
-    c.data.patch_size = 512
-    c.data.channels = 3
-    c.data.thumbnail_stride = 4
+    c.data.update(image_size=(1520, 912), patch_size=512, channels=3, thumbnail_stride=4)
     c.model.backbone = ml_collections.ConfigDict(
       {
         "width": 1.1,
@@ -213,34 +186,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     )
     c.model.backbone_trainable = False
     c.model.fpn.features = 256
-    c.model.head.encoder_features = 256
-    c.model.head.encoder_dropout = 0.25
-    c.model.head.attention_dropout = 0.25
+    c.model.head.update(encoder_features=256, encoder_dropout=0.25, attention_dropout=0.25)
     c.model.head.attention_hidden = 128
     c.loss.pos_weight_from_data = False
     c.train.batch_size = 8
     c.train.steps = 30 * 1000  # 30 epochs of ~8k training images; set to your dataset's steps
-    c.optim.learning_rate = 5e-5
-    c.optim.warmup_steps = 0
-    c.optim.schedule = "constant"
-    c.eval.batch_size = 8
-    c.eval.every_steps = 1000
+    c.optim.update(learning_rate=5e-5, warmup_steps=0, schedule="constant")
+    c.eval.update(batch_size=8, every_steps=1000)
     c.eval.detection.update({"min_area": 230, "smooth_sigma": 10.0, "patch_normalization": True})
     c.checkpoint.every_steps = 1000
     if variant == "calc":
       c.data.label = "Suspicious_Calcification"
-      c.model.head.encoder_type = "isab"
-      c.model.head.layer_norm = True
-      c.model.head.pooling_type = "pma"
+      c.model.head.update(encoder_type="isab", layer_norm=True, pooling_type="pma")
       c.loss.pos_weight = VINDR_CALCIFICATION_POS_WEIGHT
     else:
       c.data.label = "Mass"
-      c.model.head.encoder_type = "mlp"
-      c.model.head.pooling_type = "gated-attention"
+      c.model.head.update(encoder_type="mlp", pooling_type="gated-attention")
       c.loss.pos_weight = VINDR_MASS_POS_WEIGHT
   elif variant:
-    raise ValueError(
-      f"unknown variant {variant!r} of configs/fpn_mil.py; use '', 'smoke', "
-      "'calc', 'mass' or 'offline'"
+    raise fragments.unknown_variant(
+      "configs/fpn_mil.py", variant, ("", "smoke", "calc", "mass", "offline")
     )
   return c

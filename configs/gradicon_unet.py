@@ -16,6 +16,7 @@ Weights converted from GradICON (``python -m mammojax.convert icon``) initialise
 
 import ml_collections
 
+from mammojax.train import config_fragments as fragments
 from mammojax.train.base_config import base_config
 
 
@@ -24,25 +25,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.name = "gradicon_unet"
   c.task = "gradicon_unet"
 
-  c.data.image_dir = ""
-  c.data.pairs_csv = ""
-  c.data.num_pairs = 1024
-  c.data.num_eval_pairs = 64
+  c.data.update(image_dir="", pairs_csv="", num_pairs=1024, num_eval_pairs=64)
   # Synthetic longitudinal pairs (when image_dir is empty).
-  c.data.dir = ""
-  c.data.image_size = (128, 96)
-  c.data.num_years = 5
-  c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.root = ""
-  c.data.synthetic.num_train = 1024
-  c.data.synthetic.num_val = 64
-  c.data.synthetic.num_test = 64
-  c.data.synthetic.positive_fraction = 0.3
-  c.data.synthetic.missing_prior_fraction = 0.0
-  c.data.synthetic.deformation_pixels = 4.0
-  c.data.synthetic.lesion_contrast = 0.35
-  c.data.synthetic.store_displacement = True
-  c.data.synthetic.seed = 2
+  fragments.synthetic_longitudinal_data(c, (1024, 64, 64), seed=2, with_displacement=True)
 
   c.model = ml_collections.ConfigDict()
   # ICON's tallUNet2 for one-channel images.
@@ -52,36 +37,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.lmbda = 1.5  # GradICON's weight (ICON's training scripts)
   c.model.lncc_sigma = 4.0  # pixels (ICON's LNCC(sigma=4))
 
-  c.train.steps = 2000
-  c.train.batch_size = 8
-  c.eval.batch_size = 16
-  c.eval.every_steps = 500
-  c.optim.name = "adam"
-  c.optim.learning_rate = 1e-4
-  c.optim.warmup_steps = 50
-  c.optim.weight_decay = 0.0
-  c.checkpoint.every_steps = 500
-  c.checkpoint.best_metric = "eval/lncc"
-  c.checkpoint.best_mode = "min"
+  c.train.update(steps=2000, batch_size=8)
+  c.eval.update(batch_size=16, every_steps=500)
+  c.optim.update(name="adam", learning_rate=1e-4, warmup_steps=50, weight_decay=0.0)
+  c.checkpoint.update(every_steps=500, best_metric="eval/lncc", best_mode="min")
   c.logging.every_steps = 50
 
   if variant == "smoke":
-    c.data.image_size = (32, 32)
-    c.data.num_pairs = 8
-    c.data.num_eval_pairs = 4
-    c.data.synthetic.num_train = 8
-    c.data.synthetic.num_val = 4
-    c.data.synthetic.num_test = 4
-    c.model.down_features = (2, 4, 8)
-    c.model.up_features = (4, 8)
-    c.train.steps = 2
-    c.train.batch_size = 8  # divisible by the 8 fake devices of the tests
-    c.eval.batch_size = 8
-    c.eval.every_steps = 2
-    c.checkpoint.every_steps = 2
-    c.logging.every_steps = 1
-    c.logging.tensorboard = False
-    c.optim.warmup_steps = 1
+    c.data.image_size = fragments.SMOKE_IMAGE_SIZE
+    c.data.update(num_pairs=8, num_eval_pairs=4)
+    c.data.synthetic.update(num_train=8, num_val=4, num_test=4)
+    c.model.update(down_features=(2, 4, 8), up_features=(4, 8))
+    fragments.apply_smoke(c, 2)
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/gradicon_unet.py; use '' or 'smoke'")
+    raise fragments.unknown_variant("configs/gradicon_unet.py", variant, ("", "smoke"))
   return c

@@ -17,6 +17,7 @@ with ICON's diffusion-regularised SSD, ``lmbda = 0.05``, on pairs of 5s and eval
 
 import ml_collections
 
+from mammojax.train import config_fragments as fragments
 from mammojax.train.base_config import base_config
 
 
@@ -25,52 +26,27 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.name = "icon_digits"
   c.task = "icon_digits"
 
-  c.data.source = "auto"  # 'auto' | 'mnist' | 'sklearn'
-  c.data.tfds_data_dir = ""
-  c.data.size = 28
-  c.data.train_digit = 5
-  c.data.eval_digit = 7
-  c.data.num_train = 4096
-  c.data.num_val = 256
-  c.data.num_test = 256
-  c.data.seed = 0
+  c.data.update(source="auto", tfds_data_dir="")  # source: 'auto' | 'mnist' | 'sklearn'
+  c.data.update(size=28, train_digit=5, eval_digit=7)
+  c.data.update(num_train=4096, num_val=256, num_test=256, seed=0)
 
   c.model = ml_collections.ConfigDict()
   c.model.hidden = 50
   c.model.num_steps = 9  # the seed: the network, then eight TwoStepRegistration compositions
   c.model.lmbda = 0.05
 
-  c.train.steps = 600
-  c.train.batch_size = 128
-  c.eval.batch_size = 128
-  c.eval.every_steps = 200
-  c.eval.figure_examples = 6
-  c.optim.name = "adam"
-  c.optim.learning_rate = 1e-3
-  c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-  c.optim.clip_grad_norm = 0.0
-  c.checkpoint.every_steps = 200
-  c.checkpoint.best_metric = "eval/similarity"
-  c.checkpoint.best_mode = "min"
+  c.train.update(steps=600, batch_size=128)
+  c.eval.update(batch_size=128, every_steps=200, figure_examples=6)
+  c.optim.update(name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0)
+  c.optim.update(weight_decay=0.0, clip_grad_norm=0.0)
+  c.checkpoint.update(every_steps=200, best_metric="eval/similarity", best_mode="min")
   c.logging.every_steps = 50
 
   if variant == "smoke":
-    c.data.size = 16
-    c.data.num_train = 32
-    c.data.num_val = 8
-    c.data.num_test = 8
-    c.model.hidden = 8
-    c.model.num_steps = 3
-    c.train.steps = 3
-    c.train.batch_size = 8
-    c.eval.batch_size = 8
-    c.eval.every_steps = 3
+    c.data.update(size=16, num_train=32, num_val=8, num_test=8)
+    c.model.update(hidden=8, num_steps=3)
+    fragments.apply_smoke(c, 3, warmup_steps=None)
     c.eval.figure_examples = 2
-    c.checkpoint.every_steps = 3
-    c.logging.every_steps = 1
-    c.logging.tensorboard = False
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/icon_digits.py; use '' or 'smoke'")
+    raise fragments.unknown_variant("configs/icon_digits.py", variant, ("", "smoke"))
   return c

@@ -27,6 +27,7 @@ import os
 
 import ml_collections
 
+from mammojax.train import config_fragments as fragments
 from mammojax.train.base_config import base_config
 
 
@@ -35,19 +36,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.name = "imgfeatalign"
   c.task = "imgfeatalign"
 
-  c.data.dir = ""  # an ingested dataset (python -m mammojax.ingest); empty = synthetic
-  c.data.image_size = (128, 96)  # (H, W); MammoRegNet needs multiples of 16
-  c.data.num_years = 5
-  c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.root = ""  # cache dir for generated data; empty = $MAMMOJAX_DATA or ~/.cache
-  c.data.synthetic.num_train = 2048
-  c.data.synthetic.num_val = 256
-  c.data.synthetic.num_test = 512
-  c.data.synthetic.positive_fraction = 0.3
-  c.data.synthetic.missing_prior_fraction = 0.05
-  c.data.synthetic.deformation_pixels = 4.0
-  c.data.synthetic.lesion_contrast = 0.45
-  c.data.synthetic.seed = 0
+  # data.dir: an ingested dataset (python -m mammojax.ingest); empty = synthetic.
+  fragments.synthetic_longitudinal_data(
+    c, (2048, 256, 512), seed=0, lesion_contrast=0.45, missing_prior_fraction=0.05
+  )
 
   # Host-side augmentation of training pairs (same transform for current and prior). Mirroring
   # is off by default: ingestion puts every chest wall on the left.
@@ -70,19 +62,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.finetune_all = True
   c.model.num_heads = 8
   c.model.dropout_rate = 0.1
-  c.model.max_time = 5.0
-  c.model.time_steps = 240
-  c.model.time_dropout_rate = 0.1
-  c.model.align = True
-  c.model.use_prior = True
-  c.model.use_time_encoding = True
-  c.model.bcrbench_flow_compat = False
+  c.model.update(max_time=5.0, time_steps=240, time_dropout_rate=0.1)
+  c.model.update(align=True, use_prior=True, use_time_encoding=True, bcrbench_flow_compat=False)
   c.model.warp_impl = "gather"
   c.model.head_weights = {"fused": 1.0, "cur": 0.2, "pri": 0.2}
-  # Must match the MammoRegNet that is loaded (configs/mammoregnet.py trains this one).
-  c.model.registration = ml_collections.ConfigDict(
-    {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)}
-  )
+  # The MammoRegNet that configs/mammoregnet.py trains.
+  c.model.registration = fragments.mammoregnet_network()
   # A converted MammoRegNet (python -m mammojax.convert mammoregnet ...) or a configs/mammoregnet.py
   # run directory. Empty: python -m mammojax.main first trains configs/mammoregnet.py into
   # WORKDIR/registration (see c.pretrain) and uses that.
@@ -96,61 +81,32 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     }
   )
 
-  c.train.steps = 800
-  c.train.batch_size = 16
+  c.train.update(steps=800, batch_size=16)
   # The registration network (and the encoder unless finetune_all) are frozen by the task.
-  c.eval.batch_size = 32
-  c.eval.every_steps = 200
-  c.optim.learning_rate = 3e-4
-  c.optim.warmup_steps = 50
-  c.optim.weight_decay = 1e-4
-  c.checkpoint.every_steps = 200
-  c.checkpoint.best_metric = "eval/c_index"
-  c.checkpoint.best_mode = "max"
+  c.eval.update(batch_size=32, every_steps=200)
+  c.optim.update(learning_rate=3e-4, warmup_steps=50, weight_decay=1e-4)
+  c.checkpoint.update(every_steps=200, best_metric="eval/c_index", best_mode="max")
   c.logging.every_steps = 20
 
   if variant == "smoke":
-    c.data.image_size = (32, 32)
-    c.data.synthetic.num_train = 32
-    c.data.synthetic.num_val = 16
-    c.data.synthetic.num_test = 16
-    c.data.synthetic.positive_fraction = 0.5
-    c.model.encoder_width = 8
-    c.model.num_heads = 2
-    c.model.registration = ml_collections.ConfigDict(
-      {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)}
-    )
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.eval.batch_size = 8
-    c.eval.every_steps = 2
-    c.checkpoint.every_steps = 2
-    c.logging.every_steps = 1
-    c.logging.tensorboard = False
-    c.optim.warmup_steps = 1
+    c.data.image_size = fragments.SMOKE_IMAGE_SIZE
+    c.data.synthetic.update(num_train=32, num_val=16, num_test=16, positive_fraction=0.5)
+    c.model.update(encoder_width=8, num_heads=2)
+    c.model.registration = fragments.mammoregnet_network("smoke")
+    fragments.apply_smoke(c, 4, every=2)
     c.pretrain.registration.variant = "smoke"
   elif variant == "paper":
     del c.pretrain["registration"]  # real data: bring a trained MammoRegNet
-    c.data.image_size = (512, 416)
+    c.data.image_size = fragments.PAPER_IMAGE_SIZE
     c.model.encoder_width = 64
-    c.model.registration.num_layers = 4
+    c.model.registration = fragments.mammoregnet_network("paper")
     c.model.finetune_all = False
-    c.train.batch_size = 8
-    c.train.steps = 30 * 1000  # 30 epochs of ~8k pairs; set to your dataset's steps
-    c.optim.learning_rate = 5e-5
-    c.optim.weight_decay = 1e-4
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 0
-    c.optim.plateau.enabled = True
-    c.optim.plateau.factor = 0.1
-    c.optim.plateau.patience = 2
-    c.optim.plateau.accumulation_steps = 1000
-    c.eval.every_steps = 1000
-    c.eval.batch_size = 8
-    c.eval.early_stopping_patience = 5
+    # 30 epochs of ~8k pairs; set to your dataset's steps.
+    c.train.update(batch_size=8, steps=30 * 1000)
+    c.optim.update(learning_rate=5e-5, weight_decay=1e-4, schedule="constant", warmup_steps=0)
+    c.optim.plateau.update(enabled=True, factor=0.1, patience=2, accumulation_steps=1000)
+    c.eval.update(every_steps=1000, batch_size=8, early_stopping_patience=5)
     c.checkpoint.every_steps = 1000
   elif variant:
-    raise ValueError(
-      f"unknown variant {variant!r} of configs/imgfeatalign.py; use '', 'smoke' or 'paper'"
-    )
+    raise fragments.unknown_variant("configs/imgfeatalign.py", variant, ("", "smoke", "paper"))
   return c

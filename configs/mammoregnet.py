@@ -18,6 +18,7 @@ stage; point --config.data.dir at ingested longitudinal data).
 
 import ml_collections
 
+from mammojax.train import config_fragments as fragments
 from mammojax.train.base_config import base_config
 
 
@@ -26,68 +27,33 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.name = "mammoregnet"
   c.task = "mammoregnet"
 
-  c.data.dir = ""
-  c.data.image_size = (128, 96)  # must match the ImgFeatAlign config that uses it
-  c.data.num_years = 5
-  c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.root = ""
-  c.data.synthetic.num_train = 1024
-  c.data.synthetic.num_val = 128
-  c.data.synthetic.num_test = 128
-  c.data.synthetic.positive_fraction = 0.3
-  c.data.synthetic.missing_prior_fraction = 0.0
-  c.data.synthetic.deformation_pixels = 4.0
-  c.data.synthetic.lesion_contrast = 0.35
-  c.data.synthetic.store_displacement = True
-  c.data.synthetic.seed = 1  # other patients than ImgFeatAlign's training set
+  # Seed 1: other patients than ImgFeatAlign's training set.
+  fragments.synthetic_longitudinal_data(c, (1024, 128, 128), seed=1, with_displacement=True)
 
   c.model = ml_collections.ConfigDict()
   # The reference widths; one Swin block per stage instead of its four keeps the default run to
   # CPU minutes (``:paper`` has the reference's four).
-  c.model.registration = ml_collections.ConfigDict(
-    {"enc_channels": 8, "dec_channels": 16, "num_layers": 1, "window_size": (5, 5)}
-  )
+  c.model.registration = fragments.mammoregnet_network()
   c.model.regularity_weight = 1.0
   c.model.jacobian_weight = 1e-5
 
-  c.train.steps = 300
-  c.train.batch_size = 8
-  c.eval.batch_size = 32
-  c.eval.every_steps = 100
-  c.optim.learning_rate = 3e-4
-  c.optim.warmup_steps = 20
-  c.optim.weight_decay = 0.0
-  c.checkpoint.every_steps = 100
-  c.checkpoint.best_metric = "eval/epe"
-  c.checkpoint.best_mode = "min"
+  c.train.update(steps=300, batch_size=8)
+  c.eval.update(batch_size=32, every_steps=100)
+  c.optim.update(learning_rate=3e-4, warmup_steps=20, weight_decay=0.0)
+  c.checkpoint.update(every_steps=100, best_metric="eval/epe", best_mode="min")
   c.logging.every_steps = 20
 
   if variant == "smoke":
-    c.data.image_size = (32, 32)
-    c.data.synthetic.num_train = 16
-    c.data.synthetic.num_val = 8
-    c.data.synthetic.num_test = 8
-    c.model.registration = ml_collections.ConfigDict(
-      {"enc_channels": 4, "dec_channels": 8, "num_layers": 1, "window_size": (5, 5)}
-    )
-    c.train.steps = 3
-    c.train.batch_size = 8
-    c.eval.batch_size = 8
-    c.eval.every_steps = 3
-    c.checkpoint.every_steps = 3
-    c.logging.every_steps = 1
-    c.logging.tensorboard = False
-    c.optim.warmup_steps = 1
+    c.data.image_size = fragments.SMOKE_IMAGE_SIZE
+    c.data.synthetic.update(num_train=16, num_val=8, num_test=8)
+    c.model.registration = fragments.mammoregnet_network("smoke")
+    fragments.apply_smoke(c, 3)
   elif variant == "paper":
-    c.data.image_size = (512, 416)
-    c.model.registration.num_layers = 4
-    c.train.batch_size = 8
-    c.train.steps = 20000
+    c.data.image_size = fragments.PAPER_IMAGE_SIZE
+    c.model.registration = fragments.mammoregnet_network("paper")
+    c.train.update(batch_size=8, steps=20000)
     c.optim.learning_rate = 1e-4
-    c.eval.every_steps = 1000
-    c.checkpoint.every_steps = 1000
+    c.eval.every_steps = c.checkpoint.every_steps = 1000
   elif variant:
-    raise ValueError(
-      f"unknown variant {variant!r} of configs/mammoregnet.py; use '', 'smoke' or 'paper'"
-    )
+    raise fragments.unknown_variant("configs/mammoregnet.py", variant, ("", "smoke", "paper"))
   return c

@@ -11,6 +11,7 @@ import optax
 from flax import linen as nn
 
 from mammojax.train.base_config import base_config
+from mammojax.train.config_fragments import apply_smoke
 from mammojax.train.task import Task
 
 
@@ -96,15 +97,8 @@ class TinyTask(Task):
 def tiny_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.name = "tiny"
-  c.train.steps = 6
-  c.train.batch_size = 8
-  c.eval.batch_size = 8
-  c.eval.every_steps = 3
-  c.logging.every_steps = 1
-  c.logging.tensorboard = False
-  c.checkpoint.every_steps = 3
+  apply_smoke(c, 6, every=3)  # batch 8, logging every step, warmup 1
   c.optim.learning_rate = 1e-2
-  c.optim.warmup_steps = 1
   c.model = ml_collections.ConfigDict({"hidden": 16})
   c.data.num_examples = 64
   c.data.dim = 8

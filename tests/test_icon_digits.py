@@ -1,27 +1,16 @@
 """The ICON digits demo: data, training through the common trainer, report figure."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from shipped_configs import shipped_config
 
 from mammojax import tasks
 from mammojax.data import digits
 from mammojax.evaluate import evaluate_checkpoint
 from mammojax.train.trainer import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(variant):
-  spec = importlib.util.spec_from_file_location(
-    "icon_digits_config", os.path.join(ROOT, "configs", "icon_digits.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def test_sklearn_pairs_are_smooth_upsampled_digits_of_one_class():
@@ -57,10 +46,8 @@ def test_mnist_without_local_copy_is_a_clear_error_and_auto_falls_back(tmp_path)
 
 
 def test_training_beats_identity_and_report_has_figure(tmp_path):
-  config = _config("smoke")
-  config.train.steps = 40
-  config.eval.every_steps = 40
-  config.checkpoint.every_steps = 40
+  config = shipped_config("icon_digits", "smoke")
+  config.train.steps = config.eval.every_steps = config.checkpoint.every_steps = 40
   config.logging.every_steps = 20
   config.optim.learning_rate = 3e-3
   config.model.hidden = 16

@@ -7,31 +7,17 @@ import sys
 
 import numpy as np
 import pytest
+from shipped_configs import ROOT, smoke_config, smoke_training_run
 
 from mammojax import tasks
 from mammojax.evaluate import evaluate_checkpoint
 from mammojax.train import trainer
 from mammojax.train.metric_writer import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import imgfeatalign as imgfeatalign_config  # noqa: E402
-
-
-def _smoke(tmp_path):
-  config = imgfeatalign_config.get_config("smoke")
-  config.data.synthetic.root = str(tmp_path / "data")
-  return config
-
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp("smoke")
-  config = _smoke(tmp_path)
-  workdir = str(tmp_path / "run")
-  summary = trainer.train_and_evaluate(
-    config, workdir, tasks.build_task(config), show_progress=False
-  )
+  config, workdir, summary, _ = smoke_training_run("imgfeatalign", tmp_path_factory)
   return config, workdir, summary
 
 
@@ -63,7 +49,7 @@ def test_evaluate_writes_report_and_plots(smoke_run, tmp_path):
 def test_smoke_loss_same_on_one_and_eight_devices(tmp_path):
   losses = {}
   for shape in [(1, 1, 1), (4, 2, 1)]:
-    config = _smoke(tmp_path)
+    config = smoke_config("imgfeatalign", tmp_path)
     config.mesh.shape = shape
     config.train.steps = 3
     workdir = str(tmp_path / f"mesh{shape[0]}")
@@ -111,9 +97,9 @@ def test_help_lists_flags():
 
 
 def test_pretraining_stage_trains_once_and_links(tmp_path, monkeypatch):
-  from mammojax.train import stages
+  from mammojax.runs import stages
 
-  config = _smoke(tmp_path)
+  config = smoke_config("imgfeatalign", tmp_path)
   workdir = str(tmp_path / "run")
   calls = []
   original = stages.train_and_evaluate
@@ -130,7 +116,7 @@ def test_pretraining_stage_trains_once_and_links(tmp_path, monkeypatch):
   assert calls == [registration_dir]
   assert os.path.isdir(os.path.join(registration_dir, "checkpoints"))
   # A rerun (e.g. a resumed job) reuses the finished stage instead of training it again.
-  again = _smoke(tmp_path)
+  again = smoke_config("imgfeatalign", tmp_path)
   stages.run_pretraining(again, workdir, show_progress=False)
   assert calls == [registration_dir]
   assert again.model.registration_checkpoint == registration_dir

@@ -1,4 +1,5 @@
-"""The config sections every experiment shares; ``configs/*.py`` start from ``base_config()``.
+"""The config sections every experiment shares; ``configs/*.py`` start from ``base_config()``
+and take what several of them share from :mod:`mammojax.train.config_fragments`.
 
 Scripts may rely on these names: ``seed``, ``train.steps``, ``train.batch_size``, ``mesh``,
 ``eval.every_steps``.
