@@ -16,12 +16,12 @@ import copy
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mammojax import tasks
 from mammojax.atomic_files import atomic_write
-from mammojax.console import run_program, setup_console_logging
+from mammojax.console import run_program
 from mammojax.evaluate import evaluate_checkpoint
 from mammojax.runs.config_files import set_config_field
 from mammojax.runs.stages import run_pretraining
@@ -56,9 +56,6 @@ def run_ablation(config, workdir: str, field: str, values: list, split: str) -> 
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  setup_console_logging()
   f = flags.FLAGS
   values = [ast.literal_eval(v) for v in f.values]
   result = run_ablation(f.config, f.workdir, f.field, values, f.split)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -60,14 +60,26 @@ def command_flags(
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
-def run_program(main: Callable[[list[str]], None], define_flags: Callable[[], None] | None = None):
+def run_program(
+  main: Callable[[list[str]], Any],
+  define_flags: Callable[[], None] | None = None,
+  positional_args: bool = False,
+) -> None:
   """The entry of every ``python -m mammojax.<command>``: defines the command's flags (on the
-  global flags: they exist only in the program, not on import), then ``absl.app.run(main)``.
-  ``--help`` lists every flag and exits 0 (absl's own exit code for help is 1)."""
+  global flags: they exist only in the program, not on import), parses them, refuses
+  positional arguments unless the command takes some, sets up console logging and runs
+  ``main(argv)``. ``--help`` lists every flag and exits 0 (absl's own exit code for help is 1)."""
   if define_flags is not None:
     define_flags()
+
+  def checked_main(argv: list[str]) -> Any:
+    if not positional_args and len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]}; every input is a flag (see --help)")
+    setup_console_logging()
+    return main(argv)
+
   try:
-    app.run(main)
+    app.run(checked_main)
   except SystemExit as e:
     if e.code == 1 and any(arg in HELP_FLAGS for arg in sys.argv[1:]):
       raise SystemExit(0) from None

@@ -26,10 +26,10 @@ import os
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mammojax.console import run_program, setup_console_logging
+from mammojax.console import run_program
 from mammojax.runs.config_files import load_run_config
 from mammojax.runs.restore import restore_run
 from mammojax.train import evaluation
@@ -113,9 +113,6 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  setup_console_logging()
   f = flags.FLAGS
   config = f.config or load_run_config(f.workdir)
   out_dir = f.out or os.path.join(f.workdir, f"eval_{f.split}")

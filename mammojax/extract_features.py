@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mammojax.console import run_program
@@ -262,9 +262,6 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("mammojax").setLevel(logging.INFO)
   f = flags.FLAGS
   out = extract_features(
     f.config, f.out, f.workdir, splits=f.splits or None, batch_size=f.batch_size, dtype=f.dtype

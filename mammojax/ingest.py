@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mammojax.atomic_files import atomic_write, write_json_atomic
 from mammojax.console import run_program
@@ -377,8 +377,6 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
   log = logging.getLogger("mammojax.ingest")
   for name, flag in (("--csv", _CSV), ("--images", _IMAGES), ("--out", _OUT)):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from mammojax import console, tasks
-from mammojax.console import define_experiment_config, run_program, setup_console_logging
+from mammojax.console import define_experiment_config, run_program
 from mammojax.host_memory import keep_freed_host_memory
 from mammojax.runs.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
@@ -58,9 +58,6 @@ def initialize_distributed() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  setup_console_logging()
   if _KEEP_HOST_MEMORY.value:
     keep_freed_host_memory()  # before JAX starts its backend threads
   initialize_distributed()

@@ -423,8 +423,6 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; every input is a flag (see --help)")
   run_from_flags(flags.FLAGS)
 
 

@@ -230,4 +230,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  run_program(main, define_flags)
+  run_program(main, define_flags, positional_args=True)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from mammojax.convert import layouts
-from mammojax.convert.torch_files import unwrap_state_dict
+from mammojax.convert.torch_files import raise_if_mismatched, unwrap_state_dict
 from mammojax.models.mil.fpn_mil import FPNMIL
 from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet
 
@@ -154,21 +154,6 @@ def _fill(
   return out
 
 
-def _raise_if_bad(
-  what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str
-) -> None:
-  if not (missing or unexpected or mismatched):
-    return
-  parts = []
-  if missing:
-    parts.append(f"missing keys {missing}")
-  if unexpected:
-    parts.append(f"unexpected keys {unexpected}")
-  if mismatched:
-    parts.append(f"shape mismatches {mismatched}")
-  raise ValueError(f"{what} does not match the model: " + "; ".join(parts) + f". {hint}")
-
-
 def _abstract_variables(model: nn.Module, *args: Any) -> dict[str, Any]:
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
   return nn.meta.unbox(dict(abstract))
@@ -214,7 +199,7 @@ def import_efficientnet(
   variables = _fill(abstract, state, _efficientnet_key, used, missing, mismatched)
   skippable = ("_conv_head.", "_bn1.", "_fc.") if not model.include_head else ("_fc.",)
   unexpected = sorted(k for k in set(state) - used if not k.startswith(skippable))
-  _raise_if_bad(
+  raise_if_mismatched(
     "EfficientNet checkpoint",
     missing,
     unexpected,
@@ -308,7 +293,7 @@ def import_fpn_mil(
   unexpected = sorted(
     k for k in set(state) - used if not k.startswith(tuple(outside)) and not _shared_norm_copy(k)
   )
-  _raise_if_bad(
+  raise_if_mismatched(
     "FPN-MIL checkpoint",
     missing,
     unexpected,

@@ -26,7 +26,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from mammojax.convert import layouts
-from mammojax.convert.torch_files import unwrap_state_dict
+from mammojax.convert.torch_files import raise_if_mismatched, unwrap_state_dict
 from mammojax.models.registration.mammoregnet import SIZE_MULTIPLE, MammoRegNet
 from mammojax.nn.swin import relative_position_index
 
@@ -82,25 +82,17 @@ def import_mammoregnet(state_dict: Mapping[str, Any], **hparams: Any) -> dict[st
     else:
       unexpected.append(key)
 
-  if missing or unexpected or mismatched:
-    parts = []
-    if missing:
-      parts.append(f"missing keys {missing}")
-    if unexpected:
-      parts.append(f"unexpected keys {unexpected}")
-    if mismatched:
-      parts.append(f"shape mismatches {mismatched}")
-    settings = {
-      f: getattr(model, f)
-      for f in ("in_channels", "enc_channels", "dec_channels", "num_layers", "window_size")
-    }
-    raise ValueError(
-      "MammoRegNet checkpoint does not match the model "
-      + str(settings)
-      + ": "
-      + "; ".join(parts)
-      + ". Pass the hyper-parameters it was trained with."
-    )
+  settings = {
+    f: getattr(model, f)
+    for f in ("in_channels", "enc_channels", "dec_channels", "num_layers", "window_size")
+  }
+  raise_if_mismatched(
+    f"MammoRegNet checkpoint (model {settings})",
+    missing,
+    unexpected,
+    mismatched,
+    "Pass the hyper-parameters it was trained with.",
+  )
   return {"params": traverse_util.unflatten_dict(params)}
 
 

@@ -93,3 +93,20 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     "array; pass the model's state dict (or a checkpoint nesting it under "
     f"one of {NESTING_KEYS})"
   )
+
+
+def raise_if_mismatched(
+  what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str
+) -> None:
+  """Raises one ``ValueError`` naming every missing key, unexpected key and shape mismatch of a
+  checkpoint against the model (``what`` names the checkpoint, ``hint`` the likely fix)."""
+  if not (missing or unexpected or mismatched):
+    return
+  parts = []
+  if missing:
+    parts.append(f"missing keys {missing}")
+  if unexpected:
+    parts.append(f"unexpected keys {unexpected}")
+  if mismatched:
+    parts.append(f"shape mismatches {mismatched}")
+  raise ValueError(f"{what} does not match the model: " + "; ".join(parts) + f". {hint}")

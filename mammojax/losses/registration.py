@@ -198,19 +198,18 @@ def icon_loss(
     ``spacing`` units); folds: mean count per example of negative forward-difference Jacobian
     determinants of ``phi_ba`` (ICON's ``flips``), not differentiated.
   """
-  spatial = moving.shape[1:-1]
-  field_ab, field_ba = _as_field(phi_ab, moving), _as_field(phi_ba, moving)
-  sim = _symmetric_similarity(moving, fixed, field_ab, field_ba, similarity)
   consistency = inverse_consistency(
-    phi_ab, phi_ba, key, spatial, noise=noise, spacing=spacing, batch_size=moving.shape[0]
+    phi_ab,
+    phi_ba,
+    key,
+    moving.shape[1:-1],
+    noise=noise,
+    spacing=spacing,
+    batch_size=moving.shape[0],
   )
-  return {
-    "loss": sim + lmbda * consistency,
-    "similarity": sim,
-    "inverse_consistency": consistency,
-    "transform_magnitude": transform_magnitude(field_ab, spacing),
-    "folds": _mean_folds(field_ba),
-  }
+  return _inverse_consistent_terms(
+    moving, fixed, phi_ab, phi_ba, consistency, lmbda, similarity, spacing
+  )
 
 
 def gradicon_loss(
@@ -235,20 +234,28 @@ def gradicon_loss(
     ``{'loss', 'similarity', 'inverse_consistency', 'transform_magnitude', 'folds'}`` as
     :func:`icon_loss`, with the gradient inverse-consistency term.
   """
-  spatial = moving.shape[1:-1]
-  field_ab, field_ba = _as_field(phi_ab, moving), _as_field(phi_ba, moving)
-  sim = _symmetric_similarity(moving, fixed, field_ab, field_ba, similarity)
   consistency = gradient_inverse_consistency(
     phi_ab,
     phi_ba,
     key,
-    spatial,
+    moving.shape[1:-1],
     noise=2.0 if sparse else 1.0,
     stride=2 if sparse else 1,
     delta=delta,
     spacing=spacing,
     batch_size=moving.shape[0],
   )
+  return _inverse_consistent_terms(
+    moving, fixed, phi_ab, phi_ba, consistency, lmbda, similarity, spacing
+  )
+
+
+def _inverse_consistent_terms(
+  moving, fixed, phi_ab, phi_ba, consistency, lmbda, similarity, spacing
+):
+  """The loss dict of ICON and GradICON around their (gradient) inverse-consistency term."""
+  field_ab, field_ba = _as_field(phi_ab, moving), _as_field(phi_ba, moving)
+  sim = _symmetric_similarity(moving, fixed, field_ab, field_ba, similarity)
   return {
     "loss": sim + lmbda * consistency,
     "similarity": sim,

@@ -91,33 +91,30 @@ class InstanceEncoder(nn.Module):
     raise ValueError(f"InstanceEncoder kind must be one of {ENCODER_TYPES}, got {self.kind!r}.")
 
 
-class MeanPooling(nn.Module):
-  """Mean over the valid instances."""
+class ReductionPooling(nn.Module):
+  """Parameter-free pooling over the valid instances: their feature-wise ``'mean'`` or ``'max'``
+  (zeros for a bag with none)."""
+
+  reduction: str = "mean"
 
   @nn.compact
   def __call__(
     self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
   ) -> tuple[jax.Array, None]:
+    """``x [B, N, D]``, ``mask [B, N]`` -> ``([B, D], None)`` (no attention weights)."""
     check_bag(x, mask)
-    if mask is None:
-      return jnp.mean(x, axis=1), None
-    weights = mask.astype(x.dtype)[..., None]
-    return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0), None
-
-
-class MaxPooling(nn.Module):
-  """Feature-wise maximum over the valid instances (zeros for a bag with none)."""
-
-  @nn.compact
-  def __call__(
-    self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
-  ) -> tuple[jax.Array, None]:
-    check_bag(x, mask)
-    if mask is None:
-      return jnp.max(x, axis=1), None
-    valid = mask[..., None]
-    pooled = jnp.max(jnp.where(valid, x, jnp.finfo(x.dtype).min), axis=1)
-    return jnp.where(jnp.any(valid, axis=1), pooled, 0.0), None
+    if self.reduction == "mean":
+      if mask is None:
+        return jnp.mean(x, axis=1), None
+      weights = mask.astype(x.dtype)[..., None]
+      return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0), None
+    if self.reduction == "max":
+      if mask is None:
+        return jnp.max(x, axis=1), None
+      valid = mask[..., None]
+      pooled = jnp.max(jnp.where(valid, x, jnp.finfo(x.dtype).min), axis=1)
+      return jnp.where(jnp.any(valid, axis=1), pooled, 0.0), None
+    raise ValueError(f"reduction must be 'mean' or 'max', got {self.reduction!r}")
 
 
 class AttentionPooling(nn.Module):
@@ -188,10 +185,8 @@ def make_pooling(
 
   ``activation`` is the ReLU inside PMA's block; the other kinds have none.
   """
-  if kind == "mean":
-    return MeanPooling(name=name)
-  if kind == "max":
-    return MaxPooling(name=name)
+  if kind in ("mean", "max"):
+    return ReductionPooling(kind, name=name)
   if kind in ("attention", "gated-attention"):
     return AttentionPooling(
       attention_hidden, gated=kind == "gated-attention", dropout=dropout, name=name

@@ -51,8 +51,6 @@ __all__ = [
   "unit_spacing",
   "unit_to_pixels",
   "warp",
-  "warp_gather",
-  "warp_map_coordinates",
 ]
 
 # ----------------------------------------------------------------------------- identity maps
@@ -65,42 +63,6 @@ def identity_map(spatial_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- warping
-
-
-def warp_map_coordinates(
-  source: jax.Array, displacement: jax.Array, *, order: int = 1, padding: Padding = "zeros"
-) -> jax.Array:
-  """Reference path: per-channel ``jax.scipy.ndimage.map_coordinates``.
-
-  Args:
-    source: ``[B, *S, C]`` (2D or 3D).
-    displacement: ``[B, *S, n]`` pixels, 'ij'.
-  Returns:
-    ``[B, *S, C]``: ``source(x + displacement(x))``.
-  """
-  return sample(
-    source,
-    _warp_coordinates(source, displacement),
-    order=order,
-    padding=padding,
-    impl="map_coordinates",
-  )
-
-
-def warp_gather(
-  source: jax.Array, displacement: jax.Array, *, order: int = 1, padding: Padding = "zeros"
-) -> jax.Array:
-  """Fast path: one row gather of ``C``-vectors per interpolation corner; same result.
-
-  Args:
-    source: ``[B, *S, C]`` (2D or 3D).
-    displacement: ``[B, *S, n]`` pixels, 'ij'.
-  Returns:
-    ``[B, *S, C]``: ``source(x + displacement(x))``.
-  """
-  return sample(
-    source, _warp_coordinates(source, displacement), order=order, padding=padding, impl="gather"
-  )
 
 
 def _warp_coordinates(source: jax.Array, displacement: jax.Array) -> jax.Array:
@@ -120,15 +82,17 @@ def warp(
 ) -> jax.Array:
   """Warps ``source [B, *S, C]`` by ``displacement [B, *S, n]`` (pixels, 'ij').
 
-  ``warped(x) = source(x + displacement(x))``. ``impl='gather'`` is the default because its
-  forward+backward is several times faster than ``map_coordinates`` at the ImgFeatAlign
-  feature-map sizes (``python -m benchmarks.warp``; figures in ``benchmarks/RESULTS.md``).
+  ``warped(x) = source(x + displacement(x))``, ``[B, *S, C]``. ``impl='gather'`` (one row gather
+  of ``C``-vectors per interpolation corner) is the default because its forward+backward is
+  several times faster than the reference path ``'map_coordinates'`` (per-channel
+  ``jax.scipy.ndimage.map_coordinates``, same result) at the ImgFeatAlign feature-map sizes
+  (``python -m benchmarks.warp``; figures in ``benchmarks/RESULTS.md``).
   """
-  if impl == "gather":
-    return warp_gather(source, displacement, order=order, padding=padding)
-  if impl == "map_coordinates":
-    return warp_map_coordinates(source, displacement, order=order, padding=padding)
-  raise ValueError(f"warp impl must be 'gather' or 'map_coordinates', got {impl!r}")
+  if impl not in ("gather", "map_coordinates"):
+    raise ValueError(f"warp impl must be 'gather' or 'map_coordinates', got {impl!r}")
+  return sample(
+    source, _warp_coordinates(source, displacement), order=order, padding=padding, impl=impl
+  )
 
 
 # ----------------------------------------------------------------------------- displacement algebra

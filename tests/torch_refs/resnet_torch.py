@@ -7,16 +7,8 @@ Attribute names follow Mirai's ``onconet`` ResNet (``downsampler``, ``layer1_0``
 import torch
 from torch import nn
 
-BLOCKS = (
-  "layer1_0",
-  "layer1_1",
-  "layer2_0",
-  "layer2_1",
-  "layer3_0",
-  "layer3_1",
-  "layer4_0",
-  "layer4_1",
-)
+# Mirai's block names: two BasicBlocks in each of four stages.
+BLOCKS = tuple(f"layer{stage}_{block}" for stage in range(1, 5) for block in range(2))
 
 
 class Downsampler(nn.Module):
