@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mammojax.viz.figures import save_png
+
 
 def save_overlay(
   path: str,
@@ -47,4 +49,4 @@ def save_overlay(
   if title:
     ax.set_title(title, fontsize=8)
   figure.tight_layout()
-  figure.savefig(path)
+  save_png(figure, path)

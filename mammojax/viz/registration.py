@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mammojax.viz.figures import save_png
+
 
 def plot_deformed_grid(
   ax,
@@ -94,7 +96,7 @@ def save_registration_figure(
       ax.set_xticks([])
       ax.set_yticks([])
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png(fig, path, dpi=100)
   plt.close(fig)
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from mammojax.atomic_files import atomic_write
 from mammojax.metrics import calibration, risk
+from mammojax.viz.figures import save_png
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -25,15 +25,6 @@ def _new_figure(width: float, height: float) -> Any:
   figure = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(figure)
   return figure
-
-
-def _save_atomically(path: Path, write: Callable[[IO[Any]], Any], mode: str) -> Path:
-  """Calls ``write(file)`` on a temporary file in the destination folder (created if missing),
-  then renames it onto ``path``."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with atomic_write(path, mode) as f:
-    write(f)
-  return path
 
 
 def plot_roc_per_year(
@@ -76,7 +67,7 @@ def plot_roc_per_year(
     title="ROC per year",
   )
   axes.legend(loc="lower right", fontsize=8)
-  return _save_atomically(Path(path), lambda f: figure.savefig(f, format="png"), "wb")
+  return Path(save_png(figure, path))
 
 
 def plot_calibration(path: str | os.PathLike, calibration_arrays: dict[str, np.ndarray]) -> Path:
@@ -112,7 +103,7 @@ def plot_calibration(path: str | os.PathLike, calibration_arrays: dict[str, np.n
     title="Calibration by risk bin",
   )
   axes.legend(loc="upper left", fontsize=8)
-  return _save_atomically(Path(path), lambda f: figure.savefig(f, format="png"), "wb")
+  return Path(save_png(figure, path))
 
 
 def write_risk_report(
@@ -136,7 +127,10 @@ def write_risk_report(
   """
   out_dir = Path(out_dir)
   text = json.dumps(report, indent=2, allow_nan=False)
-  paths = {"report": _save_atomically(out_dir / "report.json", lambda f: f.write(text + "\n"), "w")}
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with atomic_write(out_dir / "report.json") as f:
+    f.write(text + "\n")
+  paths = {"report": out_dir / "report.json"}
   paths["roc"] = plot_roc_per_year(
     out_dir / "roc_per_year.png", probs, years_to_cancer, years_to_followup
   )
