@@ -107,9 +107,9 @@ def evaluate_checkpoint(
   predictions = predictions_of(examples)
   report = task.write_report(predictions, out_dir) if jax.process_index() == 0 else {}
   logging.getLogger("mammojax").info(
-    "evaluated %s step %d on %s (%d examples): %s", which, step, split, len(examples), out_dir
+    "evaluated %s step %d on %s (%d examples): %s", run.source, step, split, len(examples), out_dir
   )
-  return {"step": step, "split": split, "report": report}
+  return {"step": step, "split": split, "report": report, "checkpoint": run.source}
 
 
 def main(argv: list[str]) -> None:
@@ -117,7 +117,16 @@ def main(argv: list[str]) -> None:
   config = f.config or load_run_config(f.workdir)
   out_dir = f.out or os.path.join(f.workdir, f"eval_{f.split}")
   result = evaluate_checkpoint(config, f.workdir, f.checkpoint, f.split, out_dir, f.threshold)
-  print(json.dumps({"step": result["step"], "split": result["split"], "out": out_dir}))
+  print(
+    json.dumps(
+      {
+        "step": result["step"],
+        "split": result["split"],
+        "checkpoint": result["checkpoint"],
+        "out": out_dir,
+      }
+    )
+  )
 
 
 def define_flags() -> None:

@@ -1,9 +1,11 @@
 """Building what every run needs from a task and its config: the device mesh, the sharded train
 state and the jitted train / predict steps.
 
-The trainer, ``mammojax.runs`` (restoring a workdir or a converted checkpoint for evaluate,
-register, extract_features and the benchmarks) all build through :func:`build`, so a state is
-laid out, initialised and compiled the same way wherever it is used.
+The trainer, ``benchmarks/train_step.py`` and ``mammojax.runs`` (which restores a workdir or a
+converted checkpoint for ``evaluate``, ``ablate`` and whatever runs a trained model) all build
+through :func:`build`, so a state is laid out, initialised and compiled the same way wherever it
+is used. Commands that need only a run's variables, not its state (``register --model``,
+``extract_features``), read them with ``init_state.load_pretrained``.
 """
 
 from __future__ import annotations
