@@ -3,7 +3,7 @@ r"""ImgFeatAlign: longitudinal breast-cancer risk from a current and a prior mam
 The prior's encoder features are aligned to the current ones with the deformation field of a
 frozen MammoRegNet, compared, and fused by temporal attention into cumulative 1..5-year risk.
 
-Default (trains on the embedded synthetic longitudinal data, ~15 minutes on a 2-core CPU; first trains
+Default (trains on the embedded synthetic longitudinal data, ~17 minutes on a 2-core CPU; first trains
 the MammoRegNet it uses, configs/mammoregnet.py, into WORKDIR/registration, unless
 --config.model.registration_checkpoint names one):
 
