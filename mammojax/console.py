@@ -57,6 +57,12 @@ def command_flags(
   return values, positional
 
 
+def refuse_positional(arguments: Sequence[str]) -> None:
+  """Ends a command whose every input is a flag when it was given positional ``arguments``."""
+  if arguments:
+    fail(f"unexpected arguments {list(arguments)}; every input is a flag (see --help)")
+
+
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -73,8 +79,8 @@ def run_program(
     define_flags()
 
   def checked_main(argv: list[str]) -> Any:
-    if not positional_args and len(argv) > 1:
-      fail(f"unexpected arguments {argv[1:]}; every input is a flag (see --help)")
+    if not positional_args:
+      refuse_positional(argv[1:])
     setup_console_logging()
     return main(argv)
 

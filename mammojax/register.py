@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags
 
 from mammojax.atomic_files import atomic_write, write_npy_atomic
-from mammojax.console import command_flags, fail, run_program
+from mammojax.console import command_flags, fail, refuse_positional, run_program
 
 SIMILARITIES = ("lncc", "ncc", "ssd", "mind", "mi")
 REGULARIZERS = ("diffusion", "bending")
@@ -417,8 +417,7 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
 def run(argv: Sequence[str]) -> dict[str, Any]:
   """The command in-process: ``run(["--fixed=a.png", "--moving=b.png", "--out=/tmp/r"])``."""
   values, positional = command_flags(define_flags, argv, PROGRAM)
-  if positional:
-    fail(f"unexpected arguments {positional}; every input is a flag (see --help)")
+  refuse_positional(positional)
   return run_from_flags(values)
 
 
