@@ -35,6 +35,13 @@ kinds:
                   m = torch.load(path, map_location='cpu', weights_only=False)
                   torch.save(m.state_dict(), 'mirai_state.pt')
                 and convert mirai_state.pt.
+  resnet        a torchvision ResNet-18/34/50 state dict, e.g. the ImageNet weights a user saved
+                with torch.save(torchvision.models.resnet18(weights=...).state_dict(), 'r18.pt');
+                nothing is downloaded. Keys may sit behind a prefix ('backbone.', ...); depth,
+                base_width and num_classes (0 without 'fc') are read from the weights. Build
+                the model as ResNet(**model_fields from source.json).
+  vit           torchvision vit_b_16 or timm vit_base_patch16_224 state dict (layouts detected).
+                Flag: --vit_num_heads (not stored in the weights; default: hidden size / 64).
 """
 
 from __future__ import annotations
@@ -102,6 +109,21 @@ def _convert_mirai(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   }
 
 
+def _convert_resnet(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  del f
+  from mammojax.convert.resnet import import_resnet
+
+  variables, fields, consumed = import_resnet(state_dict)
+  return variables, {"model_fields": fields, "skipped_keys": sorted(set(state_dict) - consumed)}
+
+
+def _convert_vit(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  from mammojax.convert.vit import import_vit
+
+  variables, fields, layout = import_vit(state_dict, num_heads=f.vit_num_heads or None)
+  return variables, {"model_fields": fields, "layout": layout}
+
+
 def _convert_mammoclip(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   del f
   from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
@@ -140,6 +162,8 @@ CONVERTERS: dict[str, Callable[[dict, flags.FlagValues], tuple[dict, dict]]] = {
   "mammoclip": _convert_mammoclip,
   "mammoregnet": _convert_mammoregnet,
   "mirai": _convert_mirai,
+  "resnet": _convert_resnet,
+  "vit": _convert_vit,
 }
 
 
@@ -188,6 +212,13 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   )
   flags.DEFINE_string(
     "backbone", "", "fpn_mil: Mammo-CLIP .tar for a checkpoint trained on features.", **define
+  )
+  flags.DEFINE_integer(
+    "vit_num_heads",
+    0,
+    "vit: attention heads (not stored in the weights; ViT-B/16: 12). 0 = hidden size // 64, "
+    "the ViT-B convention.",
+    **define,
   )
   flags.mark_flag_as_required("out", flag_values=values)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mammojax.convert.layouts import torch_dense_kernel
+from mammojax.convert.layouts import torch_attention_params, torch_dense_kernel
 from mammojax.convert.mirai import find_backbone, import_backbone
 from mammojax.nn.time_encoding import sinusoid_table
 
@@ -49,29 +49,14 @@ def infer_hparams(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _attention(take, prefix: str, num_heads: int) -> dict[str, Any]:
-  in_weight = take(f"{prefix}in_proj_weight")
-  in_bias = take(f"{prefix}in_proj_bias")
-  dim = in_weight.shape[1]
-  if in_weight.shape != (3 * dim, dim) or dim % num_heads:
-    raise ValueError(
-      f"{prefix}in_proj_weight has shape {in_weight.shape}; expected [3D, D] with "
-      f"D divisible by num_heads={num_heads}"
-    )
-  head_dim = dim // num_heads
-  params = {}
-  for index, name in enumerate(("query", "key", "value")):
-    rows = slice(index * dim, (index + 1) * dim)
-    params[name] = {
-      "kernel": torch_dense_kernel(in_weight[rows]).reshape(dim, num_heads, head_dim),
-      "bias": in_bias[rows].reshape(num_heads, head_dim),
-    }
-  params["out"] = {
-    "kernel": torch_dense_kernel(take(f"{prefix}out_proj.weight")).reshape(
-      num_heads, head_dim, dim
-    ),
-    "bias": take(f"{prefix}out_proj.bias"),
-  }
-  return params
+  return torch_attention_params(
+    take(f"{prefix}in_proj_weight"),
+    take(f"{prefix}in_proj_bias"),
+    take(f"{prefix}out_proj.weight"),
+    take(f"{prefix}out_proj.bias"),
+    num_heads,
+    name=f"{prefix}in_proj_weight",
+  )
 
 
 def import_risk_model(
