@@ -99,6 +99,13 @@ _LABELS = flags.DEFINE_list(
 _MAX_LENGTH = flags.DEFINE_integer(
   "max_length", 0, "Sequence task: keep at most this many most recent images per patient (0 = all)."
 )
+_LABEL_SCOPE = flags.DEFINE_enum(
+  "label_scope",
+  "image",
+  ["image", "patient"],
+  "Sequence task: 'patient' refuses a label that changes within a patient (Temporal-GradCam's "
+  "classes are the patient's); 'image' keeps each row's own label.",
+)
 _CONTRASTS = flags.DEFINE_list(
   "contrasts",
   [],
@@ -371,7 +378,13 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
     width=width if given["size"] else default.width,
   )
   options = sequence_csv.SequenceOptions(
-    max_length=_MAX_LENGTH.value, fractions=fractions, seed=_SEED.value, preprocess=preprocess
+    max_length=_MAX_LENGTH.value,
+    fractions=fractions,
+    seed=_SEED.value,
+    preprocess=preprocess,
+    label_scope=_LABEL_SCOPE.value,
+    # Without --size every image must have the default size: no silent resizing.
+    expected_size=None if given["size"] else (default.height, default.width),
   )
   return sequence_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
 

@@ -1,13 +1,19 @@
 """Sequence CSV for the temporal task: each image with the patient's earlier images.
 
-Scaffolding for a coming system: the sequence records feed the Temporal-GradCam model, which is
-not implemented yet; ``python -m mammojax.ingest --task=sequence`` already writes them.
+The records feed the Temporal-GradCam tasks (:mod:`mammojax.tasks.temporal`) through
+:mod:`mammojax.data.pipelines.sequence`.
 
 Columns: ``patient_id``, ``date`` (YYYY-MM-DD), ``image_path`` (relative to the images root),
 ``label`` (integer class); optional ``split``. One record per row, as in the Temporal-GradCam
 setup: the row's image is the last element of a sequence holding the patient's earlier images
 (oldest first), at most ``max_length`` of them counting the current one (older images are
 dropped). Padding to a fixed length is the pipeline's job.
+
+Refused with the CSV line: a date that does not parse, two images of one patient on one date
+(their order would be arbitrary), a non-integer label, and with ``label_scope='patient'`` (the
+reference's setting: the class is the patient's) a label that changes within a patient. With
+``expected_size`` set, an image of another size is an error row naming the file (the rest is
+ingested); without it every image is resized.
 
 Record fields: images uint16 [T, H, W]; time_offsets float32 [T] (years before the last image,
 so the last is 0); image_labels int32 [T]; label int32 (the last image's label); length int32;
@@ -25,16 +31,22 @@ import numpy as np
 
 from mammojax.data.ingest import tabular
 from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig, load_mammogram
+from mammojax.data.ingest.readers import ImageReadError
 
 REQUIRED_COLUMNS = ("patient_id", "date", "image_path", "label")
+LABEL_SCOPES = ("image", "patient")
 
 
 @dataclasses.dataclass(frozen=True)
 class SequenceOptions:
   """Attributes: max_length (0 = unlimited), split fractions / seed, preprocessing (generic
-  images: no breast crop or orientation by default)."""
+  images: no breast crop or orientation by default), label_scope (``'image'``: each row's own
+  label; ``'patient'``: one label per patient, checked), expected_size (``(H, W)`` every source
+  image must have; None = any size, resized)."""
 
   max_length: int = 0
+  label_scope: str = "image"
+  expected_size: tuple[int, int] | None = None
   fractions: tuple[tuple[str, float], ...] = (("train", 0.8), ("test", 0.2))
   seed: int = 0
   preprocess: MammoPreprocessConfig = MammoPreprocessConfig(
@@ -49,14 +61,26 @@ class SequenceItem:
   paths: tuple[str, ...]
   fields: dict[str, Any]
   preprocess: MammoPreprocessConfig
+  expected_size: tuple[int, int] | None = None
 
   @property
   def files(self) -> tuple[str, ...]:
     return self.paths
 
   def build(self) -> dict[str, Any]:
-    images = np.stack([load_mammogram(p, None, self.preprocess)[0] for p in self.paths])
-    return {"images": images, **self.fields}
+    images = []
+    for path in self.paths:
+      image, geometry = load_mammogram(path, None, self.preprocess)
+      y0, x0, y1, x1 = geometry.crop
+      if self.expected_size and (y1 - y0, x1 - x0) != tuple(self.expected_size):
+        h, w = self.expected_size
+        raise ImageReadError(
+          path,
+          f"image is {y1 - y0}x{x1 - x0}, the others are {h}x{w}; pass --size=HxW to resize "
+          "every image",
+        )
+      images.append(image)
+    return {"images": np.stack(images), **self.fields}
 
 
 def plan(
@@ -65,6 +89,8 @@ def plan(
   """Orders each patient's images by date and emits one sequence per image."""
   if options.max_length < 0:
     raise ValueError(f"max_length must be >= 0, got {options.max_length}")
+  if options.label_scope not in LABEL_SCOPES:
+    raise ValueError(f"label_scope must be one of {LABEL_SCOPES}, got {options.label_scope!r}")
   table = tabular.read_table(csv_path, REQUIRED_COLUMNS)
   errors: list[tabular.ErrorRow] = []
   by_patient = defaultdict(list)
@@ -83,6 +109,7 @@ def plan(
   for patient, rows in by_patient.items():
     key = tabular.pseudonym(patient, salt)
     rows.sort()
+    _check_patient_rows(rows, options.label_scope)
     items = []
     for i, (date, line, _path, label, _) in enumerate(rows):
       start = 0 if options.max_length == 0 else max(0, i + 1 - options.max_length)
@@ -101,6 +128,7 @@ def plan(
           paths=tuple(r[2] for r in window),
           fields=fields,
           preprocess=options.preprocess,
+          expected_size=options.expected_size,
         )
       )
     items_by_patient[key] = items
@@ -117,3 +145,23 @@ def plan(
     "fractions": dict(options.fractions),
   }
   return tabular.IngestPlan(splits=splits, errors=errors, config=config, stat_fields=("images",))
+
+
+def _check_patient_rows(rows: list[tuple], label_scope: str) -> None:
+  """One patient's rows ``(date, line, path, label, split)``, sorted by date: no two on one date,
+  and one label when ``label_scope == 'patient'``."""
+  for earlier, later in zip(rows, rows[1:]):
+    if earlier[0] == later[0]:
+      raise ValueError(
+        f"lines {earlier[1]} and {later[1]}: one patient has two images dated {later[0]}; "
+        "their order is ambiguous (fix the date column or drop one row)"
+      )
+  labels = {r[3] for r in rows}
+  if label_scope == "patient" and len(labels) > 1:
+    first = min(rows, key=lambda r: r[1])
+    other = next(r for r in rows if r[3] != first[3])
+    raise ValueError(
+      f"line {other[1]}: label {other[3]} differs from the same patient's label {first[3]} on "
+      f"line {first[1]}; with --label_scope=patient a patient has one class (use "
+      "--label_scope=image if labels may change over time)"
+    )
