@@ -18,10 +18,19 @@ LAYERS = (
   ("train",),
   ("tasks",),
   ("convert", "runs"),
-  ("main", "evaluate", "register", "ingest", "extract_features", "ablate", "convert.__main__"),
+  (
+    "main",
+    "evaluate",
+    "register",
+    "ingest",
+    "extract_features",
+    "ablate",
+    "sweep",
+    "convert.__main__",
+  ),
 )
 # Commands that build on another command's public function.
-ALLOWED_BETWEEN_COMMANDS = {("ablate", "evaluate")}
+ALLOWED_BETWEEN_COMMANDS = {("ablate", "evaluate"), ("sweep", "evaluate")}
 MAX_LINES = 500
 LONG_MODULE_MARK = "Why one module:"
 

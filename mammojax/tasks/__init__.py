@@ -13,8 +13,11 @@ TASKS = {
   "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
   "gradicon_unet": "mammojax.tasks.gradicon_unet:GradICONUNetTask",
   "icon_digits": "mammojax.tasks.icon_digits:IconDigitsTask",
+  "image_classifier": "mammojax.tasks.temporal:ImageClassifierTask",
   "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
   "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
+  "temporal": "mammojax.tasks.temporal:TemporalFeatureTask",
+  "temporal_end_to_end": "mammojax.tasks.temporal:EndToEndTemporalTask",
 }
 
 

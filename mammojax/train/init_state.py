@@ -48,9 +48,8 @@ def create_train_state(
     init_rng
   )
   for prefix, directory in pretrained_sources(task, config).items():
-    variables = merge_variables(
-      variables, load_pretrained(directory), prefix, directory, var_shardings
-    )
+    loaded = task.select_pretrained(prefix, load_pretrained(directory), directory)
+    variables = merge_variables(variables, loaded, prefix, directory, var_shardings)
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
   optim.check_freeze_patterns(params, tuple(config.train.freeze))

@@ -78,6 +78,13 @@ class Task(abc.ABC):
     frozen registration network under ``'registration'``)."""
     return {}
 
+  def select_pretrained(self, prefix: str, loaded: Variables, source: str) -> Variables:
+    """The part of the variables ``loaded`` from ``source`` that goes under ``prefix`` (a key
+    of :meth:`pretrained_checkpoints`); by default all of them. E.g. a classifier's backbone
+    subtree, or a converted backbone without its ImageNet head."""
+    del prefix, source
+    return loaded
+
   def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
     """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics."""
     report = self.evaluate(predictions)
