@@ -62,8 +62,8 @@ from mammojax.train.base_config import base_config
 BACKBONES = ("resnet", "vit")
 MODELS = ("image", "dnn", "gru", "transformer")
 OPTIONS = ("end_to_end", "pretrain", "smoke", "paper")
-# Synthetic cohort: ~160 patients, ~420 images, ~250 training examples; batch 8 -> ~32 steps.
-EPOCH_STEPS = 32
+# Synthetic cohort: 320 patients, ~850 images, ~510 training examples; batch 8 -> ~64 steps.
+EPOCH_STEPS = 64
 
 
 def backbone_fields(kind: str, size: str) -> ml_collections.ConfigDict:
@@ -139,7 +139,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # data.dir: a sequence dataset (python -m mammojax.ingest --task=sequence); empty = synthetic.
   c.data.dir = ""
   c.data.synthetic = ml_collections.ConfigDict(
-    {"root": "", "image_size": (64, 64), "num_patients": 160, "seed": 0}
+    {"root": "", "image_size": (64, 64), "num_patients": 320, "seed": 0}
   )
   c.data.source = "cohort"  # image_classifier: 'cohort' | 'pretrain' (the pretraining cohort)
   c.data.seq_len = 1 if model == "image" else 3
@@ -180,13 +180,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.logging.every_steps = EPOCH_STEPS
 
   if "pretrain" in options:
-    # The backbone on the pretraining cohort: 3 ventricle-size classes, trained from scratch.
+    # The backbone on the pretraining cohort: 8 ventricle-size bins, trained from scratch.
     del c.pretrain[f"backbone_{backbone}"]
     c.name = f"temporal_pretrain_{backbone}"
     c.task = "image_classifier"
     c.data.source = "pretrain"
     c.data.seq_len = 1
-    c.model.num_classes = 3
+    c.model.num_classes = 8  # SyntheticBrainSpec.pretrain_classes
     c.model.backbone_trainable = "all"
     c.model.temporal = temporal_fields("image")
     c.train.update(steps=400, batch_size=32)

@@ -1,8 +1,23 @@
-"""Offline feature extraction for FPN-MIL: the frozen encoder + FPN over a dataset, to ArrayRecord.
+"""Offline feature extraction: a frozen encoder over a dataset, once, to ArrayRecord.
+
+FPN-MIL (the frozen encoder + FPN over every patch):
 
   python -m mammojax.extract_features --config=configs/fpn_mil.py --workdir=RUN --out=DIR
   python -m mammojax.main --config=configs/fpn_mil.py:offline --workdir=RUN2 \\
       --config.data.features_dir=DIR
+
+Temporal-GradCam (the frozen backbone over every image of a sequence dataset; see
+:mod:`mammojax.tasks.temporal_features`). The backbone comes from --workdir (a trained
+``image_classifier`` or end-to-end run) or from ``model.backbone_checkpoint`` (e.g. converted
+ImageNet weights):
+
+  python -m mammojax.extract_features --config=configs/temporal.py:paper,vit,dnn \\
+      --config.data.dir=/data/oasis_seq --config.model.backbone_checkpoint=/w/vit --out=FEATS
+  python -m mammojax.main --config=configs/temporal.py:paper,vit,dnn --workdir=RUN \\
+      --config.data.dir=/data/oasis_seq --config.data.features_dir=FEATS
+
+(``python -m mammojax.main`` with a temporal config also extracts them itself, into a cache
+keyed by the data and the backbone's weights, when ``data.features_dir`` is empty.)
 
 The encoder and FPN weights come from the training run in --workdir (its best checkpoint if it
 tracked one, else its latest). Without --workdir the encoder is ``model.backbone_checkpoint``
@@ -245,15 +260,39 @@ def extract_features(
   return out_dir
 
 
+TEMPORAL_TASKS = ("temporal", "temporal_end_to_end", "image_classifier")
+
+
+def extract_sequence_features(
+  config: ml_collections.ConfigDict, out_dir: str, workdir: str = "", batch_size: int = 32
+) -> str:
+  """Per-image backbone features of a temporal config's sequence dataset into ``out_dir``."""
+  from mammojax.tasks.temporal import ImageClassifierTask
+  from mammojax.tasks.temporal_features import backbone_subtree, ensure_features
+
+  source = workdir or config.model.backbone_checkpoint
+  if not source:
+    raise ValueError(
+      "no backbone: pass --workdir=RUN (a trained image_classifier run) or "
+      "--config.model.backbone_checkpoint=DIR (python -m mammojax.convert resnet|vit ...)"
+    )
+  variables = backbone_subtree(load_pretrained(source), source)
+  image_dir = ImageClassifierTask(config).image_dir
+  return ensure_features(image_dir, config.model.backbone, variables, out_dir, batch_size)
+
+
 def define_flags() -> None:
   """CLI flags, defined only when run as a program (``mammojax.main`` owns --config in-process)."""
   config_flags.DEFINE_config_file(
     "config",
     None,
-    "The online FPN-MIL config (configs/fpn_mil.py[:variant]); --config.x=y overrides.",
+    "The online FPN-MIL config (configs/fpn_mil.py[:variant]) or a temporal config "
+    "(configs/temporal.py[:variant]); --config.x=y overrides.",
     lock_config=True,
   )
-  flags.DEFINE_string("workdir", "", "Training run whose encoder + FPN weights to use.")
+  flags.DEFINE_string(
+    "workdir", "", "Training run whose encoder (+ FPN) weights to use (FPN-MIL or temporal)."
+  )
   flags.DEFINE_string("out", None, "Output feature dataset directory.")
   flags.DEFINE_list("splits", [], "Splits to extract (default: all).")
   flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
@@ -263,9 +302,12 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
-  out = extract_features(
-    f.config, f.out, f.workdir, splits=f.splits or None, batch_size=f.batch_size, dtype=f.dtype
-  )
+  if f.config.task in TEMPORAL_TASKS:
+    out = extract_sequence_features(f.config, f.out, f.workdir, batch_size=f.batch_size)
+  else:
+    out = extract_features(
+      f.config, f.out, f.workdir, splits=f.splits or None, batch_size=f.batch_size, dtype=f.dtype
+    )
   print(json.dumps({"out": out, "splits": records.read_manifest(out)["splits"]}))
 
 

@@ -1,9 +1,12 @@
 """The train-step and pipeline benchmarks run end to end and print the shared JSON shape."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE_KEYS = {"name", "impl", "median_ms", "min_ms", "max_ms"}
@@ -98,3 +101,37 @@ def test_warp_benchmark_compares_gather_map_coordinates_and_torch(tmp_path):
   assert {"jax-gather", "jax-map_coordinates", "torch"} <= impls, impls
   for row in body["results"]:
     assert row["effective_gb_s"] > 0 and row["bytes"] > 0, row
+
+
+def test_temporal_benchmark_compares_extraction_and_temporal_steps(tmp_path):
+  if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+    pytest.skip("torch and torchvision are not installed (pip install mammojax[torch])")
+  body = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.temporal",
+      "--small",
+      "--repeats=2",
+      "--torch_threads=1",
+    ],
+    tmp_path,
+  )
+  assert body["benchmark"] == "temporal" and body["small"]
+  names = [
+    "extract/resnet18/64",
+    "extract/vit_small/32",
+    *(f"temporal_step/{kind}" for kind in ("dnn", "gru", "transformer")),
+  ]
+  assert {(r["name"], r["impl"]) for r in body["results"]} == {
+    (n, i) for n in names for i in ("jax", "torch")
+  }
+  assert set(body["ratios"]) == set(names)
+  for row in body["results"]:
+    if row["impl"] == "jax":
+      assert row["compile_s"] > 0, row
+    if row["name"].startswith("extract/"):
+      assert row["max_abs_diff"] <= 1e-3 < row["max_abs_feature"], row
+      assert abs(row["images_per_s"] - 4e3 / row["median_ms"]) < 1e-6 * row["images_per_s"]
+    else:
+      assert row["batch"] == 8 and row["length"] == 3 and row["feature_dim"] == 512, row

@@ -2,6 +2,7 @@
 format, a label carried by change over visits rather than by one image, and history lengths
 that do not leak the label."""
 
+import dataclasses
 import json
 import os
 
@@ -137,15 +138,16 @@ def test_history_length_does_not_depend_on_the_label():
   assert gaps.min() >= 0.5 and gaps.max() <= 3.0
 
 
-def test_pretraining_cohort_is_other_people_labelled_by_ventricle_tertile(tmp_path):
-  directory = bs.write_pretrain_dataset(str(tmp_path), SMALL)
+def test_pretraining_cohort_is_other_people_labelled_by_ventricle_size_bin(tmp_path):
+  spec = dataclasses.replace(SMALL, pretrain_classes=3)
+  directory = bs.write_pretrain_dataset(str(tmp_path), spec)
   assert os.path.basename(directory).startswith("synthetic_brain_pretrain_")
   manifest = records.read_manifest(directory)
   assert sorted(manifest["splits"]) == ["train", "val"]
   assert manifest["config"]["task"] == "sequence"
   rows = _read(directory, "train") + _read(directory, "val")
   assert len(_read(directory, "val")) == 12 and len(rows) == 60
-  cohort = {bs.patient_hash(SMALL, i) for i in range(SMALL.num_patients)}
+  cohort = {bs.patient_hash(spec, i) for i in range(spec.num_patients)}
   assert not cohort & {r["patient_hash"] for r in rows}
   for r in rows:
     assert r["images"].shape == (1, 32, 32) and int(r["length"]) == 1

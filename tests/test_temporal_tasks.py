@@ -13,9 +13,12 @@ from flax import linen as nn
 from shipped_configs import shipped_config
 
 from mammojax import sweep, tasks
+from mammojax.extract_features import extract_sequence_features
+from mammojax.models.sequence_classifier import ImageClassifier
+from mammojax.runs.restore import restore_run
 from mammojax.runs.stages import run_pretraining
 from mammojax.tasks.temporal import classification_summary, frozen_backbone_patterns
-from mammojax.tasks.temporal_features import backbone_subtree
+from mammojax.tasks.temporal_features import backbone_subtree, ensure_features
 from mammojax.train import trainer
 from mammojax.train.init_state import load_pretrained
 
@@ -182,4 +185,41 @@ def test_bad_settings_are_named(tmp_path):
     tasks.build_task(config)
   config = _smoke("resnet,dnn", tmp_path)
   with pytest.raises(ValueError, match="model.backbone_checkpoint is empty"):
+    tasks.build_task(config).dataset("train")
+
+
+def test_a_checkpoint_refuses_features_of_another_width(backbone_run):
+  tmp, checkpoint = backbone_run
+  config = _smoke("resnet,dnn", tmp)
+  config.model.backbone_checkpoint = checkpoint
+  run_dir = str(tmp / "dnn_width")
+  trainer.train_and_evaluate(config, run_dir, tasks.build_task(config), show_progress=False)
+
+  # Features of a narrower backbone (zero weights suffice: only the width matters here).
+  narrow = config.model.backbone.to_dict() | {"base_width": 4}
+  image = jnp.zeros((1, 16, 16, 1))
+  shapes = jax.eval_shape(
+    lambda: ImageClassifier(narrow).init(jax.random.key(0), image, train=False)
+  )
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes))
+  variables = backbone_subtree(zeros, "zeros")
+  image_dir = tasks.build_task(config).image_dir
+  narrow_dir = ensure_features(image_dir, narrow, variables, str(tmp / "narrow_features"))
+
+  config.model.backbone_checkpoint = ""
+  config.data.features_dir = narrow_dir
+  with pytest.raises(ValueError, match=r"params/input/kernel is \[192, 64\] in the checkpoint"):
+    restore_run(run_dir, config)
+
+
+def test_extract_features_command_feeds_a_run_without_a_backbone(backbone_run):
+  tmp, checkpoint = backbone_run
+  config = _smoke("resnet,dnn", tmp)
+  out = extract_sequence_features(config, str(tmp / "extracted"), workdir=checkpoint)
+  config.data.features_dir = out
+  task = tasks.build_task(config)  # model.backbone_checkpoint stays empty
+  assert task.features_dir == out
+  assert task.dataset("train")[0]["features"].shape == (3, 64)
+  config.data.features_dir = task.image_dir  # images, not features
+  with pytest.raises(ValueError, match="not extracted sequence features"):
     tasks.build_task(config).dataset("train")

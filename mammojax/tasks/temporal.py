@@ -41,7 +41,7 @@ from mammojax.metrics.classification import classification_metrics
 from mammojax.models import backbones
 from mammojax.models.sequence_classifier import ImageClassifier, SequenceClassifier
 from mammojax.models.temporal import build_temporal_model
-from mammojax.tasks.temporal_features import backbone_subtree, ensure_features
+from mammojax.tasks.temporal_features import FEATURES_KIND, backbone_subtree, ensure_features
 from mammojax.train.init_state import load_pretrained
 from mammojax.train.task import Task
 
@@ -184,6 +184,9 @@ class TemporalFeatureTask(_SequenceTask):
   def features_dir(self) -> str:
     """The extracted features (computed on first use, then reused)."""
     m = self.config.model
+    given = self.config.data.features_dir
+    if given and not m.backbone_checkpoint:
+      return check_features_dir(given)  # extracted beforehand (python -m mammojax.extract_features)
     if not m.backbone_checkpoint:
       raise ValueError(
         "model.backbone_checkpoint is empty: set it to a converted backbone "
@@ -268,6 +271,17 @@ class EndToEndTemporalTask(_SequenceTask):
 
   def select_pretrained(self, prefix, loaded, source):
     return backbone_subtree(loaded, source) if prefix == "backbone" else loaded
+
+
+def check_features_dir(directory: str) -> str:
+  """``directory`` if it holds extracted sequence features, else a ValueError saying so."""
+  config = sequence_pipeline.manifest_config(directory)
+  if config.get("kind") != FEATURES_KIND:
+    raise ValueError(
+      f"data.features_dir={directory} holds {config.get('kind')!r} records, not extracted "
+      "sequence features (python -m mammojax.extract_features --config=configs/temporal.py ...)"
+    )
+  return directory
 
 
 def frozen_backbone_patterns(model: ml_collections.ConfigDict) -> tuple[str, ...]:

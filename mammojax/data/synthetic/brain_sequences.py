@@ -28,8 +28,9 @@ stratified by label.
 
 Pretraining cohort (:func:`write_pretrain_dataset`): single images of *other* synthetic people
 (their own random streams, never a cohort patient), as length-1 sequence records labelled by an
-anatomical pretext task, the tertile (0/1/2) of the ventricle-to-head size drawn from
-``pretrain_log_area`` (cut points from that distribution). It stands in for ImageNet
+anatomical pretext task, the quantile bin (``pretrain_classes`` equally likely classes, 8 by
+default) of the ventricle-to-head size drawn from ``pretrain_log_area`` (cut points from that
+distribution; fine bins teach the backbone size differences as small as a few years' growth). It stands in for ImageNet
 pretraining: a backbone trained on it learns ventricle size without seeing a cohort patient.
 
 Everything is a deterministic function of ``(seed, patient index)``.
@@ -42,7 +43,7 @@ import hashlib
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from mammojax.data.ingest.tabular import stratified_patient_split
 from mammojax.data.synthetic import anatomy as anatomy_lib
@@ -51,8 +52,6 @@ from mammojax.data.synthetic.splits import Fingerprinted, write_example_splits
 # Independent random streams: np.random.default_rng([seed, stream, index, ...]).
 _LABEL, _VISITS, _ANATOMY, _GROWTH, _ACQUISITION = 0, 1, 2, 3, 4
 _PRETRAIN_ANATOMY, _PRETRAIN_ACQUISITION = 10, 11
-# The normal quantile at 2/3: tertile cut points of a normal are mean -/+ this many stds.
-_TERTILE_Z = 0.4307272992954576
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +76,7 @@ class SyntheticBrainSpec(Fingerprinted):
     max_log_growth: the growth saturates smoothly (tanh) at this log-area increase.
     pretrain_log_area: (mean, std) of the normal log ventricle area of pretraining people (wider
       than the cohort's baseline, to cover grown ventricles too).
+    pretrain_classes: equally likely ventricle-size bins of the pretext task.
     gain: (low, high) uniform scanner intensity scale per visit.
     offset: (low, high) uniform scanner intensity offset per visit.
     noise_std: (low, high) uniform std of the Gaussian noise per visit.
@@ -99,6 +99,7 @@ class SyntheticBrainSpec(Fingerprinted):
   disease_growth: tuple[float, float] = (0.08, 0.15)
   max_log_growth: float = 1.0
   pretrain_log_area: tuple[float, float] = (0.25, 0.5)
+  pretrain_classes: int = 8
   gain: tuple[float, float] = (0.85, 1.15)
   offset: tuple[float, float] = (-0.03, 0.03)
   noise_std: tuple[float, float] = (0.01, 0.03)
@@ -188,25 +189,27 @@ def generate_patient(spec: SyntheticBrainSpec, index: int) -> list[dict]:
   return out
 
 
-def pretrain_cut_points(spec: SyntheticBrainSpec) -> tuple[float, float]:
-  """The tertile boundaries of the pretraining log ventricle area distribution."""
+def pretrain_cut_points(spec: SyntheticBrainSpec) -> tuple[float, ...]:
+  """The ``pretrain_classes - 1`` boundaries of equally likely bins of the pretraining log
+  ventricle area distribution."""
   mean, std = spec.pretrain_log_area
-  return mean - _TERTILE_Z * std, mean + _TERTILE_Z * std
+  quantiles = np.arange(1, spec.pretrain_classes) / spec.pretrain_classes
+  return tuple(float(mean + std * z) for z in stats.norm.ppf(quantiles))
 
 
 def generate_pretrain_example(spec: SyntheticBrainSpec, index: int) -> dict:
-  """Pretraining person ``index``: a length-1 sequence record labelled by ventricle tertile."""
+  """Pretraining person ``index``: a length-1 sequence record labelled by ventricle-size bin."""
   rng = np.random.default_rng([spec.seed, _PRETRAIN_ANATOMY, index])
   person = _draw_person(rng, spec.image_size)
   log_area = rng.normal(*spec.pretrain_log_area)
-  tertile = int(np.searchsorted(pretrain_cut_points(spec), log_area))
+  size_bin = int(np.searchsorted(pretrain_cut_points(spec), log_area))
   acquisition = np.random.default_rng([spec.seed, _PRETRAIN_ACQUISITION, index])
   image, mask = _render(person, log_area, acquisition, spec)
   return {
     "images": image[None],
     "time_offsets": np.zeros(1, np.float32),
-    "image_labels": np.full(1, tertile, np.int32),
-    "label": np.int32(tertile),
+    "image_labels": np.full(1, size_bin, np.int32),
+    "label": np.int32(size_bin),
     "length": np.int32(1),
     "patient_hash": patient_hash(spec, index, "pretrain"),
     "region_masks": mask[None],
@@ -261,7 +264,7 @@ def write_pretrain_dataset(root: str, spec: SyntheticBrainSpec) -> str:
     _last_image_pixels,
     task="sequence",
     fingerprint=spec.fingerprint(),
-    pretext="ventricle_tertile",
+    pretext="ventricle_size_bin",
     cut_points=list(pretrain_cut_points(spec)),
   )
 
