@@ -1,14 +1,17 @@
 r"""Ingest real images + CSV metadata into mammojax ArrayRecord shards.
 
   python -m mammojax.ingest --csv=META.csv --images=ROOT --out=DIR \
-      --task=longitudinal|mil|sequence|volume [--size=HxW] [--workers=N]
+      --task=longitudinal|mil|sequence|volume [--size=HxW] [--workers=N] [--duplicates=drop]
 
 Writes ``DIR/<split>-NNNNN-of-MMMMM.array_record`` shards and ``DIR/manifest.json`` (schema
 version, record counts and sha256 per shard, the preprocessing config, pixel normalisation
 statistics of the training split). Files that cannot be read are listed in ``DIR/errors.csv``
-(CSV line, file, reason) and skipped; the exit code is 0 when everything was ingested, 1 when
-some inputs failed (the summary says how many) and 2 for bad arguments or a bad CSV (nothing is
-written).
+(CSV line, ``file_ref``, reason) and skipped; the exit code is 0 when everything was ingested, 1
+when some inputs failed (the summary says how many; when every input failed, errors.csv is
+written but no manifest) and 2 for bad arguments or a bad CSV (nothing is written): a missing
+``--images`` folder, an image path leaving it (absolute, ``..`` or a symlink to outside),
+repeated rows (unless ``--duplicates=drop``), an unparsable cell. An empty split after the
+patient split is a warning with the counts of every split.
 
 Every shard is written under a temporary name and renamed when complete, with a small record of
 its count, checksum, errors and pixel sums in ``DIR/.ingest/``. A rerun (after a crash, or with
@@ -17,14 +20,16 @@ shard contents depend only on the CSV, the flags and the salt.
 
 Privacy: records carry a salted SHA-256 of the patient id (the salt is ``--salt`` or a random one
 kept in ``DIR/salt.txt``, never in the manifest) and only the task's fields; no DICOM header
-field other than laterality / view is read, and logs name CSV lines and files only.
+field other than laterality / view is read. File names often carry the patient id, so errors.csv
+and the log never show a path: they name the CSV line and ``file_ref``, the first 12 hex digits of
+the salted SHA-256 of the path relative to ``--images`` (``reporting.file_ref`` recomputes it with
+the salt), and every spelling of the path and every CSV identifier in a reason is replaced.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -38,14 +43,15 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from mammojax.atomic_files import atomic_write, write_json_atomic
+from mammojax.atomic_files import write_json_atomic
 from mammojax.console import run_program
-from mammojax.data.ingest import tabular
+from mammojax.data.ingest import reporting, tabular
 from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 
 TASKS = ("longitudinal", "mil", "sequence", "volume")
 ERRORS_FILE = "errors.csv"
 STATE_DIR = ".ingest"
+LOGGED_ERRORS = 10  # failed inputs named in the log (all are in errors.csv)
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_BAD_INPUT = 0, 1, 2
 
 _CSV = flags.DEFINE_string("csv", None, "Metadata CSV (one row per image / subject).")
@@ -68,6 +74,14 @@ _SPLIT = flags.DEFINE_string(
   "Patient-level split fractions (used when the CSV has no split column).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Split seed.")
+_DUPLICATES = flags.DEFINE_enum(
+  "duplicates",
+  "error",
+  ["error", "drop"],
+  "Repeated CSV rows (same patient, exam, laterality, view and image; same patient and image for "
+  "mil / sequence; same subject for volume): 'error' refuses them naming both lines, 'drop' keeps "
+  "the first of identical rows and counts the others.",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 # Mammogram preprocessing.
 _ORIENTATION = flags.DEFINE_enum(
@@ -81,6 +95,13 @@ _FLIP = flags.DEFINE_enum(
 )
 _CROP = flags.DEFINE_bool("crop", True, "Segment and crop the breast (removes burned-in labels).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.05, "Breast threshold, fraction of the range.")
+_INTENSITY = flags.DEFINE_enum(
+  "intensity",
+  "minmax",
+  ["minmax", "unit"],
+  "minmax: stretch each image's range to 0..65535; unit: keep the absolute intensities of "
+  "images already in [0, 1] (e.g. OASIS-style float NIfTI slices for Temporal-GradCam).",
+)
 # Longitudinal.
 _NUM_YEARS = flags.DEFINE_integer("num_years", 5, "Risk horizon (years).")
 _PRIOR = flags.DEFINE_enum("prior", "latest", ["latest", "all"], "Which priors to pair.")
@@ -113,6 +134,18 @@ _CONTRASTS = flags.DEFINE_list(
 )
 
 
+STATE_FORMAT = 2  # version of the .ingest/ shard state files (2: errors carry file_ref)
+
+
+class NoRecordsError(ValueError):
+  """Nothing was ingested: every input failed (``failed > 0``; errors.csv is written) or the plan
+  holds no work item. No manifest is written (an existing one is removed)."""
+
+  def __init__(self, message: str, failed: int):
+    super().__init__(message)
+    self.failed = failed
+
+
 @dataclasses.dataclass(frozen=True)
 class Summary:
   """What one ingestion run did."""
@@ -121,6 +154,7 @@ class Summary:
   failed: int
   shards_written: int
   shards_skipped: int
+  errors: tuple[reporting.ReportedError, ...] = ()
 
   def line(self) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in self.records.items())
@@ -150,6 +184,9 @@ def write_dataset(
     records_per_shard: target records per shard (shards of a split differ by at most one item).
     workers: decoding processes; <= 1 decodes in this process.
     progress: show a tqdm bar on stderr.
+
+  Raises:
+    NoRecordsError: no record was written (errors.csv is, when inputs failed; no manifest).
   """
   # Imported here, not at the top: records pulls in jax, and spawned decoding workers import
   # this module; they start much faster without it.
@@ -174,11 +211,12 @@ def write_dataset(
     for _split, name, items in pending:
       state = {"errors": [], "sums": np.zeros(3, np.float64)}
       count, digest = records.write_shard(
-        os.path.join(out_dir, name), _shard_records(items, results, state, plan.stat_fields, bar)
+        os.path.join(out_dir, name), _shard_records(items, results, state, plan, bar)
       )
       _write_json(
         _state_path(out_dir, name),
         {
+          "format": STATE_FORMAT,
           "fingerprint": fingerprint,
           "count": count,
           "sha256": digest,
@@ -189,7 +227,7 @@ def write_dataset(
   if hasattr(results, "close"):
     results.close()
 
-  splits, errors, sums = {}, list(plan.errors), {}
+  splits, errors, sums = {}, [plan.redact(e) for e in plan.errors], {}
   for split, name, _ in shards:
     with open(_state_path(out_dir, name)) as f:
       state = json.load(f)
@@ -197,10 +235,23 @@ def write_dataset(
     entry["shards"].append(name)
     entry["count"] += state["count"]
     entry["sha256"][name] = state["sha256"]
-    errors.extend(tabular.ErrorRow(**e) for e in state["errors"])
+    errors.extend(reporting.ReportedError(**e) for e in state["errors"])
     sums[split] = sums.get(split, np.zeros(3)) + np.asarray(state["pixel_sums"])
   for split in plan.splits:
     splits.setdefault(split, {"shards": [], "count": 0, "sha256": {}})
+  reporting.write_errors(os.path.join(out_dir, ERRORS_FILE), errors)
+  if not sum(entry["count"] for entry in splits.values()):
+    _discard_empty_run(out_dir, [name for _, name, _ in shards])
+    if errors:
+      raise NoRecordsError(
+        f"every input failed ({len(errors)} error(s), see {os.path.join(out_dir, ERRORS_FILE)}); "
+        "no dataset written",
+        failed=len(errors),
+      )
+    raise NoRecordsError(
+      "the CSV yields no record (every row was dropped or filtered out); no dataset written",
+      failed=0,
+    )
   config = dict(plan.config, records_per_shard=records_per_shard, failed=len(errors))
   if plan.stat_fields:
     n, s, ss = sums.get("train", sum(sums.values(), np.zeros(3)))
@@ -208,38 +259,26 @@ def write_dataset(
     config["pixel_mean"] = float(mean)
     config["pixel_std"] = float(math.sqrt(max(ss / n - mean * mean, 0.0))) if n else 1.0
     config["pixel_stats_fields"] = list(plan.stat_fields)
-  _write_errors(out_dir, errors)
   records.write_manifest(out_dir, splits, config)
   return Summary(
     records={k: v["count"] for k, v in splits.items()},
     failed=len(errors),
     shards_written=len(pending),
     shards_skipped=len(shards) - len(pending),
+    errors=tuple(errors),
   )
 
 
-def fingerprint_inputs(csv_path: str, settings: dict[str, Any], salt: str) -> str:
-  """Digest of the CSV bytes, the settings and the salt (the salt itself is not recoverable)."""
-  h = hashlib.sha256()
-  with open(csv_path, "rb") as f:
-    h.update(f.read())
-  h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-  h.update(hashlib.sha256(salt.encode()).digest())
-  return h.hexdigest()
+def _discard_empty_run(out_dir: str, names: list[str]) -> None:
+  """Removes what an empty run leaves (empty shards, their state, an older manifest), so that
+  no manifest describes an empty dataset and a rerun decodes every input again."""
+  from mammojax.data import records
 
-
-def parse_size(text: str | None, dims: int) -> tuple[int, ...]:
-  """``'1024x832'`` -> (1024, 832); the number of dimensions must match the task."""
-  if text is None:
-    return (1024, 832) if dims == 2 else (96, 96, 96)
-  try:
-    size = tuple(int(p) for p in text.lower().split("x"))
-  except ValueError:
-    size = ()
-  if len(size) != dims or min(size) < 1:
-    want = "HxW" if dims == 2 else "DxHxW"
-    raise ValueError(f"--size={text!r}: expected {want} with positive integers")
-  return size
+  for path in [os.path.join(out_dir, records.MANIFEST)] + [
+    p for n in names for p in (os.path.join(out_dir, n), _state_path(out_dir, n))
+  ]:
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def _build_all(items: list, workers: int) -> Iterator[tuple[str, Any]]:
@@ -268,15 +307,15 @@ class _PoolResults:
 
 
 def _shard_records(
-  items: list, results, state: dict, stat_fields: Sequence[str], bar
+  items: list, results, state: dict, plan: tabular.IngestPlan, bar
 ) -> Iterator[dict[str, Any]]:
-  for _ in items:
+  for item in items:
     status, payload = next(results)
     bar.update(1)
     if status == "error":
-      state["errors"].append(payload)
+      state["errors"].append(plan.redact(payload, item.files))
       continue
-    for field in stat_fields:
+    for field in plan.stat_fields:
       pixels = payload[field]
       state["sums"] += (
         pixels.size,
@@ -303,7 +342,8 @@ def _finished(out_dir: str, name: str, fingerprint: str) -> bool:
   if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, name))):
     return False
   with open(path) as f:
-    return json.load(f).get("fingerprint") == fingerprint
+    state = json.load(f)
+  return state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint
 
 
 def _state_path(out_dir: str, name: str) -> str:
@@ -314,14 +354,6 @@ def _write_json(path: str, body: dict) -> None:
   write_json_atomic(path, body, sort_keys=True)
 
 
-def _write_errors(out_dir: str, errors: list[tabular.ErrorRow]) -> None:
-  with atomic_write(os.path.join(out_dir, ERRORS_FILE), newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["rows", "file", "reason"])
-    for e in errors:
-      writer.writerow([e.rows, e.file, e.reason])
-
-
 def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
   task, csv_path, root = _TASK.value, _CSV.value, _IMAGES.value
   fractions = tuple(tabular.parse_fractions(_SPLIT.value).items())
@@ -329,13 +361,14 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
     from mammojax.data.ingest import volume_csv
 
     options = volume_csv.VolumeOptions(
-      size=parse_size(_SIZE.value, 3),
+      size=tabular.parse_size(_SIZE.value, 3),
       contrasts=tuple(_CONTRASTS.value),
       fractions=fractions,
       seed=_SEED.value,
+      duplicates=_DUPLICATES.value,
     )
     return volume_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
-  height, width = parse_size(_SIZE.value, 2)
+  height, width = tabular.parse_size(_SIZE.value, 2)
   preprocess = MammoPreprocessConfig(
     height=height,
     width=width,
@@ -343,6 +376,7 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
     flip_laterality=_FLIP.value,
     crop=_CROP.value,
     threshold=_THRESHOLD.value,
+    intensity=_INTENSITY.value,
   )
   if task == "longitudinal":
     from mammojax.data.ingest import longitudinal_csv
@@ -356,13 +390,18 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
       seed=_SEED.value,
       keep_columns=tuple(_KEEP.value),
       preprocess=preprocess,
+      duplicates=_DUPLICATES.value,
     )
     return longitudinal_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   if task == "mil":
     from mammojax.data.ingest import mil_csv
 
     options = mil_csv.MilOptions(
-      labels=tuple(_LABELS.value), fractions=fractions, seed=_SEED.value, preprocess=preprocess
+      labels=tuple(_LABELS.value),
+      fractions=fractions,
+      seed=_SEED.value,
+      preprocess=preprocess,
+      duplicates=_DUPLICATES.value,
     )
     return mil_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
   from mammojax.data.ingest import sequence_csv
@@ -385,6 +424,7 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
     label_scope=_LABEL_SCOPE.value,
     # Without --size every image must have the default size: no silent resizing.
     expected_size=None if given["size"] else (default.height, default.width),
+    duplicates=_DUPLICATES.value,
   )
   return sequence_csv.plan(csv_path, root, options, salt), dataclasses.asdict(options)
 
@@ -399,22 +439,43 @@ def main(argv: Sequence[str]) -> int:
   try:
     salt, new_salt = tabular.load_salt(_OUT.value, _SALT.value)
     plan, settings = _plan_from_flags(salt)
-    fingerprint = fingerprint_inputs(
+    fingerprint = tabular.fingerprint_inputs(
       _CSV.value, dict(settings, task=_TASK.value, records_per_shard=_PER_SHARD.value), salt
     )
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError, csv.Error) as e:  # a bad CSV or flag: one line, no traceback
     log.error("ingest: %s", e)
+    return EXIT_BAD_INPUT
+  if not any(plan.splits.values()) and not plan.errors:
+    log.error("ingest: the CSV yields no record (every row was dropped or filtered out)")
     return EXIT_BAD_INPUT
   if new_salt:
     tabular.store_salt(_OUT.value, salt)
-  summary = write_dataset(
-    plan,
-    _OUT.value,
-    fingerprint=fingerprint,
-    records_per_shard=_PER_SHARD.value,
-    workers=_WORKERS.value,
-    progress=_PROGRESS.value,
-  )
+  if plan.config.get("duplicates_dropped"):
+    log.warning(
+      "ingest: dropped %d duplicated row(s) (--duplicates=drop)", plan.config["duplicates_dropped"]
+    )
+  try:
+    summary = write_dataset(
+      plan,
+      _OUT.value,
+      fingerprint=fingerprint,
+      records_per_shard=_PER_SHARD.value,
+      workers=_WORKERS.value,
+      progress=_PROGRESS.value,
+    )
+  except NoRecordsError as e:
+    log.error("ingest: %s", e)
+    return EXIT_FAILED_INPUTS if e.failed else EXIT_BAD_INPUT
+  except OSError as e:  # the output folder cannot be written
+    log.error("ingest: cannot write the dataset to %s: %s", _OUT.value, e)
+    return EXIT_BAD_INPUT
+  for error in summary.errors[:LOGGED_ERRORS]:  # by CSV line and file_ref, never a path
+    log.warning("ingest: failed: %s", error.line())
+  if len(summary.errors) > LOGGED_ERRORS:
+    log.warning("ingest: ... %d more in %s", len(summary.errors) - LOGGED_ERRORS, ERRORS_FILE)
+  warning = reporting.empty_split_warning(summary.records, plan.splits)
+  if warning:
+    log.warning("ingest: warning: %s", warning)
   log.info("%s; output in %s", summary.line(), _OUT.value)
   return EXIT_FAILED_INPUTS if summary.failed else EXIT_OK
 

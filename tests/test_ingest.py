@@ -13,7 +13,14 @@ from image_files import PHI, phantom, write_dicom, write_nifti, write_png
 
 from mammojax import ingest
 from mammojax.data import records
-from mammojax.data.ingest import longitudinal_csv, mil_csv, sequence_csv, tabular, volume_csv
+from mammojax.data.ingest import (
+  longitudinal_csv,
+  mil_csv,
+  reporting,
+  sequence_csv,
+  tabular,
+  volume_csv,
+)
 from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 from mammojax.data.survival import survival_targets
 
@@ -137,7 +144,7 @@ def test_ingest_writes_shards_errors_and_stats(cohort, tmp_path):
   assert summary.failed == 2  # e6 as a current image and as e7's prior.
   with open(os.path.join(out, ingest.ERRORS_FILE)) as f:
     errors = list(csv.DictReader(f))
-  assert {e["file"].endswith("e6_R.png") for e in errors} == {True}
+  assert {e["file_ref"] for e in errors} == {reporting.file_ref("e6_R.png", cohort[1], "s3cret")}
   assert all("PNG" in e["reason"] for e in errors)
   manifest, data = _read_all(out)
   assert sum(len(v) for v in data.values()) == 5

@@ -97,3 +97,29 @@ def test_ingest_command_reports_a_changing_label_in_one_line(tmp_path):
   assert "Traceback" not in result.stderr
   assert "differs from the same patient's label" in result.stderr
   assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_float_nifti_slices_keep_their_absolute_intensities(tmp_path):
+  nib = pytest.importorskip("nibabel")
+  rng = np.random.default_rng(0)
+  slices = [rng.uniform(0.0, 0.74, (16, 16)).astype(np.float32) for _ in range(2)]
+  for i, pixels in enumerate(slices):
+    nib.save(nib.Nifti1Image(pixels, np.eye(4)), str(tmp_path / f"s{i}.nii.gz"))
+  rows = [
+    dict(patient_id="A", date=f"201{i}-01-01", image_path=f"s{i}.nii.gz", label=1)
+    for i in range(2)
+  ]
+  preprocess = MammoPreprocessConfig(
+    height=16, width=16, orientation="none", crop=False, intensity="unit"
+  )
+  options = sequence_csv.SequenceOptions(
+    fractions=(("train", 1.0),), preprocess=preprocess, expected_size=(16, 16)
+  )
+  plan = sequence_csv.plan(_csv(tmp_path, rows), str(tmp_path), options, salt="s")
+  record = plan.splits["train"][1].build()
+  # What the 'unit' input scaling reads back: the slices as stored, to uint16 rounding.
+  np.testing.assert_allclose(record["images"] / 65535.0, np.stack(slices), atol=1e-5)
+  rng_bad = rng.uniform(0.0, 3.0, (16, 16)).astype(np.float32)
+  nib.save(nib.Nifti1Image(rng_bad, np.eye(4)), str(tmp_path / "s0.nii.gz"))
+  status, error = tabular.run_item(plan.splits["train"][0])
+  assert status == "error" and "not [0, 1]; use --intensity=minmax" in error.reason

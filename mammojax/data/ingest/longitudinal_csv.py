@@ -11,6 +11,11 @@ Other columns are kept only when named in ``keep_columns`` (stored as ``meta_<co
 Without ``image_path`` the image is found by the benchmarks' file-name convention
 ``<patient_id>_<L|R>_<view>_<YYYY-MM-DD>_<n>.png`` anywhere under the images root.
 
+An image path that leaves the images root (absolute, ``..``, a symlink to outside) is refused
+with its line. Rows with the same patient, exam, laterality, view and image are duplicates:
+refused naming both lines, or with ``duplicates='drop'`` all but the first are dropped (counted
+in the manifest's ``duplicates_dropped``); such rows that differ in another column are refused.
+
 Labels follow BCRBench: an empty ``Time_to_Cancer_Years`` means no cancer; ``t`` years to cancer
 becomes the event index ``max(ceil(t) - 1, 0)`` ("within ``k + 1`` years"), so 0 and 1 both mean
 the first year; follow-up below one year counts as one. The converted whole years are what
@@ -86,6 +91,7 @@ class LongitudinalOptions:
     seed: split permutation seed.
     keep_columns: extra CSV columns copied into records as ``meta_<column>`` strings.
     preprocess: mammogram preprocessing settings.
+    duplicates: 'error' (refuse repeated rows) or 'drop' (keep the first of identical rows).
   """
 
   num_years: int = 5
@@ -96,8 +102,13 @@ class LongitudinalOptions:
   seed: int = 0
   keep_columns: tuple[str, ...] = ()
   preprocess: MammoPreprocessConfig = MammoPreprocessConfig()
+  duplicates: str = "error"
 
   def __post_init__(self):
+    if self.duplicates not in tabular.DUPLICATE_MODES:
+      raise ValueError(
+        f"duplicates must be one of {tabular.DUPLICATE_MODES}, got {self.duplicates!r}"
+      )
     if self.prior not in PRIOR_MODES:
       raise ValueError(f"prior must be one of {PRIOR_MODES}, got {self.prior!r}")
     if self.missing_prior not in ("keep", "drop"):
@@ -197,9 +208,12 @@ def plan(
   """Parses the CSV, finds images, pairs priors and assigns splits.
 
   Raises:
-    ValueError: a missing column, an unparsable cell, a negative time gap, a patient in two
-      splits. Missing image files do not raise: they are returned in ``plan.errors``.
+    ValueError: a missing images folder, a missing column, an unparsable cell, an image path
+      outside the images folder, a duplicated row (unless dropped), a negative time gap, a
+      patient in two splits. Missing image files do not raise: they are returned in
+      ``plan.errors``.
   """
+  images_root = tabular.images_root(images_root)
   table = tabular.read_table(csv_path, REQUIRED_COLUMNS)
   for column in options.keep_columns:
     if column not in table.columns:
@@ -209,11 +223,31 @@ def plan(
       )
   errors: list[tabular.ErrorRow] = []
   finder = None if "image_path" in table.columns else _ConventionFinder(images_root)
-  exams = []
+  parsed = []
   for row, line in zip(table.rows, table.lines):
     exam = _parse_row(row, line, table.columns, images_root, finder, options, errors)
     if exam is not None:
-      exams.append(exam)
+      parsed.append((exam, row))
+  dropped = tabular.duplicate_lines(
+    (
+      (
+        e.line,
+        (e.patient_id, e.exam_id, e.laterality, e.view, e.path),
+        {c: v for c, v in row.items() if c != "image_path"},
+      )
+      for e, row in parsed
+    ),
+    options.duplicates,
+    "patient, exam, laterality, view and image",
+  )
+  exams = []
+  for exam, _ in parsed:
+    if exam.line in dropped:
+      continue
+    if not os.path.isfile(exam.path):
+      errors.append(tabular.ErrorRow(f"line {exam.line}", exam.path, "file does not exist"))
+      continue
+    exams.append(exam)
 
   series = defaultdict(list)
   for exam in exams:
@@ -257,9 +291,15 @@ def plan(
     "cancer_type_codes": CANCER_TYPE_CODES,
     "density_codes": {0: "unknown", 1: "a", 2: "b", 3: "c", 4: "d"},
     "patients": {n: sum(1 for p in patients if assignment[p] == n) for n in splits},
+    "duplicates_dropped": len(dropped),
   }
+  identifiers = {r[c] for r in table.rows for c in ("patient_id", "exam_id")}
   return tabular.IngestPlan(
-    splits=splits, errors=errors, config=config, stat_fields=("current_image",)
+    splits=splits,
+    errors=errors,
+    config=config,
+    stat_fields=("current_image",),
+    redactor=tabular.Redactor(images_root, salt, frozenset(identifiers)),
   )
 
 
@@ -297,17 +337,15 @@ def _parse_row(
   )
   to_cancer, followup = survival_years(to_cancer, followup)
   if "image_path" in columns:
-    if not row["image_path"]:
-      raise ValueError(f"line {line}: image_path is empty")
-    path = os.path.join(images_root, row["image_path"])
+    path = tabular.confined_path(images_root, row["image_path"], line, "image_path")
   else:
     path, problem = finder.find(patient, laterality, view, date, int(year))
     if problem:
       errors.append(tabular.ErrorRow(rows=f"line {line}", file=path, reason=problem))
       return None
-  if not os.path.isfile(path):
-    errors.append(tabular.ErrorRow(rows=f"line {line}", file=path, reason="file does not exist"))
-    return None
+    path = tabular.confined_path(
+      images_root, os.path.relpath(path, images_root), line, "file found by the name convention"
+    )
   return ExamImage(
     line=line,
     patient_id=patient,
@@ -338,7 +376,7 @@ def _priors(
     named = [e for e in series if e.exam_id == exam.prior_exam_id]
     if not named:
       raise ValueError(
-        f"line {exam.line}: prior_exam_id {exam.prior_exam_id!r} has no row of "
+        f"line {exam.line}: the exam named by prior_exam_id has no row of "
         "the same patient, laterality and view; fix prior_exam_id or leave it "
         "empty"
       )
@@ -347,7 +385,7 @@ def _priors(
     if gap < 0:
       raise ValueError(
         f"line {exam.line} (patient {tabular.pseudonym(exam.patient_id, salt)[:12]}): the "
-        f"prior exam {exam.prior_exam_id!r} (line {prior.line}) is dated {-gap:.2f} years "
+        f"prior exam named by prior_exam_id (line {prior.line}) is dated {-gap:.2f} years "
         "after the current exam, a negative time gap; fix study_date / study_date_year or "
         "prior_exam_id"
       )

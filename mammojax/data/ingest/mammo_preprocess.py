@@ -29,6 +29,7 @@ from scipy import ndimage
 
 UINT16_MAX = 65535
 ORIENTATIONS = ("laterality", "auto", "none")
+INTENSITIES = ("minmax", "unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class MammoPreprocessConfig:
     crop: segment and crop the breast; False keeps the full field of view.
     threshold: breast / background threshold as a fraction of the intensity range.
     mask_max_side: segmentation runs on a copy downsampled to at most this many pixels per side.
+    intensity: ``'minmax'`` stretches each image's (breast) range to 0..65535; ``'unit'`` keeps
+      absolute intensities of images already in [0, 1] (stored as ``round(x * 65535)``, so a
+      model can read the raw values back, as Temporal-GradCam's ResNet takes its slices).
   """
 
   height: int = 1024
@@ -51,6 +55,7 @@ class MammoPreprocessConfig:
   crop: bool = True
   threshold: float = 0.05
   mask_max_side: int = 512
+  intensity: str = "minmax"
 
   def __post_init__(self):
     if self.height < 1 or self.width < 1:
@@ -61,6 +66,8 @@ class MammoPreprocessConfig:
       raise ValueError(f"flip_laterality must be 'L' or 'R', got {self.flip_laterality!r}")
     if not 0.0 < self.threshold < 1.0:
       raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+    if self.intensity not in INTENSITIES:
+      raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -155,8 +162,17 @@ def preprocess_mammogram(
   flipped = _should_flip(mask, laterality, config)
   if flipped:
     region, mask = region[:, ::-1], mask[:, ::-1]
-  lo, hi = float(region[mask].min()), float(region[mask].max())
-  scaled = np.where(mask, (region - lo) * (UINT16_MAX / max(hi - lo, 1e-6)), 0.0)
+  if config.intensity == "unit":
+    lo, hi = float(region.min()), float(region.max())
+    if lo < 0.0 or hi > 1.0:
+      raise ValueError(
+        f"intensities span [{lo:.4g}, {hi:.4g}], not [0, 1]; use --intensity=minmax for images "
+        "that are not already scaled to [0, 1]"
+      )
+    scaled = np.where(mask, region * UINT16_MAX, 0.0)
+  else:
+    lo, hi = float(region[mask].min()), float(region[mask].max())
+    scaled = np.where(mask, (region - lo) * (UINT16_MAX / max(hi - lo, 1e-6)), 0.0)
   resized, scale = _fit(scaled.astype(np.float32), config.height, config.width)
   out = np.zeros((config.height, config.width), np.uint16)
   top = (config.height - resized.shape[0]) // 2

@@ -7,7 +7,11 @@ the public VinDr PNG export). A label column may instead come from a ``finding_c
 column listing findings (``"['Mass', 'Suspicious Calcification']"``). Optional: ``split``
 (training/test), ``patient_id`` or ``study_id`` (pseudonymised; the split unit), and lesion boxes
 ``xmin, ymin, xmax, ymax`` in source pixels. Several rows may describe the same image (one per
-lesion, as VinDr does): labels are OR-ed and boxes collected.
+lesion, as VinDr does): labels are OR-ed and boxes collected. Identical rows (the same image and
+every other cell equal, which would repeat a box) are refused naming both lines, or with
+``duplicates='drop'`` all but the first are dropped (counted in ``duplicates_dropped``). An image
+path that leaves the images root (absolute, ``..``, a symlink to outside) is refused with its
+line.
 
 Record fields: image uint16 [H, W]; labels float32 [K]; boxes float32 [N, 4] (x0, y0, x1, y1 in
 output pixels, after crop / mirror / resize; N may be 0); num_boxes int32; laterality int32
@@ -34,12 +38,14 @@ BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 
 @dataclasses.dataclass(frozen=True)
 class MilOptions:
-  """Attributes: label column names, split fractions / seed, preprocessing."""
+  """Attributes: label column names, split fractions / seed, preprocessing, duplicates
+  ('error' refuses identical rows, 'drop' keeps the first)."""
 
   labels: tuple[str, ...] = ("Mass", "Suspicious_Calcification")
   fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
   seed: int = 0
   preprocess: MammoPreprocessConfig = MammoPreprocessConfig()
+  duplicates: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,7 @@ class MilItem:
 
 def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tabular.IngestPlan:
   """Groups rows by image, parses labels and boxes, assigns patient-level splits."""
+  images_root = tabular.images_root(images_root)
   table = tabular.read_table(csv_path, ("laterality", "view"))
   if "image_path" not in table.columns and not {"patient_id", "image_id"} <= set(table.columns):
     raise ValueError(
@@ -78,10 +85,10 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
       )
   has_boxes = set(BOX_COLUMNS) <= set(table.columns)
   errors: list[tabular.ErrorRow] = []
-  images: dict[str, dict[str, Any]] = {}
+  paths = {}
   for row, line in zip(table.rows, table.lines):
-    path = _image_path(row, images_root)
-    if path is None:
+    paths[line] = _image_path(row, line, images_root)
+    if paths[line] is None:
       errors.append(
         tabular.ErrorRow(
           f"line {line}",
@@ -89,6 +96,19 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
           "no .png/.dcm file for this patient_id / image_id",
         )
       )
+  dropped = tabular.duplicate_lines(
+    (
+      (line, (paths[line], tuple(sorted(row.items()))), {})
+      for row, line in zip(table.rows, table.lines)
+      if paths[line]
+    ),
+    options.duplicates,
+    "image and every other cell",
+  )
+  images: dict[str, dict[str, Any]] = {}
+  for row, line in zip(table.rows, table.lines):
+    path = paths[line]
+    if path is None or line in dropped:
       continue
     entry = images.setdefault(
       path, {"lines": [], "labels": np.zeros(len(options.labels)), "boxes": [], "row": row}
@@ -143,17 +163,30 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
     "view_codes": VIEW_CODES,
     "split_seed": options.seed,
     "fractions": dict(options.fractions),
+    "duplicates_dropped": len(dropped),
   }
-  return tabular.IngestPlan(splits=splits, errors=errors, config=config, stat_fields=("image",))
+  identifiers = {
+    r[c] for r in table.rows for c in ("patient_id", "study_id", "image_id") if r.get(c)
+  }
+  return tabular.IngestPlan(
+    splits=splits,
+    errors=errors,
+    config=config,
+    stat_fields=("image",),
+    redactor=tabular.Redactor(images_root, salt, frozenset(identifiers)),
+  )
 
 
-def _image_path(row: dict[str, str], root: str) -> str | None:
-  if row.get("image_path"):
-    return os.path.join(root, row["image_path"])
-  stem = os.path.join(root, row["patient_id"], row["image_id"])
+def _image_path(row: dict[str, str], line: int, root: str) -> str | None:
+  """The row's resolved image path inside ``root``; None when no file matches patient_id /
+  image_id. A path that leaves ``root`` raises ``ValueError``."""
+  if row.get("image_path") or "patient_id" not in row or "image_id" not in row:
+    return tabular.confined_path(root, row.get("image_path", ""), line, "image_path")
+  stem = os.path.join(row["patient_id"], row["image_id"])
+  tabular.confined_path(root, stem, line, "patient_id/image_id")
   for suffix in ("",) + IMAGE_SUFFIXES:
-    if os.path.isfile(stem + suffix):
-      return stem + suffix
+    if os.path.isfile(os.path.join(root, stem + suffix)):
+      return tabular.confined_path(root, stem + suffix, line, "patient_id/image_id")
   return None
 
 

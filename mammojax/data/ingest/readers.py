@@ -11,16 +11,21 @@ brighter (denser) tissue. Compressed transfer syntaxes decode with whatever pydi
 installed: RLE Lossless natively; JPEG baseline and JPEG 2000 through Pillow or
 pylibjpeg-openjpeg; JPEG Lossless (process 14, common in mammography) and JPEG-LS through
 pylibjpeg-libjpeg.
+
+A DICOM file cut short (an interrupted copy) is reported as truncated, whether it ends in the
+header, inside an element or inside the pixel data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import struct
+import warnings
 
 import numpy as np
 
-from mammojax.data.constants import DICOM_SUFFIXES, PNG_SUFFIXES
+from mammojax.data.constants import DICOM_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES
 
 
 class ImageReadError(Exception):
@@ -72,9 +77,11 @@ def read_image(path: str) -> Image2D:
     return read_png(path)
   if lower.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
     return read_dicom(path)
+  if lower.endswith(NIFTI_SUFFIXES):
+    return read_nifti_slice(path)
   raise ImageReadError(
     path,
-    "unknown image format: expected a .png or DICOM file "
+    "unknown image format: expected a .png, a 2-D .nii/.nii.gz or a DICOM file "
     f"({', '.join(DICOM_SUFFIXES)} or a file with the DICM preamble)",
   )
 
@@ -86,10 +93,24 @@ def read_dicom(path: str, apply_voi: bool = True) -> Image2D:
 
   _check_exists(path)
   try:
-    ds = pydicom.dcmread(path)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      ds = pydicom.dcmread(path)
   except Exception as e:  # pydicom raises several exception types for damaged files.
+    if _looks_cut_short(path, e):
+      raise ImageReadError(path, _truncated("it ends inside a header element")) from None
     raise ImageReadError(path, f"not a readable DICOM file ({type(e).__name__})") from None
+  truncated = _truncation(ds, os.path.getsize(path), caught)
+  if truncated:
+    raise ImageReadError(path, _truncated(truncated))
   if "PixelData" not in ds:
+    if "Rows" in ds and "Columns" in ds:
+      # Cut exactly between two elements: nothing but the missing pixels tells.
+      raise ImageReadError(
+        path,
+        "DICOM file has no PixelData element though its header describes an image: probably "
+        "truncated (cut short); copy it again",
+      )
     raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
   frames = int(ds.get("NumberOfFrames", 1) or 1)
   if frames != 1:
@@ -148,6 +169,24 @@ def read_png(path: str) -> Image2D:
   return Image2D(pixels=pixels.astype(np.float32))
 
 
+def read_nifti_slice(path: str) -> Image2D:
+  """Reads a 2-D NIfTI image (e.g. OASIS slices; singleton axes dropped) as its array is stored,
+  axis 0 as rows, without reorientation: as ``nibabel.load(path).get_fdata()`` gives it."""
+  import nibabel as nib
+
+  _check_exists(path)
+  try:
+    data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+  except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+    raise ImageReadError(path, f"cannot read NIfTI ({type(e).__name__})") from None
+  data = np.squeeze(data)
+  if data.ndim != 2:
+    raise ImageReadError(path, f"NIfTI has shape {data.shape}; expected a 2-D slice")
+  if not np.all(np.isfinite(data)):
+    raise ImageReadError(path, "NIfTI pixels contain NaN or infinity")
+  return Image2D(pixels=data)
+
+
 def read_nifti(path: str) -> Volume:
   """Reads a 3-D NIfTI volume (a 4-D file with one time point is accepted)."""
   import nibabel as nib
@@ -171,6 +210,59 @@ def read_nifti(path: str) -> Volume:
     spacing=(zooms[2], zooms[1], zooms[0]),
     affine=np.asarray(img.affine),
   )
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _truncated(where: str) -> str:
+  return f"DICOM file is truncated ({where}); copy it again"
+
+
+def _looks_cut_short(path: str, error: Exception) -> bool:
+  """Whether pydicom failed because the file ends early: it has the DICM preamble and the
+  parser ran out of bytes (a short struct read, an end of file, a value of odd length)."""
+  if not _has_dicom_preamble(path):
+    return False
+  name = type(error).__name__
+  return isinstance(error, (struct.error, EOFError)) or name == "BytesLengthException"
+
+
+def _truncation(ds, size: int, caught: list) -> str:
+  """Where a parsed DICOM file was cut short, or '' when it is complete.
+
+  pydicom stops quietly at the end of the file: an element whose value is shorter than its
+  declared length, a few bytes of an element header after the last whole element, an undefined
+  length sequence or pixel data without its delimiter (a warning), or a file meta header without
+  its transfer syntax or shorter than its group length.
+  """
+  from pydicom.dataelem import RawDataElement
+
+  if any("End of file reached" in str(w.message) for w in caught):
+    return "it ends before the delimiter of an encapsulated or sequence element"
+  meta = getattr(ds, "file_meta", None)
+  if meta is None or "TransferSyntaxUID" not in meta:
+    return "it ends inside the file meta header"
+  group_length = meta.get("FileMetaInformationGroupLength")  # the value, not the element
+  # Preamble (128), 'DICM' (4), the group length element itself (12), then the group.
+  if group_length is not None and size < 144 + int(group_length):
+    return "it ends inside the file meta header"
+  if not len(ds):
+    return "it ends after the file meta header, before any data element"
+  end = 0
+  for tag in list(ds.keys()):
+    raw = ds.get_item(tag)
+    if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+      continue
+    if raw.value is not None and len(raw.value) < raw.length:
+      return (
+        f"element ({raw.tag.group:04X},{raw.tag.element:04X}) declares {raw.length} bytes, "
+        f"the file holds {len(raw.value)} of them"
+      )
+    end = max(end, raw.value_tell + raw.length)
+  if 0 < size - end < 8:
+    return "it ends inside an element header"
+  return ""
 
 
 def _check_exists(path: str) -> None:

@@ -10,7 +10,10 @@ setup: the row's image is the last element of a sequence holding the patient's e
 dropped). Padding to a fixed length is the pipeline's job.
 
 Refused with the CSV line: a date that does not parse, two images of one patient on one date
-(their order would be arbitrary), a non-integer label, and with ``label_scope='patient'`` (the
+(their order would be arbitrary), a non-integer label, an image path that leaves the images root
+(absolute, ``..``, a symlink to outside), a row repeating the patient and image of an earlier one
+(both lines named; with ``duplicates='drop'`` identical repeats are dropped and counted in
+``duplicates_dropped``), and with ``label_scope='patient'`` (the
 reference's setting: the class is the patient's) a label that changes within a patient. With
 ``expected_size`` set, an image of another size is an error row naming the file (the rest is
 ingested); without it every image is resized.
@@ -42,7 +45,8 @@ class SequenceOptions:
   """Attributes: max_length (0 = unlimited), split fractions / seed, preprocessing (generic
   images: no breast crop or orientation by default), label_scope (``'image'``: each row's own
   label; ``'patient'``: one label per patient, checked), expected_size (``(H, W)`` every source
-  image must have; None = any size, resized)."""
+  image must have; None = any size, resized), duplicates ('error' refuses a repeated patient and
+  image, 'drop' keeps the first of identical rows)."""
 
   max_length: int = 0
   label_scope: str = "image"
@@ -52,6 +56,7 @@ class SequenceOptions:
   preprocess: MammoPreprocessConfig = MammoPreprocessConfig(
     height=256, width=256, orientation="none", crop=False
   )
+  duplicates: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +96,30 @@ def plan(
     raise ValueError(f"max_length must be >= 0, got {options.max_length}")
   if options.label_scope not in LABEL_SCOPES:
     raise ValueError(f"label_scope must be one of {LABEL_SCOPES}, got {options.label_scope!r}")
+  images_root = tabular.images_root(images_root)
   table = tabular.read_table(csv_path, REQUIRED_COLUMNS)
   errors: list[tabular.ErrorRow] = []
   by_patient = defaultdict(list)
+  paths = {
+    line: tabular.confined_path(images_root, row["image_path"], line, "image_path")
+    for row, line in zip(table.rows, table.lines)
+  }
+  dropped = tabular.duplicate_lines(
+    (
+      (line, (row["patient_id"], paths[line]), {c: v for c, v in row.items() if c != "image_path"})
+      for row, line in zip(table.rows, table.lines)
+    ),
+    options.duplicates,
+    "patient and image",
+  )
   for row, line in zip(table.rows, table.lines):
+    if line in dropped:
+      continue
     date = tabular.parse_date(row["date"], "date", line)
     label = tabular.parse_float(row["label"], "label", line)
     if label != int(label):
       raise ValueError(f"line {line}: label {row['label']!r} is not an integer class")
-    path = os.path.join(images_root, row["image_path"])
+    path = paths[line]
     if not os.path.isfile(path):
       errors.append(tabular.ErrorRow(f"line {line}", path, "file does not exist"))
       continue
@@ -143,8 +163,15 @@ def plan(
     "preprocess": options.preprocess.to_dict(),
     "split_seed": options.seed,
     "fractions": dict(options.fractions),
+    "duplicates_dropped": len(dropped),
   }
-  return tabular.IngestPlan(splits=splits, errors=errors, config=config, stat_fields=("images",))
+  return tabular.IngestPlan(
+    splits=splits,
+    errors=errors,
+    config=config,
+    stat_fields=("images",),
+    redactor=tabular.Redactor(images_root, salt, frozenset(r["patient_id"] for r in table.rows)),
+  )
 
 
 def _check_patient_rows(rows: list[tuple], label_scope: str) -> None:

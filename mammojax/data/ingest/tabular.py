@@ -1,4 +1,5 @@
-"""Shared pieces of the CSV ingesters: reading with column checks, pseudonyms, patient splits.
+"""Shared pieces of the CSV ingesters: reading with column checks, pseudonyms, patient splits,
+image paths confined to the images folder, duplicate rows (error rows: :mod:`reporting`).
 
 Nothing here touches pixels. Row numbers are the CSV's line numbers (the header is line 1), so an
 error message points at the line a user opens in an editor.
@@ -10,15 +11,17 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import json
 import math
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mammojax.atomic_files import atomic_write
+from mammojax.data.ingest.reporting import ErrorRow, Redactor, ReportedError
 
 SALT_FILE = "salt.txt"
 SPLIT_ALIASES = {
@@ -32,15 +35,7 @@ SPLIT_ALIASES = {
   "testing": "test",
 }
 MISSING = ("", "nan", "na", "n/a", "none", "null")
-
-
-@dataclasses.dataclass(frozen=True)
-class ErrorRow:
-  """One input that could not be ingested (written to ``DIR/errors.csv``)."""
-
-  rows: str
-  file: str
-  reason: str
+DUPLICATE_MODES = ("error", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +138,117 @@ def store_salt(out_dir: str, salt: str) -> None:
 def pseudonym(identifier: str, salt: str) -> str:
   """Salted SHA-256 (hex) of an identifier such as a patient id."""
   return hashlib.sha256(f"{salt}\x00{identifier}".encode()).hexdigest()
+
+
+def images_root(root: str) -> str:
+  """The real path (symlinks resolved) of the images folder.
+
+  Raises:
+    ValueError: ``root`` is not an existing folder.
+  """
+  if not root or not os.path.isdir(root):
+    raise ValueError(f"--images={root}: the images folder does not exist or is not a folder")
+  return os.path.realpath(root)
+
+
+def confined_path(root: str, relative: str, line: int, column: str) -> str:
+  """Joins a CSV cell to the images folder, refusing a path that leaves it.
+
+  Both the folder and the joined path are resolved (``os.path.realpath``: ``..`` and symlinks)
+  before the check, so neither an absolute path, nor ``..``, nor a symlink inside the folder
+  pointing outside reaches a reader.
+
+  Args:
+    root: the images folder.
+    relative: the cell (or cells joined) naming the file relative to ``root``.
+    line: CSV line, for the message.
+    column: the column(s) the path came from, for the message.
+
+  Returns:
+    The resolved path inside ``root`` (it need not exist).
+
+  Raises:
+    ValueError: naming the line and column, not the path (it may hold identifiers).
+  """
+  if not relative:
+    raise ValueError(f"line {line}: column {column!r} is empty; it needs a path under --images")
+  if "\x00" in relative:
+    raise ValueError(f"line {line}: column {column!r} holds a NUL character; fix the path")
+  real_root = os.path.realpath(root)
+  path = os.path.realpath(os.path.join(real_root, relative))
+  if os.path.commonpath([real_root, path]) != real_root:
+    raise ValueError(
+      f"line {line}: column {column!r} names a file outside the --images folder (an absolute "
+      "path, '..' or a symlink that leaves it); image paths must be relative to --images and "
+      "stay inside it"
+    )
+  return path
+
+
+def duplicate_lines(
+  rows: Iterable[tuple[int, Hashable, Mapping[str, str]]], mode: str, what: str
+) -> set[int]:
+  """Finds repeated rows: the lines to skip under ``mode='drop'``.
+
+  Args:
+    rows: ``(line, identity, cells)`` per row; ``identity`` says which rows describe the same
+      thing (e.g. patient, exam, laterality, view and resolved image path), ``cells`` are the
+      row's other values compared between such rows.
+    mode: ``'error'`` refuses any repeated row; ``'drop'`` keeps the first of identical rows.
+    what: what the identity is, for messages (``'patient, exam, laterality, view and image'``).
+
+  Raises:
+    ValueError: naming both lines, for a repeated row under ``'error'``, and under either mode
+      for rows of one identity that differ elsewhere (naming the columns, not the values).
+  """
+  if mode not in DUPLICATE_MODES:
+    raise ValueError(f"duplicates must be one of {DUPLICATE_MODES}, got {mode!r}")
+  first: dict[Hashable, tuple[int, Mapping[str, str]]] = {}
+  skip = set()
+  for line, identity, cells in rows:
+    if identity not in first:
+      first[identity] = (line, cells)
+      continue
+    earlier, earlier_cells = first[identity]
+    differ = sorted(
+      c for c in set(cells) | set(earlier_cells) if cells.get(c) != earlier_cells.get(c)
+    )
+    if differ:
+      raise ValueError(
+        f"lines {earlier} and {line} have the same {what} but differ in column(s) "
+        f"{', '.join(map(repr, differ))}; keep one row"
+      )
+    if mode == "error":
+      raise ValueError(
+        f"lines {earlier} and {line} are duplicates (the same {what}); remove one, or pass "
+        "--duplicates=drop to keep the first of identical rows"
+      )
+    skip.add(line)
+  return skip
+
+
+def fingerprint_inputs(csv_path: str, settings: dict[str, Any], salt: str) -> str:
+  """Digest of the CSV bytes, the settings and the salt (the salt itself is not recoverable)."""
+  h = hashlib.sha256()
+  with open(csv_path, "rb") as f:
+    h.update(f.read())
+  h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  h.update(hashlib.sha256(salt.encode()).digest())
+  return h.hexdigest()
+
+
+def parse_size(text: str | None, dims: int) -> tuple[int, ...]:
+  """``'1024x832'`` -> (1024, 832); the number of dimensions must match the task."""
+  if text is None:
+    return (1024, 832) if dims == 2 else (96, 96, 96)
+  try:
+    size = tuple(int(p) for p in text.lower().split("x"))
+  except ValueError:
+    size = ()
+  if len(size) != dims or min(size) < 1:
+    want = "HxW" if dims == 2 else "DxHxW"
+    raise ValueError(f"--size={text!r}: expected {want} with positive integers")
+  return size
 
 
 def parse_fractions(text: str) -> dict[str, float]:
@@ -265,14 +371,22 @@ class IngestPlan:
       ``build() -> dict`` (one record; raises ``ImageReadError`` or ``ValueError`` for a bad
       input).
     errors: inputs rejected while planning (missing files, ambiguous names).
-    config: task settings recorded in the manifest.
+    config: task settings recorded in the manifest (``duplicates_dropped`` counts the rows
+      dropped under ``--duplicates=drop``).
     stat_fields: uint16 record fields whose pixels give the normalisation statistics.
+    redactor: names the failed files in errors.csv and logs without paths or identifiers; None
+      (a plan built by hand) refers to paths relative to the filesystem root with an empty salt.
   """
 
   splits: dict[str, list]
   errors: list[ErrorRow]
   config: dict
   stat_fields: tuple[str, ...] = ()
+  redactor: Redactor | None = None
+
+  def redact(self, error: ErrorRow, paths: Sequence[str] = ()) -> ReportedError:
+    """``error`` as errors.csv and the log show it (``paths``: other files to scrub)."""
+    return (self.redactor or Redactor(root=os.sep, salt=""))(error, paths)
 
 
 def run_item(item) -> tuple[str, object]:

@@ -6,8 +6,11 @@ implemented yet; ``python -m mammojax.ingest --task=volume`` already writes them
 Columns: ``subject``; one column per contrast holding a NIfTI path relative to the images root
 (an empty cell = contrast not acquired); optional ``mask`` (segmentation NIfTI) and ``split``.
 The contrast columns are the ones named in ``VolumeOptions.contrasts`` or, by default, every
-column except subject / mask / split. The contrasts of a subject must share one voxel grid
-(co-registered), which is checked.
+column except subject / mask / split. The contrasts of a subject (and its mask) must share one
+voxel grid (co-registered): the same shape, spacing and affine, which is checked; a subject whose
+files differ is an error row. A path that leaves the images root (absolute, ``..``, a symlink to
+outside) is refused with its line and column; a subject on two rows is refused naming both lines
+(with ``duplicates='drop'``, identical repeated rows are dropped instead).
 
 Preprocessing: crop to the bounding box of the non-zero voxels of all contrasts, resample
 (trilinear; nearest for the mask) to fit ``size`` preserving the physical aspect ratio from the
@@ -31,16 +34,21 @@ from mammojax.data.ingest import tabular
 from mammojax.data.ingest.readers import ImageReadError, read_nifti
 
 RESERVED = ("subject", "mask", "split")
+# Largest difference between two spacings or affine entries (mm; the rotation entries are scaled
+# by the spacing) that still counts as the same grid: header rounding, not a real shift.
+GRID_TOLERANCE_MM = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
 class VolumeOptions:
-  """Attributes: output size (D, H, W); contrast columns (empty = all others); splits."""
+  """Attributes: output size (D, H, W); contrast columns (empty = all others); splits;
+  duplicates ('error' refuses a subject on two rows, 'drop' keeps the first of identical rows)."""
 
   size: tuple[int, int, int] = (96, 96, 96)
   contrasts: tuple[str, ...] = ()
   fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
   seed: int = 0
+  duplicates: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,7 @@ class VolumeItem:
   with_mask: bool
   size: tuple[int, int, int]
   subject_hash: str
+  names: tuple[str, ...] = ()  # the contrast columns, for messages
 
   @property
   def files(self) -> tuple[str, ...]:
@@ -59,7 +68,9 @@ class VolumeItem:
 
   def build(self) -> dict[str, Any]:
     volumes = {i: read_nifti(p) for i, p in enumerate(self.paths) if p}
-    first = next(iter(volumes.values()))
+    first_index = next(iter(volumes))
+    first = volumes[first_index]
+    first_name = self._name(first_index)
     for i, vol in volumes.items():
       if vol.voxels.shape != first.voxels.shape:
         raise ImageReadError(
@@ -67,12 +78,15 @@ class VolumeItem:
           f"shape {vol.voxels.shape} differs from the "
           f"subject's other contrasts {first.voxels.shape}; co-register them",
         )
+      _check_same_grid(self.paths[i], f"contrast {self._name(i)}", vol, first_name, first)
     mask = read_nifti(self.mask_path) if self.mask_path else None
     if mask is not None and mask.voxels.shape != first.voxels.shape:
       raise ImageReadError(
         self.mask_path,
         f"mask shape {mask.voxels.shape} differs from the image shape {first.voxels.shape}",
       )
+    if mask is not None:
+      _check_same_grid(self.mask_path, "the mask", mask, first_name, first)
     stack = np.stack([v.voxels for v in volumes.values()])
     nonzero = np.argwhere(np.any(stack != 0, axis=0))
     if nonzero.size == 0:
@@ -102,9 +116,38 @@ class VolumeItem:
       record["has_mask"] = np.int32(mask is not None)
     return record
 
+  def _name(self, index: int) -> str:
+    return repr(self.names[index]) if index < len(self.names) else f"#{index}"
+
+
+def _check_same_grid(path: str, what: str, volume, first_name: str, first) -> None:
+  """Refuses a volume of the subject's shape on another voxel grid (spacing or affine)."""
+  spacing, reference = np.asarray(volume.spacing), np.asarray(first.spacing)
+  if not np.allclose(spacing, reference, rtol=0, atol=GRID_TOLERANCE_MM):
+    raise ImageReadError(
+      path,
+      f"{what} has voxel spacing {tuple(round(float(v), 4) for v in spacing)} mm, contrast "
+      f"{first_name} {tuple(round(float(v), 4) for v in reference)} mm: same shape, different "
+      "voxel grids; resample them onto one grid (co-register)",
+    )
+  shift = float(np.max(np.abs(np.asarray(volume.affine) - np.asarray(first.affine))))
+  if shift > GRID_TOLERANCE_MM:
+    raise ImageReadError(
+      path,
+      f"{what} has another affine (voxel-to-world matrix) than contrast {first_name} (largest "
+      f"difference {shift:.3g} mm): same shape, different voxel grids (origin or orientation); "
+      "resample them onto one grid (co-register)",
+    )
+
 
 def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> tabular.IngestPlan:
-  """One item per subject row; missing files go to the errors list."""
+  """One item per subject row; missing files go to the errors list.
+
+  Raises:
+    ValueError: a missing images folder or column, a path outside the images folder, a subject
+      on two rows (unless identical rows are dropped), a patient in two splits.
+  """
+  images_root = tabular.images_root(images_root)
   table = tabular.read_table(csv_path, ("subject",) + options.contrasts)
   contrasts = options.contrasts or tuple(c for c in table.columns if c not in RESERVED)
   if not contrasts:
@@ -112,12 +155,23 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
   with_mask = "mask" in table.columns
   errors: list[tabular.ErrorRow] = []
   items, declared = {}, defaultdict(list)
+  dropped = tabular.duplicate_lines(
+    (
+      (line, row["subject"], {c: v for c, v in row.items() if c != "subject"})
+      for row, line in zip(table.rows, table.lines)
+    ),
+    options.duplicates,
+    "subject",
+  )
   for row, line in zip(table.rows, table.lines):
+    if line in dropped:
+      continue
     paths = tuple(
-      None if tabular.is_missing(row[c]) else os.path.join(images_root, row[c]) for c in contrasts
+      None if tabular.is_missing(row[c]) else tabular.confined_path(images_root, row[c], line, c)
+      for c in contrasts
     )
     mask_path = (
-      os.path.join(images_root, row["mask"])
+      tabular.confined_path(images_root, row["mask"], line, "mask")
       if with_mask and not tabular.is_missing(row["mask"])
       else None
     )
@@ -129,11 +183,6 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
       errors.append(tabular.ErrorRow(f"line {line}", absent[0], "file does not exist"))
       continue
     key = tabular.pseudonym(row["subject"], salt)
-    if key in items:
-      raise ValueError(
-        f"line {line}: subject appears on more than one row (first on "
-        f"{items[key].rows}); one row per subject"
-      )
     items[key] = VolumeItem(
       rows=f"line {line}",
       order=line,
@@ -142,6 +191,7 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
       with_mask=with_mask,
       size=tuple(options.size),
       subject_hash=key,
+      names=tuple(contrasts),
     )
     if "split" in table.columns:
       declared[key].append((line, row["split"]))
@@ -157,8 +207,14 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
     "volume_dtype": "float16",
     "split_seed": options.seed,
     "fractions": dict(options.fractions),
+    "duplicates_dropped": len(dropped),
   }
-  return tabular.IngestPlan(splits=splits, errors=errors, config=config)
+  return tabular.IngestPlan(
+    splits=splits,
+    errors=errors,
+    config=config,
+    redactor=tabular.Redactor(images_root, salt, frozenset(r["subject"] for r in table.rows)),
+  )
 
 
 def _fit(
