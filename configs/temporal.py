@@ -25,7 +25,8 @@ Variants: comma-separated tokens, ``--config=configs/temporal.py:vit,gru``.
              them), converted ImageNet weights, batch 8, Adam 1e-3, seq_len 3:
                python -m mammojax.convert resnet resnet18_imagenet.pt --out=/w/r18
                python -m mammojax.ingest --task=sequence --csv=oasis.csv --images=ROOT \
-                 --out=/data/oasis_seq --fractions=train=0.6,val=0.2,test=0.2
+                 --out=/data/oasis_seq --split=train=0.6,val=0.2,test=0.2 \
+                 --label_scope=patient --intensity=unit
                python -m mammojax.main --config=configs/temporal.py:paper,resnet,dnn \
                  --workdir=DIR --config.data.dir=/data/oasis_seq \
                  --config.model.backbone_checkpoint=/w/r18

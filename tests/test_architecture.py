@@ -15,7 +15,7 @@ LAYERS = (
   ("data", "metrics"),
   ("losses", "viz"),
   ("models",),
-  ("train",),
+  ("interpret", "train"),
   ("tasks",),
   ("convert", "runs"),
   (
