@@ -13,6 +13,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
+# A job stopped by SIGTERM after saving its state (128 + SIGTERM, what a shell reports for a job
+# the signal killed): schedulers that requeue preempted jobs by exit code recognise it.
+EXIT_PREEMPTED = 143
 
 
 def setup_console_logging() -> None:

@@ -7,6 +7,12 @@
 The job resumes from the newest checkpoint in --workdir. Metrics go to
 WORKDIR/metrics.jsonl and WORKDIR/tensorboard. Several hosts: pass --coordinator_address,
 --num_processes and --process_id (launch/ does it), or --distributed_auto on TPU pods/SLURM.
+
+One job at a time holds a workdir (WORKDIR/.lock); a second one is refused with the first
+one's pid and host. Exit codes: 0 when training finished (its steps or early stopping), 2 for a
+config or data error found before training (one line on stderr, see console.fail) or a workdir
+in use, 143 (console.EXIT_PREEMPTED) when SIGTERM stopped the job after it saved its state: a
+scheduler that requeues on that code resumes it with the same command.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from mammojax import console, tasks
 from mammojax.console import define_experiment_config, run_program
 from mammojax.host_memory import keep_freed_host_memory
 from mammojax.runs.stages import run_pretraining
-from mammojax.train.trainer import train_and_evaluate
+from mammojax.train import workdir_lock
+from mammojax.train.trainer import ConfigError, Preemption, train_and_evaluate
 
 _CONFIG = define_experiment_config()
 flags.adopt_module_key_flags(console)  # --help lists --config with this module's flags
@@ -62,11 +69,32 @@ def main(argv: list[str]) -> None:
     keep_freed_host_memory()  # before JAX starts its backend threads
   initialize_distributed()
   config = _CONFIG.value
-  run_pretraining(config, _WORKDIR.value, show_progress=_PROGRESS.value)
-  summary = train_and_evaluate(
-    config, _WORKDIR.value, tasks.build_task(config), show_progress=_PROGRESS.value
-  )
-  logging.getLogger("mammojax").info("finished: %s", {k: summary[k] for k in ("step", "stopped")})
+  workdir = _WORKDIR.value
+  log = logging.getLogger("mammojax")
+  try:
+    # The workdir stays locked from the first pretraining stage (each of which locks its own
+    # WORKDIR/<stage> too) to the end of the main run; a SIGTERM in a stage stops the job.
+    with workdir_lock.hold(workdir), Preemption() as preemption:
+      run_pretraining(config, workdir, show_progress=_PROGRESS.value)
+      if preemption.stop_requested():
+        summary = {"step": None, "stopped": "preempted"}
+      else:
+        summary = train_and_evaluate(
+          config, workdir, tasks.build_task(config), show_progress=_PROGRESS.value
+        )
+  except (ConfigError, workdir_lock.WorkdirInUseError) as e:
+    console.fail(str(e))
+  if summary["stopped"] == "preempted":
+    where = "during pretraining" if summary["step"] is None else f"at step {summary['step']}"
+    log.warning(
+      "preempted %s (SIGTERM); its state is saved in %s. Exiting with code %d so the scheduler "
+      "requeues the job; the same command resumes it.",
+      where,
+      workdir,
+      console.EXIT_PREEMPTED,
+    )
+    raise SystemExit(console.EXIT_PREEMPTED)
+  log.info("finished: %s", {k: summary[k] for k in ("step", "stopped")})
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ never leaves a half-written step that looks finished.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -65,11 +67,29 @@ class Checkpoints:
   def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
     if self.best is None or self.best_metric not in metrics:
       return
+    for kept in self.best.all_steps():
+      if kept >= step:
+        # Saved by a job killed before its next checkpoint, and beaten by this evaluation of
+        # the resumed run: orbax would silently skip a save at or before its newest step.
+        self.best.delete(kept)
     self.best.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
       metrics={self.best_metric: float(metrics[self.best_metric])},
     )
+
+  def best_so_far(self) -> tuple[int, float] | None:
+    """The step and ``best_metric`` value that ``best/`` holds (from an earlier segment of the
+    run), or None when it holds none."""
+    if self.best is None:
+      return None
+    step = self.best.best_step()
+    if step is None:
+      return None
+    metrics = self.best.metrics(step) or {}
+    if self.best_metric not in metrics:
+      return None
+    return step, float(metrics[self.best_metric])
 
   def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
     """Restores ``state`` (with the shardings in ``abstract_state``) and the iterator in place."""
@@ -117,6 +137,8 @@ def restore_state_only(
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    if abstract_state is not None:
+      _raise_if_shapes_differ(directory, step, abstract_state)
     try:
       restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -124,3 +146,43 @@ def restore_state_only(
     except Exception as e:  # As above.
       raise RuntimeError(f"could not restore {directory}/{step}: {e}") from e
   return restored["state"], step
+
+
+def _raise_if_shapes_differ(directory: str, step: int, abstract_state: Any) -> None:
+  """A ValueError naming the first parameter whose saved shape differs from the model's (a
+  model or input width other than the run's), instead of orbax's error deep inside restore."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns about the items this read leaves alone
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(os.path.join(directory, str(step), "state"))
+    saved = getattr(metadata, "item_metadata", metadata)
+  except Exception:  # Metadata unreadable: let restore report what is wrong.
+    return
+  finally:
+    absl_logger.setLevel(level)
+  saved_shapes = {
+    _slash_path(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+    if hasattr(leaf, "shape")
+  }
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    key = _slash_path(path)
+    if key in saved_shapes and saved_shapes[key] != tuple(leaf.shape):
+      raise ValueError(
+        f"{directory}/{step}: {key} is {list(saved_shapes[key])} in the checkpoint but "
+        f"{list(leaf.shape)} in the model built from this config and data; was the run trained "
+        "with other model sizes or inputs of another width (e.g. features of another backbone)?"
+      )
+
+
+def _slash_path(path: tuple) -> str:
+  """``'params/input/kernel'`` for a tree path of dict keys, attributes or indices."""
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+  return "/".join(names)
