@@ -23,7 +23,7 @@ from mammojax import tasks
 from mammojax.atomic_files import atomic_write
 from mammojax.console import run_program
 from mammojax.evaluate import evaluate_checkpoint
-from mammojax.runs.config_files import set_config_field
+from mammojax.runs.config_files import config_field, set_config_field
 from mammojax.runs.stages import run_pretraining
 from mammojax.train.trainer import train_and_evaluate
 
@@ -55,9 +55,33 @@ def run_ablation(config, workdir: str, field: str, values: list, split: str) -> 
   return {"field": field, "split": split, "arms": arms}
 
 
+def parse_values(config, field: str, texts: list[str]) -> list:
+  """``--values`` as Python literals for the config field ``field``.
+
+  Raises:
+    KeyError: ``field`` names no config field.
+    ValueError: a value does not parse, naming it, the field and the field's current type.
+  """
+  owner, name = config_field(config, field, what="--field")
+  current = owner[name]
+  kind = type(current).__name__
+  kind = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+  values = []
+  for text in texts:
+    try:
+      values.append(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      example = repr(current) if current is not None else "a Python literal such as 3 or 'gru'"
+      raise ValueError(
+        f"--values: {text!r} does not parse as a value of {field} ({kind}, now {current!r}); "
+        f"give Python literals such as {example}, strings in quotes"
+      ) from None
+  return values
+
+
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
-  values = [ast.literal_eval(v) for v in f.values]
+  values = parse_values(f.config, f.field, f.values)
   result = run_ablation(f.config, f.workdir, f.field, values, f.split)
   text = json.dumps(result, indent=2)
   with atomic_write(os.path.join(f.workdir, "ablation.json")) as out:

@@ -10,9 +10,10 @@ WORKDIR/metrics.jsonl and WORKDIR/tensorboard. Several hosts: pass --coordinator
 
 One job at a time holds a workdir (WORKDIR/.lock); a second one is refused with the first
 one's pid and host. Exit codes: 0 when training finished (its steps or early stopping), 2 for a
-config or data error found before training (one line on stderr, see console.fail) or a workdir
-in use, 143 (console.EXIT_PREEMPTED) when SIGTERM stopped the job after it saved its state: a
-scheduler that requeues on that code resumes it with the same command.
+config, data or checkpoint error or a workdir in use (one line on stderr, see
+console.run_program; --verbose adds the traceback), 1 for any other failure, 143
+(console.EXIT_PREEMPTED) when SIGTERM stopped the job after it saved its state: a scheduler that
+requeues on that code resumes it with the same command.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mammojax.console import define_experiment_config, run_program
 from mammojax.host_memory import keep_freed_host_memory
 from mammojax.runs.stages import run_pretraining
 from mammojax.train import workdir_lock
-from mammojax.train.trainer import ConfigError, Preemption, train_and_evaluate
+from mammojax.train.trainer import Preemption, train_and_evaluate
 
 _CONFIG = define_experiment_config()
 flags.adopt_module_key_flags(console)  # --help lists --config with this module's flags
@@ -71,19 +72,17 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value
   log = logging.getLogger("mammojax")
-  try:
-    # The workdir stays locked from the first pretraining stage (each of which locks its own
-    # WORKDIR/<stage> too) to the end of the main run; a SIGTERM in a stage stops the job.
-    with workdir_lock.hold(workdir), Preemption() as preemption:
-      run_pretraining(config, workdir, show_progress=_PROGRESS.value)
-      if preemption.stop_requested():
-        summary = {"step": None, "stopped": "preempted"}
-      else:
-        summary = train_and_evaluate(
-          config, workdir, tasks.build_task(config), show_progress=_PROGRESS.value
-        )
-  except (ConfigError, workdir_lock.WorkdirInUseError) as e:
-    console.fail(str(e))
+  # The workdir stays locked from the first pretraining stage (each of which locks its own
+  # WORKDIR/<stage> too) to the end of the main run; a SIGTERM in a stage stops the job. A
+  # ConfigError or WorkdirInUseError ends the job with one line and exit code 2 (run_program).
+  with workdir_lock.hold(workdir), Preemption() as preemption:
+    run_pretraining(config, workdir, show_progress=_PROGRESS.value)
+    if preemption.stop_requested():
+      summary = {"step": None, "stopped": "preempted"}
+    else:
+      summary = train_and_evaluate(
+        config, workdir, tasks.build_task(config), show_progress=_PROGRESS.value
+      )
   if summary["stopped"] == "preempted":
     where = "during pretraining" if summary["step"] is None else f"at step {summary['step']}"
     log.warning(

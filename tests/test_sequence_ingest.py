@@ -106,8 +106,7 @@ def test_float_nifti_slices_keep_their_absolute_intensities(tmp_path):
   for i, pixels in enumerate(slices):
     nib.save(nib.Nifti1Image(pixels, np.eye(4)), str(tmp_path / f"s{i}.nii.gz"))
   rows = [
-    dict(patient_id="A", date=f"201{i}-01-01", image_path=f"s{i}.nii.gz", label=1)
-    for i in range(2)
+    dict(patient_id="A", date=f"201{i}-01-01", image_path=f"s{i}.nii.gz", label=1) for i in range(2)
   ]
   preprocess = MammoPreprocessConfig(
     height=16, width=16, orientation="none", crop=False, intensity="unit"

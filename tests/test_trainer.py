@@ -127,7 +127,7 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   config.train.steps = 8
-  with pytest.raises(RuntimeError, match=r"could not restore checkpoint step 6 from .*checkpoints"):
+  with pytest.raises(RuntimeError, match=r"checkpoint .*checkpoints/6 is damaged or incomplete"):
     trainer.train_and_evaluate(config, workdir, TinyTask(config), show_progress=False)
 
 

@@ -8,13 +8,64 @@ never leaves a half-written step that looks finished.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from mammojax.console import InputError, one_line
+
+
+class CheckpointDamagedError(InputError, RuntimeError):
+  """A checkpoint step that exists but cannot be restored: a file of it is truncated or missing,
+  or it was written by an incompatible config. The message names the step's directory and what
+  to do. An input error (exit code 2): running the same command again cannot help; removing the
+  step (to fall back to an earlier one) or retraining does."""
+
+
+def _damaged(where: str, error: Exception, advice: str) -> CheckpointDamagedError:
+  """The error for step directory ``where`` that orbax could not restore (``error``), with the
+  gist of orbax's message: its tensorstore specs cut off and long messages kept to their end,
+  which names the file and what is wrong with it."""
+  detail = one_line(str(error).split(" [tensorstore_spec")[0]) or type(error).__name__
+  if len(detail) > 300:
+    detail = "..." + detail[-300:]
+  return CheckpointDamagedError(f"checkpoint {where} is damaged or incomplete ({detail}); {advice}")
+
+
+def _drop_closed_loop_errors() -> None:
+  """From now on, drops the "Event loop is closed" errors that tensorstore reports (through
+  ``sys.unraisablehook``, from its own threads) for reads that finish after orbax gave up a
+  failed restore and closed its event loop; they would bury the restore's one-line error in
+  tracebacks. Every other error still reaches the previous hook."""
+  if getattr(sys.unraisablehook, "drops_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def unraisablehook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  unraisablehook.drops_closed_loop = True
+  sys.unraisablehook = unraisablehook
+
+
+def _drop_failed_reads() -> None:
+  """Collects orbax's abandoned read tasks of a failed restore now, with asyncio's logger muted,
+  so their "Task exception was never retrieved" tracebacks do not reach the console later."""
+  asyncio_log = logging.getLogger("asyncio")
+  level = asyncio_log.level
+  asyncio_log.setLevel(logging.CRITICAL)
+  try:
+    gc.collect()
+  finally:
+    asyncio_log.setLevel(level)
 
 
 class Checkpoints:
@@ -93,6 +144,7 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
     """Restores ``state`` (with the shardings in ``abstract_state``) and the iterator in place."""
+    _drop_closed_loop_errors()
     try:
       restored = self.latest.restore(
         step,
@@ -102,12 +154,16 @@ class Checkpoints:
         ),
       )
     except Exception as e:  # Orbax raises many exception types for damaged directories.
-      raise RuntimeError(
-        f"could not restore checkpoint step {step} from {self.directory}/{step}: {e}\n"
-        f"The checkpoint is damaged or was written by an incompatible config. Remove "
-        f"{self.directory}/{step} to resume from the previous step, or start a fresh --workdir."
-      ) from e
-    return restored["state"]
+      error = _damaged(
+        f"{self.directory}/{step}",
+        e,
+        f"it may also have been written by an incompatible config. Remove "
+        f"{self.directory}/{step} to resume from the previous step, or start a fresh --workdir",
+      )
+    else:
+      return restored["state"]
+    _drop_failed_reads()  # outside the except block, which keeps orbax's frames alive
+    raise error
 
   def reached_preemption(self, step: int) -> bool:
     return self.latest.reached_preemption(step)
@@ -130,6 +186,11 @@ def restore_state_only(
 
   ``abstract_state`` carries target shapes and shardings; ``None`` restores host arrays with the
   saved structure (for reading pieces of another run).
+
+  Raises:
+    FileNotFoundError: ``directory`` does not exist or holds no finished step.
+    ValueError: a parameter's saved shape differs from ``abstract_state``'s.
+    CheckpointDamagedError: the step cannot be restored (a truncated or missing file).
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -139,13 +200,21 @@ def restore_state_only(
       raise FileNotFoundError(f"{directory} holds no finished checkpoint")
     if abstract_state is not None:
       _raise_if_shapes_differ(directory, step, abstract_state)
+    _drop_closed_loop_errors()
     try:
       restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
       )
     except Exception as e:  # As above.
-      raise RuntimeError(f"could not restore {directory}/{step}: {e}") from e
-  return restored["state"], step
+      error = _damaged(
+        f"{directory}/{step}",
+        e,
+        f"remove {directory}/{step} to use an earlier step, or retrain the run",
+      )
+    else:
+      return restored["state"], step
+  _drop_failed_reads()
+  raise error
 
 
 def _raise_if_shapes_differ(directory: str, step: int, abstract_state: Any) -> None:

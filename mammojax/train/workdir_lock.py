@@ -28,13 +28,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mammojax.console import InputError
+
 log = logging.getLogger("mammojax")
 
 LOCK_FILE = ".lock"
 
 
-class WorkdirInUseError(RuntimeError):
-  """Another job holds the workdir; the message names its pid, host and start time."""
+class WorkdirInUseError(InputError, RuntimeError):
+  """Another job holds the workdir; the message names its pid, host and start time. A command
+  ends on it with exit code 2 (``console.run_program``)."""
 
 
 _held: dict[str, list] = {}  # realpath of the lock file -> [fd, depth] for this process

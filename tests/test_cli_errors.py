@@ -1,0 +1,161 @@
+"""Bad input through the real command lines: every ``python -m mammojax.<command>`` ends a user
+error with one line on stderr that names the file, flag or config field, exit code 2 and no
+traceback (``--verbose`` adds it), and leaves no partial output behind.
+
+A new command joins by adding its cases to ``CASES``: ``(id, args, message parts, paths that
+must not exist)``, where ``{run}`` is a tiny trained run (shared by the module), ``{tmp}`` a fresh
+directory of the case and ``TINY`` the driver that registers the tiny test task.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "run_tiny_task.py")
+TINY_CONFIG = "--config=tests/tiny_task_config.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, *args] if args[0] == TINY else [sys.executable, "-m", *args]
+  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> str:
+  """A tiny run trained for 6 steps (checkpoints at 3 and 6)."""
+  workdir = str(tmp_path_factory.mktemp("cli_errors") / "run")
+  result = _run(TINY, "mammojax.main", TINY_CONFIG, f"--workdir={workdir}", "--noprogress")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _without_checkpoints(run: str, tmp: str) -> None:
+  os.makedirs(os.path.join(tmp, "w"))
+  shutil.copy(os.path.join(run, "config.json"), os.path.join(tmp, "w", "config.json"))
+
+
+def _truncated_checkpoint(run: str, tmp: str) -> None:
+  """Copies the run and cuts every data file of its newest step to 10 bytes."""
+  shutil.copytree(run, os.path.join(tmp, "w"))
+  for path in glob.glob(
+    os.path.join(tmp, "w", "checkpoints", "6", "state", "**", "d", "*"), recursive=True
+  ):
+    os.truncate(path, 10)
+
+
+# (id, prepare(run, tmp) or None, args, parts of the message, paths (under {tmp}) left absent)
+CASES = [
+  (
+    "main_missing_config",
+    None,
+    ("mammojax.main", "--config=configs/no_such_config.py", "--workdir={tmp}/w"),
+    ("configs/no_such_config.py",),
+    ("w",),
+  ),
+  (
+    "main_unknown_override",
+    None,
+    (
+      "mammojax.main",
+      "--config=configs/icon_digits.py:smoke",
+      "--config.train.stepz=3",
+      "--workdir={tmp}/w",
+    ),
+    ("--config.train.stepz: no such config field",),
+    ("w",),
+  ),
+  (
+    "main_negative_steps",
+    None,
+    (TINY, "mammojax.main", TINY_CONFIG, "--config.train.steps=-5", "--workdir={tmp}/w"),
+    ("train.steps",),
+    ("w/checkpoints", "w/metrics.jsonl", "w/summary.json"),
+  ),
+  (
+    "evaluate_without_checkpoints",
+    _without_checkpoints,
+    (TINY, "mammojax.evaluate", "--workdir={tmp}/w"),
+    ("{tmp}/w/checkpoints",),
+    ("w/eval_test",),
+  ),
+  (
+    "evaluate_truncated_checkpoint",
+    _truncated_checkpoint,
+    (TINY, "mammojax.evaluate", "--workdir={tmp}/w"),
+    ("checkpoint {tmp}/w/checkpoints/6 is damaged or incomplete", "remove"),
+    ("w/eval_test",),
+  ),
+  (
+    "ablate_unparsable_value",
+    None,
+    (
+      TINY,
+      "mammojax.ablate",
+      TINY_CONFIG,
+      "--workdir={tmp}/w",
+      "--field=model.hidden",
+      "--values=16,eight",
+    ),
+    ("--values: 'eight' does not parse as a value of model.hidden (an int",),
+    ("w",),
+  ),
+  (
+    "extract_features_without_backbone",
+    None,
+    ("mammojax.extract_features", "--config=configs/temporal.py:smoke", "--out={tmp}/feats"),
+    ("model.backbone_checkpoint",),
+    ("feats",),
+  ),
+  (
+    "sweep_arm_without_label",
+    None,
+    ("mammojax.sweep", "--workdir={tmp}/w", "--arm=configs/temporal.py:smoke"),
+    ("--arm 'configs/temporal.py:smoke'", "LABEL="),
+    ("w/results.json", "w/results.md"),
+  ),
+  (
+    "convert_unknown_kind",
+    None,
+    ("mammojax.convert", "no_such_kind", "{tmp}/model.pt", "--out={tmp}/out"),
+    ("unknown kind 'no_such_kind'",),
+    ("out",),
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "prepare, args, parts, absent", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_ends_with_one_line_and_exit_2(
+  trained_run, tmp_path, prepare, args, parts, absent
+):
+  tmp = str(tmp_path)
+  if prepare is not None:
+    prepare(trained_run, tmp)
+  result = _run(*(a.format(tmp=tmp) for a in args))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), result.stderr[-3000:]
+  for part in parts:
+    assert part.format(tmp=tmp) in last, last
+  for path in absent:
+    assert not os.path.exists(os.path.join(tmp, path)), path
+
+
+def test_verbose_adds_the_traceback(trained_run, tmp_path):
+  tmp = str(tmp_path)
+  _without_checkpoints(trained_run, tmp)
+  result = _run(TINY, "mammojax.evaluate", f"--workdir={tmp}/w", "--verbose")
+  assert result.returncode == 2
+  assert "Traceback (most recent call last)" in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and f"{tmp}/w/checkpoints" in last, last
