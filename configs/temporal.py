@@ -6,7 +6,8 @@ class logits. Default: the embedded synthetic brain-MRI cohort (disease enlarges
 over visits, so one image is ambiguous and the sequence is not), a ResNet-18 first trained on a
 separate synthetic pretraining cohort (stands in for ImageNet weights: ``config.pretrain``
 trains it into WORKDIR/backbone_resnet unless --config.model.backbone_checkpoint names one),
-features extracted once, then the reference's temporal DNN over 3 visits:
+features extracted once, then a GRU over the newest 3 visits and their time gaps (the reference's
+DNN is ``:dnn``; benchmarks/RESULTS.md compares them):
 
   python -m mammojax.main --config=configs/temporal.py --workdir=/tmp/temporal
 
@@ -14,8 +15,8 @@ Variants: comma-separated tokens, ``--config=configs/temporal.py:vit,gru``.
 
   backbone   resnet (default) | vit
   model      image (linear head on the current image's features, seq_len 1: the seed's
-             "ResNet"/"ViT" rows) | dnn (default: the reference's "seq 3" model) | gru |
-             transformer (both see the time gaps between visits)
+             "ResNet"/"ViT" rows) | dnn (the reference's "seq 3" model; default with paper) |
+             gru (default) | transformer (both see the time gaps between visits)
   route      end_to_end: features computed inside the step (the backbone can train with
              --config.model.backbone_trainable=all; attribution reaches every image's pixels)
   pretrain   the backbone pretraining run itself (image_classifier on the pretraining cohort)
@@ -121,7 +122,9 @@ def _tokens(variant: str) -> tuple[str, str, set[str]]:
   if unknown:
     raise fragments.unknown_variant("configs/temporal.py", unknown[0], BACKBONES + MODELS + OPTIONS)
   backbone = [t for t in tokens if t in BACKBONES] or ["resnet"]
-  model = [t for t in tokens if t in MODELS] or ["dnn"]
+  # Default: the GRU, which sees the time gaps (on the synthetic cohort it finds the change the
+  # reference's DNN misses); with `paper`, the reference's DNN.
+  model = [t for t in tokens if t in MODELS] or ["dnn" if "paper" in tokens else "gru"]
   if len(backbone) > 1 or len(model) > 1:
     raise ValueError(
       f"configs/temporal.py:{variant} names more than one backbone or model; pick one of "

@@ -47,6 +47,8 @@ def test_every_variant_loads_and_unknown_tokens_are_named():
         assert config.model.backbone.kind == backbone
         assert config.data.seq_len == (1 if model == "image" or "pretrain" in extra else 3)
         tasks.build_task(config)
+  assert shipped_config("temporal").model.temporal.kind == "gru"
+  assert shipped_config("temporal", "paper").model.temporal.kind == "dnn"
   with pytest.raises(ValueError, match="unknown variant 'lstm'"):
     shipped_config("temporal", "resnet,lstm")
   with pytest.raises(ValueError, match="more than one backbone"):
