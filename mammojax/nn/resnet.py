@@ -22,7 +22,9 @@ bias, + BN) when it strides or changes the channel count. Sown under torchvision
 (:data:`RESNET_INTERMEDIATE_NAMES`), so that an attribution names the same layer as in Captum:
 ``relu`` (stem after its ReLU, ``[B, H/2, W/2, C]``), ``maxpool`` (``[B, H/4, W/4, C]``),
 ``layer1`` .. ``layer4`` (each stage's output, down to ``[B, H/32, W/32, C]``) and ``avgpool``
-(the pooled ``[B, C]``); sizes round up.
+(the pooled ``[B, C]``); sizes round up. Each sown value also passes through Flax's
+``perturb`` under the same name (:func:`mammojax.nn.intermediates.expose`), so that gradients with respect to it can be
+taken without hooks (:mod:`mammojax.interpret`).
 
 Both: BatchNorm uses torch's defaults (epsilon 1e-5, torch momentum 0.1 == Flax momentum 0.9);
 convs are initialised as torchvision does (He normal on fan-out), BN with scale 1 and bias 0.
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mammojax.nn import initializers, partitioning
+from mammojax.nn.intermediates import expose
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -329,9 +332,8 @@ class ResNet(nn.Module):
     images = _check_images(images, f"ResNet-{self.depth}")
     bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
     x = _stem_conv(images, self.base_width, use_running_average, activation=self.activation, **bn)
-    self.sow("intermediates", "relu", x)
-    x = _stem_pool(x)
-    self.sow("intermediates", "maxpool", x)
+    x = expose(self, "relu", x)
+    x = expose(self, "maxpool", _stem_pool(x))
     for stage, num_blocks in enumerate(stage_sizes):
       features = self.base_width * 2**stage
       for index in range(num_blocks):
@@ -344,10 +346,10 @@ class ResNet(nn.Module):
           name=f"layer{stage + 1}_{index}",
           **bn,
         )(x, use_running_average=use_running_average)
-      self.sow("intermediates", f"layer{stage + 1}", x)
+      x = expose(self, f"layer{stage + 1}", x)
     # Average in float32 whatever the computation dtype.
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
-    self.sow("intermediates", "avgpool", x)
+    x = expose(self, "avgpool", x)
     if self.num_classes > 0:
       x = partitioning.dense(
         self.num_classes, "fc", kernel_init=initializers.torch_default_kernel, dtype=self.dtype

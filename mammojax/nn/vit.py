@@ -32,7 +32,9 @@ Intermediates are sown into the ``'intermediates'`` collection when the caller m
 ``[B, h, w, D]``), ``encoder_layer_{i}_out`` (block ``i``'s output tokens ``[B, 1 + N, D]``)
 and ``encoder_norm_out`` (``[B, 1 + N, D]``). A sown name cannot be its module's own name: Flax
 keeps one namespace per module for submodules and variables of every collection. Token layers
-become maps with :func:`tokens_to_grid`.
+become maps with :func:`tokens_to_grid`. Each sown value also passes through Flax's ``perturb``
+under the same name (:func:`mammojax.nn.intermediates.expose`), so that gradients with respect to it can be taken without
+hooks (:mod:`mammojax.interpret`).
 
 Gradient caveat (GradCAM and relatives): only the class token of the LAST block's output reaches
 the class-token feature, so gradients on the patch tokens of ``encoder_layer_{depth-1}_out`` and
@@ -55,6 +57,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mammojax.nn import partitioning
+from mammojax.nn.intermediates import expose
 from mammojax.nn.transformer import TransformerBlock, gelu_exact
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -188,7 +191,7 @@ class VisionTransformer(nn.Module):
       kernel_init=partitioning.conv_kernel_init(_patch_init, len(spatial)),
       name="conv_proj",
     )(images)
-    self.sow("intermediates", _sown_name("conv_proj"), x)
+    x = expose(self, _sown_name("conv_proj"), x)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.hidden_dim)
     token_init = lambda init: nn.with_logical_partitioning(init, partitioning.TOKEN_AXES)  # noqa: E731
@@ -215,14 +218,14 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype,
         name=f"encoder_layer_{i}",
       )(x, deterministic=not train)
-      self.sow("intermediates", _sown_name(f"encoder_layer_{i}"), x)
+      x = expose(self, _sown_name(f"encoder_layer_{i}"), x)
     x = nn.LayerNorm(
       epsilon=self.layer_norm_epsilon,
       use_fast_variance=False,
       dtype=self.dtype,
       name="encoder_norm",
     )(x)
-    self.sow("intermediates", _sown_name("encoder_norm"), x)
+    x = expose(self, _sown_name("encoder_norm"), x)
     features = x[:, 0] if self.class_token else jnp.mean(x, axis=1)
     if self.num_classes <= 0:
       return features
