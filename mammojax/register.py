@@ -21,13 +21,19 @@ Writes to ``--out``:
 * ``grid.png``: moving, fixed, warped and the deformed grid (the middle slice of a volume).
 
 Prints one JSON object: similarity before and after, the fold count (negative Jacobian
-determinants), the steps and the output directory.
+determinants), the minimum Jacobian determinant, the steps and the output directory.
+
+Refused before optimising, with one line on stderr and exit code 2: a non-finite or out-of-range
+``--lambda``, ``--sigma`` or ``--lr``; an image with fewer than 2 pixels along an axis, with
+NaN or infinite values or with a single intensity (constant); ``--out`` that is (or lies under)
+a file.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -77,7 +83,68 @@ def read_pair(fixed_path: str, moving_path: str) -> tuple[np.ndarray, np.ndarray
       f"{moving_geometry['spacing']}); displacements are in fixed voxels",
       file=sys.stderr,
     )
+  check_image(fixed, f"--fixed {fixed_path}")
+  check_image(moving, f"--moving {moving_path}")
   return _unit_range(fixed), _unit_range(moving), geometry
+
+
+def check_image(image: np.ndarray, name: str) -> None:
+  """Refuses an image that cannot be registered: fewer than 2 pixels along an axis, NaN or
+  infinite values, or a single intensity (nothing to align; min-max scaling is undefined).
+
+  Raises:
+    RegistrationInputError: naming ``name`` (e.g. ``'--fixed a.png'``) and the reason.
+  """
+  if image.size == 0 or min(image.shape) < 2:
+    raise RegistrationInputError(
+      f"{name} has shape {tuple(image.shape)}: registration needs at least 2 pixels along every "
+      "axis"
+    )
+  finite = np.isfinite(image)
+  if not finite.all():
+    raise RegistrationInputError(
+      f"{name} has {int(image.size - finite.sum())} NaN or infinite values: give an image with "
+      "finite intensities"
+    )
+  low, high = float(image.min()), float(image.max())
+  if not high > low:
+    raise RegistrationInputError(
+      f"{name} is constant (every value is {low:g}): there is nothing to register; check that "
+      "it is the intended image"
+    )
+
+
+def check_options(*, steps: int, lmbda: float, learning_rate: float, sigma: float) -> None:
+  """Refuses optimisation settings that would give NaN or no optimisation at all.
+
+  Raises:
+    RegistrationInputError: naming the flag, its value and the accepted range.
+  """
+  if steps < 0:
+    raise RegistrationInputError(f"--steps={steps}: give a number of steps >= 0")
+  checks = (
+    ("lambda", lmbda, lmbda >= 0, "the regulariser weight must be a finite number >= 0"),
+    ("lr", learning_rate, learning_rate > 0, "the Adam step size must be a finite number > 0"),
+    ("sigma", sigma, sigma > 0, "the LNCC window width must be a finite number > 0 (pixels)"),
+  )
+  for flag, value, in_range, rule in checks:
+    if not (math.isfinite(value) and in_range):
+      raise RegistrationInputError(f"--{flag}={value}: {rule}")
+
+
+def check_out(out_dir: str) -> None:
+  """Refuses an output directory that is, or lies under, an existing file (before any work)."""
+  path = os.path.abspath(out_dir)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+  if not os.path.isdir(path):
+    where = "is a file" if path == os.path.abspath(out_dir) else f"lies under the file {path}"
+    raise RegistrationInputError(
+      f"--out {out_dir} {where}: give a new or existing directory for the outputs"
+    )
 
 
 def _read_any(path: str, flag: str) -> tuple[np.ndarray, dict]:
@@ -152,7 +219,11 @@ def register(
     initial_displacement: ``[*S, n]`` pixels, 'ij' (e.g. a network's prediction).
   Returns:
     ``{'displacement': [*S, n] pixels, 'warped': [*S], 'similarity_before',
-    'similarity_after', 'folds'}``.
+    'similarity_after', 'folds', 'min_jacobian'}``.
+
+  Raises:
+    RegistrationInputError: an image or setting refused by :func:`check_image` or
+      :func:`check_options`, before any optimisation.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -164,6 +235,9 @@ def register(
 
   if regularizer not in REGULARIZERS:
     raise ValueError(f"--regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+  check_options(steps=steps, lmbda=lmbda, learning_rate=learning_rate, sigma=sigma)
+  check_image(fixed, "fixed")
+  check_image(moving, "moving")
   num_axes = fixed.ndim
   fixed_b = jnp.asarray(fixed)[None, ..., None]
   moving_b = jnp.asarray(moving)[None, ..., None]
@@ -210,13 +284,15 @@ def register(
       bar.set_postfix(objective=f"{float(value):.4f}")
   bar.close()
   after = float(evaluate_similarity(displacement))
-  folds = int(warp_lib.count_folds(displacement)[0])
+  determinant = warp_lib.jacobian_determinant(displacement)
+  folds = int(jnp.sum(determinant < 0))
   return {
     "displacement": np.asarray(displacement[0]),
     "warped": np.asarray(warped_of(displacement)[0, ..., 0]),
     "similarity_before": before,
     "similarity_after": after,
     "folds": folds,
+    "min_jacobian": float(jnp.min(determinant)),
   }
 
 
@@ -383,7 +459,10 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
 def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
   """Registers, writes the outputs and prints the JSON summary; a user error ends the command
   with one line on stderr and exit code 2."""
+  options = {"steps": f.steps, "lmbda": f["lambda"].value, "learning_rate": f.lr, "sigma": f.sigma}
   try:
+    check_options(**options)
+    check_out(f.out)
     fixed, moving, geometry = read_pair(f.fixed, f.moving)
     initial = predict_displacement(f.model, fixed, moving) if f.model else None
   except RegistrationInputError as e:
@@ -391,14 +470,11 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
   result = register(
     fixed,
     moving,
-    steps=f.steps,
     similarity=f.similarity,
-    lmbda=f["lambda"].value,
     regularizer=f.regularizer,
-    learning_rate=f.lr,
-    sigma=f.sigma,
     initial_displacement=initial,
     progress=f.progress,
+    **options,
   )
   write_outputs(f.out, result, fixed, moving, geometry)
   summary = {
@@ -406,6 +482,7 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
     "similarity_before": result["similarity_before"],
     "similarity_after": result["similarity_after"],
     "folds": result["folds"],
+    "min_jacobian": result["min_jacobian"],
     "steps": f.steps,
     "shape": list(fixed.shape),
     "out": f.out,

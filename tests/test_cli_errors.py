@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from image_files import phantom, write_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "run_tiny_task.py")
@@ -50,6 +52,26 @@ def _truncated_checkpoint(run: str, tmp: str) -> None:
   ):
     os.truncate(path, 10)
 
+
+def _register_pair(run: str, tmp: str) -> None:
+  """Writes a tiny registrable pair ``fixed.png`` and ``moving.png``."""
+  image = phantom(12, 10, label=False)
+  write_png(os.path.join(tmp, "fixed.png"), image)
+  write_png(os.path.join(tmp, "moving.png"), np.roll(image, 1, 0))
+
+
+def _register_constant_moving(run: str, tmp: str) -> None:
+  _register_pair(run, tmp)
+  write_png(os.path.join(tmp, "moving.png"), np.full((12, 10), 5, np.uint8))
+
+
+def _register_out_is_file(run: str, tmp: str) -> None:
+  _register_pair(run, tmp)
+  with open(os.path.join(tmp, "out"), "w") as f:
+    f.write("keep")
+
+
+REGISTER = ("mammojax.register", "--fixed={tmp}/fixed.png", "--moving={tmp}/moving.png")
 
 # (id, prepare(run, tmp) or None, args, parts of the message, paths (under {tmp}) left absent)
 CASES = [
@@ -127,6 +149,34 @@ CASES = [
     ("mammojax.convert", "no_such_kind", "{tmp}/model.pt", "--out={tmp}/out"),
     ("unknown kind 'no_such_kind'",),
     ("out",),
+  ),
+  (
+    "register_nan_lambda",
+    _register_pair,
+    (*REGISTER, "--out={tmp}/out", "--lambda=nan"),
+    ("--lambda=nan: the regulariser weight must be a finite number >= 0",),
+    ("out",),
+  ),
+  (
+    "register_zero_sigma",
+    _register_pair,
+    (*REGISTER, "--out={tmp}/out", "--sigma=0"),
+    ("--sigma=0.0: the LNCC window width must be a finite number > 0",),
+    ("out",),
+  ),
+  (
+    "register_constant_moving",
+    _register_constant_moving,
+    (*REGISTER, "--out={tmp}/out"),
+    ("--moving {tmp}/moving.png is constant",),
+    ("out",),
+  ),
+  (
+    "register_out_is_file",
+    _register_out_is_file,
+    (*REGISTER, "--out={tmp}/out"),
+    ("--out {tmp}/out is a file",),
+    ("out/displacement.npy",),
   ),
 ]
 
