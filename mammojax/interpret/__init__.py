@@ -12,7 +12,9 @@ check them against it:
 * :func:`guided_backprop`, :func:`guided_gradcam` (``GuidedBackprop``, ``GuidedGradCam``);
 * :func:`integrated_gradients` (with its convergence delta), :func:`gradient_shap`,
   :func:`noise_tunnel` (SmoothGrad, SmoothGrad-squared, VarGrad);
-* :func:`saliency`, :func:`input_x_gradient`, :func:`input_gradient`.
+* :func:`saliency`, :func:`input_x_gradient`, :func:`input_gradient`;
+* over the visits of the temporal models (:mod:`mammojax.interpret.temporal`):
+  :func:`visit_integrated_gradients`, :func:`visit_occlusion`.
 
 Maps are channels-last: input attributions ``[B, H, W, C]``, GradCAM ``[B, H, W]``.
 
@@ -36,11 +38,17 @@ from mammojax.interpret.integrated import (
 )
 from mammojax.interpret.interpolate import interpolate
 from mammojax.interpret.layers import layer_activation_and_gradient, layer_names
+from mammojax.interpret.temporal import (
+  VisitAttribution,
+  visit_integrated_gradients,
+  visit_occlusion,
+)
 
 __all__ = [
   "Guided",
   "Integrated",
   "ModelAdapter",
+  "VisitAttribution",
   "gradcam",
   "gradient_shap",
   "gradient_shap_draws",
@@ -60,4 +68,6 @@ __all__ = [
   "resnet_adapter",
   "saliency",
   "vit_adapter",
+  "visit_integrated_gradients",
+  "visit_occlusion",
 ]
