@@ -320,6 +320,15 @@ def test_mil_and_sequence_duplicates_are_refused_or_dropped(tmp_path):
   assert len(plan.splits["train"]) == 1 and plan.config["duplicates_dropped"] == 1
 
 
+def test_mil_image_under_two_patients_is_refused(tmp_path):
+  write_png(str(tmp_path / "a.png"), phantom(48, 40, "R", seed=1))
+  first = dict(patient_id="p1", image_path="a.png", laterality="R", view="CC", Mass=1)
+  path = _write_csv(tmp_path / "mil.csv", [first, dict(first, patient_id="p2", Mass=0)])
+  options = mil_csv.MilOptions(labels=("Mass",), fractions=(("train", 1.0),), preprocess=SIZE)
+  with pytest.raises(ValueError, match=r"lines 2 and 3 name the same image under different"):
+    mil_csv.plan(path, str(tmp_path), options, "s")
+
+
 def test_volume_subject_on_two_rows_names_both_lines(tmp_path):
   write_nifti(str(tmp_path / "t1.nii.gz"), np.ones((4, 4, 4), np.float32))
   row = dict(subject="s1", T1="t1.nii.gz")

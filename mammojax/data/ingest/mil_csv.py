@@ -113,6 +113,13 @@ def plan(csv_path: str, images_root: str, options: MilOptions, salt: str) -> tab
     entry = images.setdefault(
       path, {"lines": [], "labels": np.zeros(len(options.labels)), "boxes": [], "row": row}
     )
+    first = entry["row"]
+    for column in ("patient_id", "study_id"):
+      if first.get(column, "") != row.get(column, ""):
+        raise ValueError(
+          f"lines {entry['lines'][0]} and {line} name the same image under different "
+          f"{column}s; an image belongs to one patient (fix the {column} column)"
+        )
     entry["lines"].append(line)
     entry["labels"] = np.maximum(entry["labels"], _labels(row, line, options.labels))
     if has_boxes and not all(tabular.is_missing(row[c]) for c in BOX_COLUMNS):
