@@ -6,10 +6,14 @@ r"""Register one image pair by instance optimisation: ``python -m mammojax.regis
   python -m mammojax.register --fixed=a.dcm --moving=b.dcm --out=/tmp/reg --model=RUN_OR_CKPT
 
 Inputs: PNG or DICOM (2D) or NIfTI (3D), same shape and dimensionality. Intensities are
-min-max scaled to [0, 1] per image. A dense displacement ``u`` (pixels, 'ij') is optimised with
-Adam to minimise ``similarity(moving(x + u(x)), fixed(x)) + lambda * regularity(u)``, starting
-from zero or from a trained network's field (``--model``: a training run's workdir, or a
-converted checkpoint directory from ``python -m mammojax.convert icon``).
+min-max scaled to [0, 1] per image. A transformation is optimised with Adam, coarse to fine
+(``--levels``), to minimise ``similarity(moving(phi(x)), fixed(x)) + lambda * regularity``
+(:mod:`mammojax.models.registration.instance`). By default ``phi`` is the exponential of a
+stationary velocity field (``--transform=velocity``, scaling and squaring), so a smooth
+deformation comes back without folds; ``--transform=displacement`` optimises ``u`` in
+``phi(x) = x + u(x)`` directly. The optimisation starts from the identity or refines a trained
+network's field (``--model``: a training run's workdir, or a converted checkpoint directory from
+``python -m mammojax.convert icon``).
 
 Writes to ``--out``:
 
@@ -24,7 +28,8 @@ Prints one JSON object: similarity before and after, the fold count (negative Ja
 determinants), the minimum Jacobian determinant, the steps and the output directory.
 
 Refused before optimising, with one line on stderr and exit code 2: a non-finite or out-of-range
-``--lambda``, ``--sigma`` or ``--lr``; an image with fewer than 2 pixels along an axis, with
+``--lambda``, ``--sigma`` or ``--lr``; ``--levels`` under 1 or ``--squaring_steps`` outside 0..20;
+an image with fewer than 2 pixels along an axis, with
 NaN or infinite values or with a single intensity (constant); ``--out`` that is (or lies under)
 a file.
 """
@@ -48,9 +53,14 @@ from mammojax.models.registration.inputs import (
   check_image,
   check_options,
 )
+from mammojax.models.registration.instance import (
+  REGULARIZERS,
+  SIMILARITIES,
+  TRANSFORMS,
+  register,
+)
 
-SIMILARITIES = ("lncc", "ncc", "ssd", "mind", "mi")
-REGULARIZERS = ("diffusion", "bending")
+__all__ = ["predict_displacement", "read_pair", "register", "run", "write_outputs"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -125,131 +135,6 @@ def _read_any(path: str, flag: str) -> tuple[np.ndarray, dict]:
 def _unit_range(image: np.ndarray) -> np.ndarray:
   low, high = float(image.min()), float(image.max())
   return ((image - low) / (high - low if high > low else 1.0)).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- similarity
-
-
-def similarity_fn(name: str, sigma: float) -> Callable:
-  from mammojax.losses import similarity as losses  # pylint: disable=import-outside-toplevel
-
-  if name == "lncc":
-    return lambda a, b: losses.lncc_loss(a, b, sigma=sigma)
-  if name == "ncc":
-    return losses.ncc_loss
-  if name == "ssd":
-    return losses.ssd_loss
-  if name == "mind":
-    return losses.mind_loss
-  if name == "mi":
-    return losses.mutual_information_loss
-  raise ValueError(f"--similarity must be one of {SIMILARITIES}, got {name!r}")
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-def register(
-  fixed: np.ndarray,
-  moving: np.ndarray,
-  *,
-  steps: int = 200,
-  similarity: str = "lncc",
-  lmbda: float = 1.0,
-  regularizer: str = "diffusion",
-  learning_rate: float = 0.1,
-  sigma: float = 2.0,
-  initial_displacement: np.ndarray | None = None,
-  progress: bool = True,
-) -> dict[str, Any]:
-  """Optimises a dense displacement registering ``moving`` to ``fixed``.
-
-  Args:
-    fixed, moving: ``[H, W]`` or ``[D, H, W]`` float32, same shape.
-    steps: Adam iterations.
-    similarity: one of ``SIMILARITIES`` (``'mi'`` is mutual information).
-    lmbda: weight of the regulariser.
-    regularizer: ``'diffusion'`` or ``'bending'``.
-    learning_rate: Adam step size in pixels.
-    sigma: LNCC window std in pixels.
-    initial_displacement: ``[*S, n]`` pixels, 'ij' (e.g. a network's prediction).
-  Returns:
-    ``{'displacement': [*S, n] pixels, 'warped': [*S], 'similarity_before',
-    'similarity_after', 'folds', 'min_jacobian'}``.
-
-  Raises:
-    RegistrationInputError: an image or setting refused by :func:`check_image` or
-      :func:`check_options`, before any optimisation.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-  from mammojax.losses import registration as losses  # pylint: disable=import-outside-toplevel
-  from mammojax.nn import warp as warp_lib  # pylint: disable=import-outside-toplevel
-
-  if regularizer not in REGULARIZERS:
-    raise ValueError(f"--regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
-  check_options(steps=steps, lmbda=lmbda, learning_rate=learning_rate, sigma=sigma)
-  check_image(fixed, "fixed")
-  check_image(moving, "moving")
-  num_axes = fixed.ndim
-  fixed_b = jnp.asarray(fixed)[None, ..., None]
-  moving_b = jnp.asarray(moving)[None, ..., None]
-  sim = similarity_fn(similarity, sigma)
-  regularity = losses.diffusion_regularity if regularizer == "diffusion" else losses.bending_energy
-  if initial_displacement is None:
-    displacement = jnp.zeros((1, *fixed.shape, num_axes), jnp.float32)
-  else:
-    expected = (*fixed.shape, num_axes)
-    if tuple(initial_displacement.shape) != expected:
-      raise ValueError(
-        f"initial displacement has shape {initial_displacement.shape}, expected {expected}"
-      )
-    displacement = jnp.asarray(initial_displacement, jnp.float32)[None]
-
-  def warped_of(u):
-    return warp_lib.warp(moving_b, u, padding="border")
-
-  def objective(u):
-    return sim(warped_of(u), fixed_b) + lmbda * regularity(u)
-
-  tx = optax.adam(learning_rate)
-
-  @jax.jit
-  def step(u, opt_state):
-    value, grad = jax.value_and_grad(objective)(u)
-    updates, opt_state = tx.update(grad, opt_state, u)
-    return optax.apply_updates(u, updates), opt_state, value
-
-  evaluate_similarity = jax.jit(lambda u: sim(warped_of(u), fixed_b))
-  before = float(sim(moving_b, fixed_b))
-  opt_state = tx.init(displacement)
-  bar = tqdm(
-    range(steps),
-    disable=not progress,
-    unit="step",
-    desc="register",
-    file=sys.stderr,
-    dynamic_ncols=True,
-  )
-  for i in bar:
-    displacement, opt_state, value = step(displacement, opt_state)
-    if progress and (i % 10 == 0 or i == steps - 1):
-      bar.set_postfix(objective=f"{float(value):.4f}")
-  bar.close()
-  after = float(evaluate_similarity(displacement))
-  determinant = warp_lib.jacobian_determinant(displacement)
-  folds = int(jnp.sum(determinant < 0))
-  return {
-    "displacement": np.asarray(displacement[0]),
-    "warped": np.asarray(warped_of(displacement)[0, ..., 0]),
-    "similarity_before": before,
-    "similarity_after": after,
-    "folds": folds,
-    "min_jacobian": float(jnp.min(determinant)),
-  }
 
 
 # ----------------------------------------------------------------------------- trained networks
@@ -401,7 +286,29 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     **define,
   )
   flags.DEFINE_integer(
-    "steps", 200, "Optimisation steps (0: only the network's field).", lower_bound=0, **define
+    "steps",
+    200,
+    "Optimisation steps per resolution level (0: only the network's field).",
+    lower_bound=0,
+    **define,
+  )
+  flags.DEFINE_enum(
+    "transform",
+    "velocity",
+    TRANSFORMS,
+    "'velocity': a stationary velocity field exponentiated by scaling and squaring "
+    "(diffeomorphic: no folds under smooth motion); 'displacement': u in x + u(x), optimised "
+    "directly (may fold).",
+    **define,
+  )
+  flags.DEFINE_integer(
+    "levels",
+    3,
+    "Resolution levels, coarse to fine, halving per level (1: full size only).",
+    **define,
+  )
+  flags.DEFINE_integer(
+    "squaring_steps", 7, "Scaling-and-squaring steps of --transform=velocity.", **define
   )
   flags.DEFINE_enum("similarity", "lncc", SIMILARITIES, "Similarity ('mi': mutual info).", **define)
   flags.DEFINE_float("lambda", 1.0, "Weight of the regulariser.", **define)
@@ -415,7 +322,14 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
 def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
   """Registers, writes the outputs and prints the JSON summary; a user error ends the command
   with one line on stderr and exit code 2."""
-  options = {"steps": f.steps, "lmbda": f["lambda"].value, "learning_rate": f.lr, "sigma": f.sigma}
+  options = {
+    "steps": f.steps,
+    "lmbda": f["lambda"].value,
+    "learning_rate": f.lr,
+    "sigma": f.sigma,
+    "levels": f.levels,
+    "squaring_steps": f.squaring_steps,
+  }
   try:
     check_options(**options)
     check_out(f.out)
@@ -428,6 +342,7 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
     moving,
     similarity=f.similarity,
     regularizer=f.regularizer,
+    transform=f.transform,
     initial_displacement=initial,
     progress=f.progress,
     **options,
@@ -440,6 +355,8 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
     "folds": result["folds"],
     "min_jacobian": result["min_jacobian"],
     "steps": f.steps,
+    "transform": f.transform,
+    "levels": f.levels,
     "shape": list(fixed.shape),
     "out": f.out,
   }

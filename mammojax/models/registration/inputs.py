@@ -41,7 +41,15 @@ def check_image(image: np.ndarray, name: str) -> None:
     )
 
 
-def check_options(*, steps: int, lmbda: float, learning_rate: float, sigma: float) -> None:
+def check_options(
+  *,
+  steps: int,
+  lmbda: float,
+  learning_rate: float,
+  sigma: float,
+  levels: int = 1,
+  squaring_steps: int = 0,
+) -> None:
   """Refuses optimisation settings that would give NaN or no optimisation at all.
 
   Raises:
@@ -49,6 +57,12 @@ def check_options(*, steps: int, lmbda: float, learning_rate: float, sigma: floa
   """
   if steps < 0:
     raise RegistrationInputError(f"--steps={steps}: give a number of steps >= 0")
+  if levels < 1:
+    raise RegistrationInputError(f"--levels={levels}: give 1 (full size only) or more levels")
+  if not 0 <= squaring_steps <= 20:
+    raise RegistrationInputError(
+      f"--squaring_steps={squaring_steps}: give 0 to 20 scaling-and-squaring steps (7 is usual)"
+    )
   checks = (
     ("lambda", lmbda, lmbda >= 0, "the regulariser weight must be a finite number >= 0"),
     ("lr", learning_rate, learning_rate > 0, "the Adam step size must be a finite number > 0"),
