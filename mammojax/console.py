@@ -92,6 +92,15 @@ def setup_console_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+class CommandLogFormatter(logging.Formatter):
+  """Log lines as they are, except that ERROR records start with ``error: `` like :func:`fail`'s
+  lines, so a command that reports through ``logging`` ends a user error the same way."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = super().format(record)
+    return f"error: {text}" if record.levelno >= logging.ERROR else text
+
+
 def define_experiment_config(values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
   """``--config=configs/X.py[:variant]`` with ``--config.a.b=value`` overrides, as every command
   that runs an experiment takes it."""

@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 
 from mammojax.atomic_files import write_json_atomic
-from mammojax.console import run_program
+from mammojax.console import CommandLogFormatter, run_program
 from mammojax.data.ingest import reporting, tabular
 from mammojax.data.ingest.mammo_preprocess import MammoPreprocessConfig
 
@@ -430,8 +430,13 @@ def _plan_from_flags(salt: str) -> tuple[tabular.IngestPlan, dict[str, Any]]:
 
 
 def main(argv: Sequence[str]) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  # Our own handler, not the root's (absl's, which prefixes every line with its own header).
   log = logging.getLogger("mammojax.ingest")
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(CommandLogFormatter("%(message)s"))
+  log.handlers[:] = [handler]
+  log.setLevel(logging.INFO)
+  log.propagate = False
   for name, flag in (("--csv", _CSV), ("--images", _IMAGES), ("--out", _OUT)):
     if not flag.value:
       log.error("%s is required", name)

@@ -9,6 +9,7 @@ directory of the case and ``TINY`` the driver that registers the tiny test task.
 
 from __future__ import annotations
 
+import csv
 import glob
 import os
 import shutil
@@ -70,6 +71,38 @@ def _register_out_is_file(run: str, tmp: str) -> None:
   with open(os.path.join(tmp, "out"), "w") as f:
     f.write("keep")
 
+
+def _ingest_csv(run: str, tmp: str, image_path: str = "a.png", drop: str = "") -> None:
+  """Writes ``{tmp}/images/a.png``, ``{tmp}/outside.png`` and ``{tmp}/m.csv``: two exams of one
+  patient in the longitudinal layout naming ``image_path`` (without the column ``drop``)."""
+  os.makedirs(os.path.join(tmp, "images"))
+  write_png(os.path.join(tmp, "images", "a.png"), phantom(48, 40, label=False))
+  write_png(os.path.join(tmp, "outside.png"), phantom(48, 40, label=False))
+  columns = [c for c in LONGITUDINAL_COLUMNS if c != drop]
+  row = {"ImageLaterality": "L", "view": "CC", "years_last_followup": "3", "density": "2"}
+  with open(os.path.join(tmp, "m.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for exam, year, path in (("e1", "2019", "a.png"), ("e2", "2021", image_path)):
+      writer.writerow(
+        {"patient_id": "P", "exam_id": exam, "study_date_year": year, "image_path": path, **row}
+      )
+
+
+LONGITUDINAL_COLUMNS = (
+  "patient_id",
+  "exam_id",
+  "ImageLaterality",
+  "view",
+  "study_date_year",
+  "Time_to_Cancer_Years",
+  "years_last_followup",
+  "density",
+  "cancer_type",
+  "race",
+  "image_path",
+)
+INGEST = ("mammojax.ingest", "--csv={tmp}/m.csv", "--out={tmp}/out", "--noprogress")
 
 REGISTER = ("mammojax.register", "--fixed={tmp}/fixed.png", "--moving={tmp}/moving.png")
 
@@ -149,6 +182,27 @@ CASES = [
     ("mammojax.convert", "no_such_kind", "{tmp}/model.pt", "--out={tmp}/out"),
     ("unknown kind 'no_such_kind'",),
     ("out",),
+  ),
+  (
+    "ingest_missing_images_folder",
+    _ingest_csv,
+    (*INGEST, "--images={tmp}/no_such_folder"),
+    ("--images={tmp}/no_such_folder: the images folder does not exist",),
+    ("out/manifest.json",),
+  ),
+  (
+    "ingest_missing_column",
+    lambda run, tmp: _ingest_csv(run, tmp, drop="view"),
+    (*INGEST, "--images={tmp}/images"),
+    ("{tmp}/m.csv: missing required column(s) 'view'",),
+    ("out/manifest.json",),
+  ),
+  (
+    "ingest_path_outside_images",
+    lambda run, tmp: _ingest_csv(run, tmp, image_path="../outside.png"),
+    (*INGEST, "--images={tmp}/images"),
+    ("line 3: column 'image_path' names a file outside the --images folder",),
+    ("out/manifest.json",),
   ),
   (
     "register_nan_lambda",
