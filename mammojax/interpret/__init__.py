@@ -16,6 +16,10 @@ check them against it:
 * over the visits of the temporal models (:mod:`mammojax.interpret.temporal`):
   :func:`visit_integrated_gradients`, :func:`visit_occlusion`.
 
+Checked, not only drawn: :mod:`mammojax.interpret.scoring` scores maps against a known region
+(:func:`pointing_game`, :func:`positive_fraction_inside`) and :mod:`mammojax.interpret.sanity`
+runs the model-randomisation check of Adebayo et al. (:func:`model_randomization_check`).
+
 Maps are channels-last: input attributions ``[B, H, W, C]``, GradCAM ``[B, H, W]``.
 
 MIL attention heatmaps live beside the MIL model (:mod:`mammojax.models.mil.heatmaps`),
@@ -38,6 +42,13 @@ from mammojax.interpret.integrated import (
 )
 from mammojax.interpret.interpolate import interpolate
 from mammojax.interpret.layers import layer_activation_and_gradient, layer_names
+from mammojax.interpret.sanity import (
+  cascading_layers,
+  model_randomization_check,
+  randomize_params,
+  rank_correlation,
+)
+from mammojax.interpret.scoring import pointing_game, positive_fraction_inside
 from mammojax.interpret.temporal import (
   VisitAttribution,
   visit_integrated_gradients,
@@ -48,6 +59,7 @@ __all__ = [
   "Guided",
   "Integrated",
   "ModelAdapter",
+  "cascading_layers",
   "VisitAttribution",
   "gradcam",
   "gradient_shap",
@@ -62,9 +74,14 @@ __all__ = [
   "interpolate",
   "layer_activation_and_gradient",
   "layer_names",
+  "model_randomization_check",
   "module_adapter",
   "noise_tunnel",
+  "pointing_game",
+  "positive_fraction_inside",
   "quadrature",
+  "randomize_params",
+  "rank_correlation",
   "resnet_adapter",
   "saliency",
   "vit_adapter",
