@@ -135,3 +135,43 @@ def test_temporal_benchmark_compares_extraction_and_temporal_steps(tmp_path):
       assert abs(row["images_per_s"] - 4e3 / row["median_ms"]) < 1e-6 * row["images_per_s"]
     else:
       assert row["batch"] == 8 and row["length"] == 3 and row["feature_dim"] == 512, row
+
+
+def test_interpret_benchmark_compares_attributions_with_captum(tmp_path):
+  for package in ("torch", "torchvision", "captum"):
+    if importlib.util.find_spec(package) is None:
+      pytest.skip(f"{package} is not installed (pip install mammojax[torch] captum)")
+  body = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.interpret",
+      "--small",
+      "--repeats=1",
+      "--torch_threads=1",
+    ],
+    tmp_path,
+  )
+  assert body["benchmark"] == "interpret" and body["small"]
+  names = [
+    "gradcam/layer4",
+    "guided_backprop",
+    "guided_gradcam/layer4",
+    "integrated_gradients/4",
+    "gradient_shap/4",
+  ]
+  assert {(r["name"], r["impl"]) for r in body["results"]} == {
+    (n, i) for n in names for i in ("jax", "torch")
+  }
+  assert set(body["ratios"]) == set(names) == set(body["goal"]["met"])
+  for row in body["results"]:
+    assert row["batch"] == 2 and row["image_size"] == 64, row
+    if row["impl"] == "jax":
+      assert row["first_call_s"] > row["compile_s"] > 0, row
+    shape = [2, 64, 64] if row["name"].startswith("gradcam/") else [2, 64, 64, 3]
+    assert row["map_shape"] == shape, row
+    if row["name"].startswith("gradient_shap/"):
+      assert row["max_abs_map"] > 0 and row["n_samples"] == 4, row
+    else:
+      assert row["max_abs_diff"] <= 1e-2 * max(abs(row["map_min"]), abs(row["map_max"])), row
+      assert row["map_min"] < 0 < row["map_max"], row
