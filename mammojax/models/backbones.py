@@ -24,7 +24,7 @@ applies none). ``input_size`` > 0 resizes bilinearly with antialiasing, as torch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -46,7 +46,10 @@ _VIT_FIELDS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim", "ima
 
 
 def build_backbone(
-  fields: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, name: str | None = None
+  fields: Mapping[str, Any],
+  dtype: jnp.dtype = jnp.float32,
+  name: str | None = None,
+  activation: Callable[[jax.Array], jax.Array] | None = None,
 ) -> nn.Module:
   """The backbone ``fields['kind']`` names, without a classifier.
 
@@ -56,10 +59,15 @@ def build_backbone(
       ``mlp_dim``, ``image_size``); other keys are ignored.
     dtype: computation dtype.
     name: the module name (inside a parent's compact method).
+    activation: replaces the ResNet's every ReLU (guided backpropagation passes its rectified
+      ReLU); None keeps the backbone's own. A ViT keeps its GELU.
   """
   kind = fields.get("kind")
   if kind == "resnet":
-    return ResNet(**{k: fields[k] for k in _RESNET_FIELDS if k in fields}, dtype=dtype, name=name)
+    own = {} if activation is None else {"activation": activation}
+    return ResNet(
+      **{k: fields[k] for k in _RESNET_FIELDS if k in fields}, dtype=dtype, name=name, **own
+    )
   if kind == "vit":
     sizes = {k: fields[k] for k in _VIT_FIELDS if k in fields}
     return VisionTransformer(**sizes, dtype=dtype, name=name)

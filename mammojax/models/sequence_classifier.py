@@ -16,7 +16,7 @@ names match an imported torchvision / timm backbone), ``head`` or ``temporal/...
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -37,17 +37,24 @@ class ImageClassifier(nn.Module):
     backbone_trainable: False = a frozen backbone (BatchNorm keeps its running statistics and
       no dropout, even while the head trains).
     dtype: computation dtype.
+    backbone_activation: replaces a ResNet backbone's ReLUs (guided backpropagation); None
+      keeps them.
   """
 
   backbone: Mapping[str, Any]
   num_classes: int = 2
   backbone_trainable: bool = False
   dtype: jnp.dtype = jnp.float32
+  backbone_activation: Callable[[jax.Array], jax.Array] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     features = image_features(
-      self.backbone, images, train=train and self.backbone_trainable, dtype=self.dtype
+      self.backbone,
+      images,
+      train=train and self.backbone_trainable,
+      dtype=self.dtype,
+      activation=self.backbone_activation,
     )
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
 
@@ -61,6 +68,7 @@ class SequenceClassifier(nn.Module):
     num_classes: output classes.
     backbone_trainable: whether the backbone trains with the temporal model.
     dtype: computation dtype.
+    backbone_activation: as :class:`ImageClassifier`'s.
   """
 
   backbone: Mapping[str, Any]
@@ -68,6 +76,7 @@ class SequenceClassifier(nn.Module):
   num_classes: int = 2
   backbone_trainable: bool = False
   dtype: jnp.dtype = jnp.float32
+  backbone_activation: Callable[[jax.Array], jax.Array] | None = None
 
   @nn.compact
   def __call__(
@@ -88,7 +97,11 @@ class SequenceClassifier(nn.Module):
     b, length = images.shape[:2]
     flat = images.reshape((b * length,) + images.shape[2:])
     features = image_features(
-      self.backbone, flat, train=train and self.backbone_trainable, dtype=self.dtype
+      self.backbone,
+      flat,
+      train=train and self.backbone_trainable,
+      dtype=self.dtype,
+      activation=self.backbone_activation,
     )
     features = features.reshape(b, length, -1) * mask[..., None].astype(features.dtype)
     temporal = build_temporal_model(
@@ -101,15 +114,21 @@ class SequenceClassifier(nn.Module):
 
 
 def image_features(
-  fields: Mapping[str, Any], images: jax.Array, *, train: bool, dtype: jnp.dtype = jnp.float32
+  fields: Mapping[str, Any],
+  images: jax.Array,
+  *,
+  train: bool,
+  dtype: jnp.dtype = jnp.float32,
+  activation: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
   """Pooled backbone features ``[B, D]`` of pipeline images ``[B, H, W, 1]``; call inside a
-  compact method (the backbone is created there as ``backbone``)."""
+  compact method (the backbone is created there as ``backbone``, with ``activation`` as
+  :func:`~mammojax.models.backbones.build_backbone` takes it)."""
   prepared = backbones.prepare_images(
     images,
     input_scaling=fields.get("input_scaling", "standardize"),
     imagenet_normalize=fields.get("imagenet_normalize", False),
     input_size=fields.get("input_size", 0),
   )
-  net = backbones.build_backbone(fields, dtype=dtype, name="backbone")
+  net = backbones.build_backbone(fields, dtype=dtype, name="backbone", activation=activation)
   return backbones.encode(net, prepared.astype(dtype), train=train).astype(jnp.float32)

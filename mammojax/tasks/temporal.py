@@ -23,7 +23,6 @@ class-1 probability, F1, sensitivity and specificity at probability 0.5.
 
 from __future__ import annotations
 
-import abc
 import functools
 from typing import Any
 
@@ -99,9 +98,16 @@ class _SequenceTask(Task):
 
   # -- loss and metrics -------------------------------------------------------------------------
 
-  @abc.abstractmethod
   def _logits(self, variables, batch, train: bool, rng=None, mutable=False):
-    """``[B, K]`` logits (with the updated collections when ``mutable``)."""
+    """``[B, K]`` logits of the model on the batch's :attr:`inputs`, in order (with the updated
+    collections when ``mutable``)."""
+    rngs = {"dropout": rng} if rng is not None else None
+    inputs = [batch[name] for name in self.inputs]
+    return self.model.apply(variables, *inputs, train=train, rngs=rngs, mutable=mutable)
+
+  def init_variables(self, rng, batch):
+    inputs = [batch[name] for name in self.inputs]
+    return self.model.init({"params": rng, "dropout": rng}, *inputs, train=False)
 
   def _updates_batch_stats(self, train: bool) -> bool:
     return train
@@ -131,7 +137,21 @@ class _SequenceTask(Task):
     return classification_summary(predictions["prob"], predictions["label"])
 
 
-class ImageClassifierTask(_SequenceTask):
+class _PixelTask(_SequenceTask):
+  """A task whose model runs the backbone on pixels: the backbone's freezing and loading."""
+
+  def frozen_param_patterns(self) -> tuple[str, ...]:
+    return frozen_backbone_patterns(self.config.model)
+
+  def pretrained_checkpoints(self) -> dict[str, str]:
+    path = self.config.model.backbone_checkpoint
+    return {"backbone": path} if path else {}
+
+  def select_pretrained(self, prefix, loaded, source):
+    return backbone_subtree(loaded, source) if prefix == "backbone" else loaded
+
+
+class ImageClassifierTask(_PixelTask):
   """Backbone + linear head on single images (``config.task='image_classifier'``)."""
 
   inputs = ("images",)
@@ -148,25 +168,9 @@ class ImageClassifierTask(_SequenceTask):
   def dataset(self, split: str) -> grain.MapDataset:
     return self._examples(self.image_dir, split, 1, self._pixel_norm()).map(_CurrentImage())
 
-  def _logits(self, variables, batch, train, rng=None, mutable=False):
-    rngs = {"dropout": rng} if rng is not None else None
-    return self.model.apply(variables, batch["images"], train=train, rngs=rngs, mutable=mutable)
-
   def _updates_batch_stats(self, train: bool) -> bool:
+    # Only the backbone has BatchNorm here; one that does not train keeps its statistics.
     return train and self.config.model.backbone_trainable == "all"
-
-  def init_variables(self, rng, batch):
-    return self.model.init({"params": rng, "dropout": rng}, batch["images"], train=False)
-
-  def frozen_param_patterns(self) -> tuple[str, ...]:
-    return frozen_backbone_patterns(self.config.model)
-
-  def pretrained_checkpoints(self) -> dict[str, str]:
-    path = self.config.model.backbone_checkpoint
-    return {"backbone": path} if path else {}
-
-  def select_pretrained(self, prefix, loaded, source):
-    return backbone_subtree(loaded, source) if prefix == "backbone" else loaded
 
 
 class TemporalFeatureTask(_SequenceTask):
@@ -201,29 +205,8 @@ class TemporalFeatureTask(_SequenceTask):
   def dataset(self, split: str) -> grain.MapDataset:
     return self._examples(self.features_dir, split, self.config.data.seq_len)
 
-  def _logits(self, variables, batch, train, rng=None, mutable=False):
-    rngs = {"dropout": rng} if rng is not None else None
-    return self.model.apply(
-      variables,
-      batch["features"],
-      batch["sequence_mask"],
-      batch["time_offsets"],
-      train=train,
-      rngs=rngs,
-      mutable=mutable,
-    )
 
-  def init_variables(self, rng, batch):
-    return self.model.init(
-      {"params": rng, "dropout": rng},
-      batch["features"],
-      batch["sequence_mask"],
-      batch["time_offsets"],
-      train=False,
-    )
-
-
-class EndToEndTemporalTask(_SequenceTask):
+class EndToEndTemporalTask(_PixelTask):
   """Backbone and temporal model in one step (``config.task='temporal_end_to_end'``)."""
 
   inputs = ("images", "sequence_mask", "time_offsets")
@@ -240,37 +223,6 @@ class EndToEndTemporalTask(_SequenceTask):
 
   def dataset(self, split: str) -> grain.MapDataset:
     return self._examples(self.image_dir, split, self.config.data.seq_len, self._pixel_norm())
-
-  def _logits(self, variables, batch, train, rng=None, mutable=False):
-    rngs = {"dropout": rng} if rng is not None else None
-    return self.model.apply(
-      variables,
-      batch["images"],
-      batch["sequence_mask"],
-      batch["time_offsets"],
-      train=train,
-      rngs=rngs,
-      mutable=mutable,
-    )
-
-  def init_variables(self, rng, batch):
-    return self.model.init(
-      {"params": rng, "dropout": rng},
-      batch["images"],
-      batch["sequence_mask"],
-      batch["time_offsets"],
-      train=False,
-    )
-
-  def frozen_param_patterns(self) -> tuple[str, ...]:
-    return frozen_backbone_patterns(self.config.model)
-
-  def pretrained_checkpoints(self) -> dict[str, str]:
-    path = self.config.model.backbone_checkpoint
-    return {"backbone": path} if path else {}
-
-  def select_pretrained(self, prefix, loaded, source):
-    return backbone_subtree(loaded, source) if prefix == "backbone" else loaded
 
 
 def check_features_dir(directory: str) -> str:
