@@ -1,7 +1,8 @@
 """Attribution methods: which input pixels a trained model's prediction rests on.
 
 Every method is written once against a :class:`ModelAdapter` (a Flax module, its variables and
-its evaluation call; :func:`resnet_adapter`, :func:`vit_adapter`, :func:`module_adapter`), is
+its evaluation call; :func:`resnet_adapter`, :func:`vit_adapter`, :func:`classifier_adapter`,
+:func:`visit_image_adapter`, :func:`module_adapter`), is
 jitted, and gives every example of a batch its own attribution for its own target class
 (``target``: ``[B]`` ints or one int). Layers are picked by name (:func:`layer_names`; a wrong
 name lists the available ones) through Flax's ``perturb``, not hooks
@@ -27,7 +28,13 @@ detection metrics in :mod:`mammojax.metrics.detection`, overlay pictures in
 :mod:`mammojax.viz.overlays`.
 """
 
-from mammojax.interpret.adapter import ModelAdapter, module_adapter, resnet_adapter, vit_adapter
+from mammojax.interpret.adapter import (
+  ModelAdapter,
+  classifier_adapter,
+  module_adapter,
+  resnet_adapter,
+  vit_adapter,
+)
 from mammojax.interpret.gradcam import gradcam
 from mammojax.interpret.gradients import input_gradient, input_x_gradient, saliency
 from mammojax.interpret.guided import Guided, guided_backprop, guided_gradcam, guided_relu
@@ -51,6 +58,8 @@ from mammojax.interpret.sanity import (
 from mammojax.interpret.scoring import pointing_game, positive_fraction_inside
 from mammojax.interpret.temporal import (
   VisitAttribution,
+  sequence_parts,
+  visit_image_adapter,
   visit_integrated_gradients,
   visit_occlusion,
 )
@@ -60,6 +69,7 @@ __all__ = [
   "Integrated",
   "ModelAdapter",
   "cascading_layers",
+  "classifier_adapter",
   "VisitAttribution",
   "gradcam",
   "gradient_shap",
@@ -85,6 +95,8 @@ __all__ = [
   "resnet_adapter",
   "saliency",
   "vit_adapter",
+  "sequence_parts",
+  "visit_image_adapter",
   "visit_integrated_gradients",
   "visit_occlusion",
 ]

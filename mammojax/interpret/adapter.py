@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from mammojax.models.sequence_classifier import ImageClassifier
 from mammojax.nn.resnet import ResNet
 from mammojax.nn.vit import VisionTransformer, vit_intermediate_names
 
@@ -154,6 +156,45 @@ def vit_adapter(model: VisionTransformer, variables: Mapping[str, Any]) -> Model
     zero_gradient_layers=names[-2:] if model.class_token else (),
     activation_field="activation",
   )
+
+
+def hashable_fields(fields: Mapping[str, Any]) -> flax.core.FrozenDict:
+  """A module's field mapping in a hashable form (lists as tuples): an adapter's module is a
+  static argument of the jitted methods, so it is hashed."""
+
+  def frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+      return flax.core.FrozenDict({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+      return tuple(frozen(v) for v in value)
+    return value
+
+  return frozen(fields)
+
+
+def backbone_adapter_options(backbone: Mapping[str, Any]) -> dict[str, Any]:
+  """:func:`module_adapter` options of a module whose backbone is
+  :func:`~mammojax.models.backbones.build_backbone`'s ``backbone`` fields, and which passes a
+  ``backbone_activation`` to it: a ResNet's ReLUs are replaceable; a ViT's tokens are a patch
+  grid (class token first) whose last two layers get no gradient."""
+  if backbone["kind"] == "resnet":
+    return {"activation_field": "backbone_activation"}
+  names = vit_intermediate_names(backbone["depth"])
+  return {
+    "patch_size": backbone["patch_size"],
+    "class_token": True,
+    "zero_gradient_layers": names[-2:],
+  }
+
+
+def classifier_adapter(model: ImageClassifier, variables: Mapping[str, Any]) -> ModelAdapter:
+  """Temporal-GradCam's :class:`~mammojax.models.sequence_classifier.ImageClassifier` on its
+  pipeline images ``[B, H, W, 1]`` (maps at that resolution, through the model's own resizing
+  and channel repeat); layers ``backbone/layer4`` etc., named ``layer4`` for short."""
+  options = backbone_adapter_options(model.backbone)
+  activation = {"backbone_activation": jax.nn.relu} if "activation_field" in options else {}
+  module = model.clone(backbone=hashable_fields(model.backbone), **activation)
+  return module_adapter(module, variables, apply_kwargs={"train": False}, **options)
 
 
 def as_float(images: Any) -> jax.Array:

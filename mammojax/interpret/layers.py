@@ -26,6 +26,7 @@ than once per call (a module reused) is refused: its perturbation would add to e
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -100,8 +101,25 @@ def _as_map(adapter: ModelAdapter, value: jax.Array, images: jax.Array) -> jax.A
   """A token layer ``[B, T, D]`` as its patch grid ``[B, *grid, D]``; other layers unchanged."""
   if adapter.patch_size is None or value.ndim != 3:
     return value
+  return tokens_to_grid(value, token_grid(adapter, value, images), class_token=adapter.class_token)
+
+
+def token_grid(adapter: ModelAdapter, tokens: jax.Array, images: jax.Array) -> tuple[int, ...]:
+  """The patch grid of ``tokens`` ``[B, T, D]``: the images' sides over the patch size, or,
+  when the model resizes its input first (e.g. to 224 x 224), the grid of the token count with
+  the images' aspect ratio."""
+  count = tokens.shape[1] - int(adapter.class_token)
   grid = tuple(side // adapter.patch_size for side in images.shape[1:-1])
-  return tokens_to_grid(value, grid, class_token=adapter.class_token)
+  if math.prod(grid) == count:
+    return grid
+  height, width = images.shape[1:3]
+  rows = round(math.sqrt(count * height / width))
+  if len(grid) != 2 or rows < 1 or count % rows:
+    raise ValueError(
+      f"cannot lay {count} tokens out as a patch grid of images {images.shape[1:-1]} "
+      f"(patch {adapter.patch_size})"
+    )
+  return rows, count // rows
 
 
 def layer_activation_and_gradient(

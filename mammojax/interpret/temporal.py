@@ -15,18 +15,37 @@ its own attribution for its own ``target`` class (``[B]`` ints or one int):
 
 Padded positions (mask 0) always get exactly 0. Rows of the batch must not interact (the models
 do not in eval mode; the DNN's BatchNorm then uses its running statistics).
+
+For the end-to-end model (:class:`~mammojax.models.sequence_classifier.SequenceClassifier`,
+backbone inside the graph), :func:`sequence_parts` splits it into per-visit features and the
+temporal model (for the two methods above), and :func:`visit_image_adapter` lets every image
+method (GradCAM, guided backpropagation, guided GradCAM, integrated gradients) map each visit's
+image for the sequence's prediction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
-from mammojax.interpret.adapter import target_logits, targets
+from mammojax.interpret.adapter import (
+  ModelAdapter,
+  backbone_adapter_options,
+  hashable_fields,
+  module_adapter,
+  target_logits,
+  targets,
+)
 from mammojax.interpret.integrated import quadrature
+from mammojax.models.sequence_classifier import (
+  ImageEncoder,
+  SequenceClassifier,
+  temporal_module,
+)
 
 ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -171,3 +190,116 @@ def visit_occlusion(
   probabilities = jax.vmap(removed)(jnp.arange(length + 1))  # [L + 1, B]
   full, without = probabilities[length], probabilities[:length]
   return jnp.where(valid, full[:, None] - without.T, 0)
+
+
+# ----------------------------------------------------------------------------- end-to-end models
+
+
+class VisitImages(nn.Module):
+  """A :class:`~mammojax.models.sequence_classifier.SequenceClassifier` seen by the image
+  methods: the visits of sequences as rows of one image batch.
+
+  ``images [N * L, H, W, 1]`` (``N`` sequences of ``L`` visits, visit-major within each) ->
+  ``[N * L, K]``: every row of a sequence carries ``1 / L`` of that sequence's logits, so the
+  sum over a sequence's rows (what the methods differentiate) is its logit, and each row's
+  gradient is the gradient of the *sequence's* prediction with respect to that visit's image.
+  The mask and time offsets ``[L]`` come from the ``context`` collection (data, not weights, so
+  new sequences do not recompile). Rows of one call must be whole sequences: true of GradCAM,
+  guided backpropagation and integrated gradients (every visit of a sequence is at the same
+  interpolation point); gradient SHAP would draw its interpolation point per visit, so it is
+  not offered over visits.
+  """
+
+  backbone: Mapping[str, Any]
+  temporal: Mapping[str, Any]
+  num_classes: int
+  backbone_activation: Callable[[jax.Array], jax.Array] | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    mask = self.get_variable("context", "sequence_mask")  # [L]
+    offsets = self.get_variable("context", "time_offsets")  # [L]
+    length = mask.shape[0]
+    if images.shape[0] % length:
+      raise ValueError(f"{images.shape[0]} images are not whole sequences of {length} visits")
+    count = images.shape[0] // length
+    classifier = SequenceClassifier(
+      backbone=self.backbone,
+      temporal=self.temporal,
+      num_classes=self.num_classes,
+      backbone_activation=self.backbone_activation,
+      name="classifier",
+    )
+    logits = classifier(
+      images.reshape(count, length, *images.shape[1:]),
+      jnp.broadcast_to(mask, (count, length)),
+      jnp.broadcast_to(offsets, (count, length)),
+      train=train,
+    )
+    return jnp.repeat(logits / length, length, axis=0)
+
+
+def visit_image_adapter(
+  model: SequenceClassifier,
+  variables: Mapping[str, Any],
+  mask: Any,
+  time_offsets: Any,
+) -> ModelAdapter:
+  """An adapter over the visit images of one sequence (:class:`VisitImages`).
+
+  Args:
+    model: the trained sequence classifier.
+    variables: its variables (``params``, ``batch_stats``).
+    mask: ``[L]``, 1 = a real visit.
+    time_offsets: ``[L]`` years before the current visit.
+  Returns:
+    A :class:`ModelAdapter` whose images are the sequence's ``[L, H, W, 1]`` (padded visits
+    included: their maps are zero, as the model zeroes their features); layers as the
+    backbone's (``layer4``, ``encoder_layer_2_out``, ...).
+  """
+  options = backbone_adapter_options(model.backbone)
+  rectify = "activation_field" in options
+  module = VisitImages(
+    backbone=hashable_fields(model.backbone),
+    temporal=hashable_fields(model.temporal),
+    num_classes=model.num_classes,
+    backbone_activation=jax.nn.relu if rectify else None,
+  )
+  nested = {
+    collection: {"classifier": tree}
+    for collection, tree in variables.items()
+    if collection in ("params", "batch_stats")
+  }
+  nested["context"] = {
+    "sequence_mask": jnp.asarray(mask, jnp.float32),
+    "time_offsets": jnp.asarray(time_offsets, jnp.float32),
+  }
+  return module_adapter(module, nested, apply_kwargs={"train": False}, **options)
+
+
+def sequence_parts(
+  model: SequenceClassifier, variables: Mapping[str, Any]
+) -> tuple[Callable[[jax.Array, jax.Array], jax.Array], ApplyFn]:
+  """The two halves of a sequence classifier, for attribution over the visits.
+
+  Returns:
+    ``features(images [B, L, H, W, 1], mask [B, L]) -> [B, L, D]`` (the backbone's pooled
+    features, zero at padding, as inside the model) and ``apply_fn(features, mask,
+    time_offsets) -> logits [B, K]`` (the temporal model), whose composition is the model.
+  """
+  encoder = ImageEncoder(model.backbone)
+  temporal = temporal_module(model.temporal, model.num_classes)
+  encoder_variables = {
+    c: {"backbone": t["backbone"]} for c, t in variables.items() if "backbone" in t
+  }
+  temporal_variables = {c: t["temporal"] for c, t in variables.items() if "temporal" in t}
+
+  def features(images: jax.Array, mask: jax.Array) -> jax.Array:
+    batch, length = images.shape[:2]
+    flat = encoder.apply(encoder_variables, images.reshape(batch * length, *images.shape[2:]))
+    return flat.reshape(batch, length, -1) * jnp.asarray(mask, flat.dtype)[..., None]
+
+  def apply_fn(feats: jax.Array, mask: jax.Array, time_offsets: jax.Array) -> jax.Array:
+    return temporal.apply(temporal_variables, feats, mask, time_offsets, train=False)
+
+  return features, apply_fn

@@ -104,13 +104,32 @@ class SequenceClassifier(nn.Module):
       activation=self.backbone_activation,
     )
     features = features.reshape(b, length, -1) * mask[..., None].astype(features.dtype)
-    temporal = build_temporal_model(
-      self.temporal["kind"],
-      self.num_classes,
-      **{k: v for k, v in self.temporal.items() if k != "kind"},
-      name="temporal",
-    )
+    temporal = temporal_module(self.temporal, self.num_classes, name="temporal")
     return temporal(features, mask, time_offsets, train=train)
+
+
+class ImageEncoder(nn.Module):
+  """The backbone of the classifiers alone: ``[B, H, W, 1]`` pipeline images -> pooled features
+  ``[B, D]`` (evaluation mode), with the classifiers' variable names (``backbone/...``) so a
+  trained classifier's backbone loads unchanged.
+
+  Attributes:
+    backbone: ``model.backbone`` fields, as :class:`ImageClassifier`.
+  """
+
+  backbone: Mapping[str, Any]
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return image_features(self.backbone, images, train=False)
+
+
+def temporal_module(
+  fields: Mapping[str, Any], num_classes: int, name: str | None = None
+) -> nn.Module:
+  """The temporal model ``fields['kind']`` names with the rest of ``fields`` as its sizes."""
+  sizes = {k: v for k, v in fields.items() if k != "kind"}
+  return build_temporal_model(fields["kind"], num_classes, **sizes, name=name)
 
 
 def image_features(

@@ -38,8 +38,11 @@ from mammojax.data.pipelines import sequence as sequence_pipeline
 from mammojax.data.synthetic import brain_sequences
 from mammojax.metrics.classification import classification_metrics
 from mammojax.models import backbones
-from mammojax.models.sequence_classifier import ImageClassifier, SequenceClassifier
-from mammojax.models.temporal import build_temporal_model
+from mammojax.models.sequence_classifier import (
+  ImageClassifier,
+  SequenceClassifier,
+  temporal_module,
+)
 from mammojax.tasks.temporal_features import FEATURES_KIND, backbone_subtree, ensure_features
 from mammojax.train.init_state import load_pretrained
 from mammojax.train.task import Task
@@ -180,9 +183,7 @@ class TemporalFeatureTask(_SequenceTask):
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    temporal = config.model.temporal.to_dict()
-    kind = temporal.pop("kind")
-    self.model = build_temporal_model(kind, config.model.num_classes, **temporal)
+    self.model = temporal_module(config.model.temporal.to_dict(), config.model.num_classes)
 
   @functools.cached_property
   def features_dir(self) -> str:

@@ -28,27 +28,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 from mammojax.data import records
 from mammojax.data.constants import default_data_root
 from mammojax.models import backbones
-from mammojax.models.sequence_classifier import image_features
+from mammojax.models.sequence_classifier import ImageEncoder
 
 log = logging.getLogger("mammojax")
 COPIED_FIELDS = ("time_offsets", "image_labels", "label", "length", "patient_hash")
 FEATURES_KIND = "sequence_features"
-
-
-class _Encoder(nn.Module):
-  """The backbone of :class:`~mammojax.models.sequence_classifier.ImageClassifier` alone, so its
-  variables (``backbone/...``) load unchanged."""
-
-  backbone: Mapping[str, Any]
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    return image_features(self.backbone, images, train=False)
 
 
 def backbone_subtree(loaded: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -163,7 +151,7 @@ def _up_to_date(out_dir: str, fingerprint: str) -> bool:
 @functools.lru_cache(maxsize=4)
 def _encoder(fields_json: str):
   """jitted ``(variables, images [N, H, W, 1]) -> features [N, D]``, one per backbone config."""
-  module = _Encoder(json.loads(fields_json))
+  module = ImageEncoder(json.loads(fields_json))
   return jax.jit(lambda variables, images: module.apply(variables, images))
 
 
