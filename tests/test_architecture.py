@@ -26,6 +26,7 @@ LAYERS = (
     "extract_features",
     "ablate",
     "sweep",
+    "explain",
     "convert.__main__",
   ),
 )

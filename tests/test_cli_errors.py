@@ -104,6 +104,11 @@ LONGITUDINAL_COLUMNS = (
 )
 INGEST = ("mammojax.ingest", "--csv={tmp}/m.csv", "--out={tmp}/out", "--noprogress")
 
+
+def _copy_run(run: str, tmp: str) -> None:
+  shutil.copytree(run, os.path.join(tmp, "w"))
+
+
 REGISTER = ("mammojax.register", "--fixed={tmp}/fixed.png", "--moving={tmp}/moving.png")
 
 # (id, prepare(run, tmp) or None, args, parts of the message, paths (under {tmp}) left absent)
@@ -203,6 +208,26 @@ CASES = [
     (*INGEST, "--images={tmp}/images"),
     ("line 3: column 'image_path' names a file outside the --images folder",),
     ("out/manifest.json",),
+  ),
+  (
+    "explain_unknown_method",
+    None,
+    (
+      "mammojax.explain",
+      "--model=resnet:{tmp}/r",
+      "--images={tmp}/a.npy",
+      "--methods=lime",
+      "--out={tmp}/o",
+    ),
+    ("--methods: 'lime'; choose from gradcam,guided_backprop",),
+    ("o",),
+  ),
+  (
+    "explain_task_without_attribution",
+    _copy_run,
+    (TINY, "mammojax.explain", "--workdir={tmp}/w", "--out={tmp}/o"),
+    ("has no image attribution yet", "image_classifier and temporal_end_to_end"),
+    ("o",),
   ),
   (
     "register_nan_lambda",

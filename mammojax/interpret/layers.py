@@ -68,6 +68,12 @@ def layer_names(adapter: ModelAdapter, images: jax.Array) -> tuple[str, ...]:
   return tuple(perturbable)
 
 
+def layer_shapes(adapter: ModelAdapter, images: jax.Array) -> dict[str, tuple[int, ...]]:
+  """``{layer: output shape}`` of :func:`layer_names`, in call order."""
+  perturbable, _ = _exposed(adapter, images)
+  return {name: tuple(value.shape) for name, value in perturbable.items()}
+
+
 def resolve_layer(adapter: ModelAdapter, images: jax.Array, layer: str) -> str:
   """The full path of ``layer``, or a ValueError that lists the available layers."""
   return _resolve(adapter, *_exposed(adapter, images), layer)

@@ -23,6 +23,7 @@ class-1 probability, F1, sensitivity and specificity at probability 0.5.
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Any
 
@@ -79,7 +80,11 @@ class _SequenceTask(Task):
       return brain_sequences.write_pretrain_dataset(root, spec)
     return brain_sequences.write_dataset(root, spec)
 
-  def _examples(self, directory: str, split: str, seq_len: int, pixel_norm=None):
+  def _examples(
+    self, directory: str, split: str, seq_len: int, pixel_norm=None, optional=()
+  ) -> grain.MapDataset:
+    """The split's sequences with the model's inputs, the label and any ``optional`` field the
+    records have."""
     data = self.config.data
     return sequence_pipeline.sequence_dataset(
       directory,
@@ -89,7 +94,7 @@ class _SequenceTask(Task):
       resplit_seed=None if data.split_seed < 0 else int(data.split_seed),
       fractions=tuple(tuple(f) for f in data.fractions),
       normalisation=pixel_norm,
-    ).map(_Select(self.inputs))
+    ).map(_Select(self.inputs, optional))
 
   def _pixel_norm(self) -> tuple[float, float]:
     config = sequence_pipeline.manifest_config(self.image_dir)
@@ -141,7 +146,21 @@ class _SequenceTask(Task):
 
 
 class _PixelTask(_SequenceTask):
-  """A task whose model runs the backbone on pixels: the backbone's freezing and loading."""
+  """A task whose model runs the backbone on pixels: the backbone's freezing and loading, and
+  the examples attribution maps are made of."""
+
+  @abc.abstractmethod
+  def _pixel_examples(self, split: str, optional: tuple[str, ...]) -> grain.MapDataset:
+    """The split's examples as the model takes them, with the ``optional`` record fields."""
+
+  def dataset(self, split: str) -> grain.MapDataset:
+    return self._pixel_examples(split, ())
+
+  def explain_dataset(self, split: str) -> grain.MapDataset:
+    """:meth:`dataset`'s examples plus ``time_offsets`` and, where the records have them (the
+    synthetic cohort), ``region_masks`` (``[H, W]`` or ``[L, H, W]`` uint8, 1 = the region whose
+    change carries the label): what ``python -m mammojax.explain`` maps and scores."""
+    return self._pixel_examples(split, ("region_masks", "time_offsets"))
 
   def frozen_param_patterns(self) -> tuple[str, ...]:
     return frozen_backbone_patterns(self.config.model)
@@ -168,8 +187,9 @@ class ImageClassifierTask(_PixelTask):
       backbone_trainable=m.backbone_trainable == "all",
     )
 
-  def dataset(self, split: str) -> grain.MapDataset:
-    return self._examples(self.image_dir, split, 1, self._pixel_norm()).map(_CurrentImage())
+  def _pixel_examples(self, split: str, optional: tuple[str, ...]) -> grain.MapDataset:
+    examples = self._examples(self.image_dir, split, 1, self._pixel_norm(), optional)
+    return examples.map(_CurrentImage())
 
   def _updates_batch_stats(self, train: bool) -> bool:
     # Only the backbone has BatchNorm here; one that does not train keeps its statistics.
@@ -222,8 +242,9 @@ class EndToEndTemporalTask(_PixelTask):
       backbone_trainable=m.backbone_trainable == "all",
     )
 
-  def dataset(self, split: str) -> grain.MapDataset:
-    return self._examples(self.image_dir, split, self.config.data.seq_len, self._pixel_norm())
+  def _pixel_examples(self, split: str, optional: tuple[str, ...]) -> grain.MapDataset:
+    seq_len = self.config.data.seq_len
+    return self._examples(self.image_dir, split, seq_len, self._pixel_norm(), optional)
 
 
 def check_features_dir(directory: str) -> str:
@@ -282,20 +303,25 @@ def synthetic_spec(fields: ml_collections.ConfigDict) -> brain_sequences.Synthet
 
 
 class _Select(grain.transforms.Map):
-  """Keeps the model's inputs and the label (drops strings and fields the model ignores)."""
+  """Keeps the model's inputs, the label and the ``optional`` fields a record has (drops
+  strings and fields the model ignores)."""
 
-  def __init__(self, inputs: tuple[str, ...]):
+  def __init__(self, inputs: tuple[str, ...], optional: tuple[str, ...] = ()):
     self.keys = tuple(inputs) + ("label",)
+    self.optional = tuple(k for k in optional if k not in self.keys)
 
   def map(self, example: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in self.keys if k not in example]
     if missing:
       raise KeyError(f"sequence records lack {missing}; they have {sorted(example)}")
-    return {k: example[k] for k in self.keys}
+    kept = self.keys + tuple(k for k in self.optional if k in example)
+    return {k: example[k] for k in kept}
 
 
 class _CurrentImage(grain.transforms.Map):
-  """``images [1, H, W, 1]`` of a length-1 sequence -> ``[H, W, 1]``."""
+  """``images [1, H, W, 1]`` of a length-1 sequence -> ``[H, W, 1]`` (and ``region_masks``,
+  ``time_offsets`` likewise, when present)."""
 
   def map(self, example: dict[str, Any]) -> dict[str, Any]:
-    return {**example, "images": example["images"][-1]}
+    per_image = ("images", "region_masks", "time_offsets")
+    return {**example, **{k: example[k][-1] for k in per_image if k in example}}
