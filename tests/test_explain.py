@@ -75,7 +75,9 @@ def test_classifier_run_maps_scores_and_sanity(classifier_run, tmp_path):
 
   # The pretraining cohort marks its ventricles: every method is scored on them.
   scores = summary["scores"]
-  assert set(scores) == {"gradcam", "guided_backprop", "integrated_gradients"}
+  assert set(scores) == {"gradcam", "guided_backprop", "integrated_gradients", "region"}
+  area = scores.pop("region")["area_fraction"]
+  assert area["count"] == 3 and 0 < area["mean"] < 0.5
   for per_method in scores.values():
     assert per_method["pointing_game"]["count"] + per_method["pointing_game"]["unscorable"] == 3
     fraction = per_method["positive_fraction_inside"]["mean"]

@@ -20,6 +20,9 @@ from mammojax.interpret.scoring import pointing_game, positive_fraction_inside, 
 from mammojax.viz.attribution import save_method_grid, save_visit_figure
 
 SCORES = ("pointing_game", "positive_fraction_inside")
+# The chance level of both scores (a map that points at random, or spreads its mass evenly)
+# is the region's share of the image, reported beside the methods under this name.
+REGION = "region"
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -32,15 +35,25 @@ def score_maps(
   maps: Mapping[str, np.ndarray], regions: np.ndarray
 ) -> dict[str, dict[str, np.ndarray]]:
   """``{method: {score: [B]}}`` of maps ``[B, H, W(, C)]`` against ``regions`` ``[B, H, W]``
-  (NaN where a map or region cannot be scored: see :mod:`mammojax.interpret.scoring`)."""
+  (NaN where a map or region cannot be scored: see :mod:`mammojax.interpret.scoring`), and
+  under :data:`REGION` the regions' share of the image (``area_fraction``), the chance level
+  of both scores.
+
+  The pointing game counts a hit when any pixel of the maximum lies in the region: a GradCAM
+  map upsampled with ``'nearest'`` has a whole block of equal maxima (32 x 32 pixels for a
+  ResNet's ``layer4``), and that block touching the region is the most its resolution can say.
+  """
   regions = np.asarray(regions).astype(bool)
-  return {
+  scores = {
     name: {
-      "pointing_game": pointing_game(values, regions),
+      "pointing_game": pointing_game(values, regions, ties="any"),
       "positive_fraction_inside": positive_fraction_inside(values, regions),
     }
     for name, values in maps.items()
   }
+  area = regions.reshape(regions.shape[0], -1).mean(axis=1)
+  scores[REGION] = {"area_fraction": np.where(area > 0, area, np.nan)}
+  return scores
 
 
 def write_image_example(
