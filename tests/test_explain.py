@@ -100,8 +100,11 @@ def test_end_to_end_run_maps_every_visit(classifier_run, tmp_path):
     "--num_examples=2",
     "--methods=gradcam,integrated_gradients",
     "--n_steps=16",
+    "--sanity_check",
     f"--out={out}",
   )
+  assert summary["sanity_check"]["stages"] == ["classifier"]
+  assert len(summary["sanity_check"]["gradcam"]) == 1
   for row in summary["examples"]:
     visits = len(row["visit_time_offsets"])
     assert row["visit_time_offsets"][-1] == 0.0

@@ -321,7 +321,9 @@ def _sanity(adapter, images, methods, settings, seed) -> dict[str, Any]:
   """Each method's maps on the first input against the same model with its weights re-drawn,
   stage by stage from the output (a ResNet's ``layer4_1``, ``layer4_0`` are one stage
   ``layer4``)."""
-  names = cascading_layers(adapter, images)
+  top_level = list(adapter.variables["params"])
+  # One top-level tree (a sequence model under 'classifier') is one stage: no order to trace.
+  names = cascading_layers(adapter, images) if len(top_level) > 1 else top_level
   stages = list(dict.fromkeys(re.sub(r"^(layer\d+)_\d+$", r"\1", n) for n in names))
   target = jnp.asarray(_targets(np.asarray(adapter.forward(images)), None))
   out = {"stages": stages}
