@@ -12,3 +12,20 @@ from absl import flags  # noqa: E402
 
 # Grain worker processes and orbax read absl flags; pytest never calls app.run.
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def temporal_backbone_run(tmp_path_factory):
+  """``(root, workdir)``: the smoke ResNet pretraining stage of ``configs/temporal.py`` (an
+  ``image_classifier`` run), trained once per test process for every module that needs it."""
+  from shipped_configs import temporal_smoke_config
+
+  from mammojax.runs.stages import run_pretraining
+
+  root = tmp_path_factory.mktemp("temporal")
+  config = temporal_smoke_config("resnet,dnn", root)
+  run_pretraining(config, str(root), show_progress=False)
+  return root, config.model.backbone_checkpoint

@@ -26,6 +26,15 @@ def smoke_config(name: str, tmp_path) -> ml_collections.ConfigDict:
   return config
 
 
+def temporal_smoke_config(variant: str, root) -> ml_collections.ConfigDict:
+  """``configs/temporal.py:<variant>,smoke`` with its synthetic cohort under ``root/data`` and
+  features extracted into the run's own cache (no shared ``data.features_dir``)."""
+  config = shipped_config("temporal", f"{variant},smoke" if variant else "smoke")
+  config.data.synthetic.root = str(root / "data")
+  config.data.features_dir = ""
+  return config
+
+
 def smoke_training_run(name: str, tmp_path_factory) -> tuple:
   """Trains ``configs/<name>.py:smoke`` in a new temporary directory (for a module fixture).
 

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from image_files import phantom, write_png
 
+from mammojax.data.ingest import longitudinal_csv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "run_tiny_task.py")
 TINY_CONFIG = "--config=tests/tiny_task_config.py"
@@ -89,19 +91,7 @@ def _ingest_csv(run: str, tmp: str, image_path: str = "a.png", drop: str = "") -
       )
 
 
-LONGITUDINAL_COLUMNS = (
-  "patient_id",
-  "exam_id",
-  "ImageLaterality",
-  "view",
-  "study_date_year",
-  "Time_to_Cancer_Years",
-  "years_last_followup",
-  "density",
-  "cancer_type",
-  "race",
-  "image_path",
-)
+LONGITUDINAL_COLUMNS = (*longitudinal_csv.REQUIRED_COLUMNS, "image_path")
 INGEST = ("mammojax.ingest", "--csv={tmp}/m.csv", "--out={tmp}/out", "--noprogress")
 
 

@@ -11,30 +11,19 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from image_files import phantom, write_png
-from shipped_configs import shipped_config
+from shipped_configs import temporal_smoke_config
 
 from mammojax import explain, interpret, tasks
 from mammojax.nn.resnet import ResNet
 from mammojax.runs.restore import restore_run
-from mammojax.runs.stages import run_pretraining
 from mammojax.train import trainer
 from mammojax.train.variable_store import save_variables
 
 
-def _smoke(variant: str, root) -> object:
-  config = shipped_config("temporal", f"{variant},smoke")
-  config.data.synthetic.root = str(root / "data")
-  config.data.features_dir = ""
-  return config
-
-
 @pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory):
+def classifier_run(temporal_backbone_run):
   """The smoke ResNet image classifier (the pretraining stage), trained once."""
-  tmp = tmp_path_factory.mktemp("explain")
-  config = _smoke("resnet,dnn", tmp)
-  run_pretraining(config, str(tmp), show_progress=False)
-  return tmp, config.model.backbone_checkpoint
+  return temporal_backbone_run
 
 
 def _explain(*args):
@@ -90,7 +79,7 @@ def test_classifier_run_maps_scores_and_sanity(classifier_run, tmp_path):
 
 def test_end_to_end_run_maps_every_visit(classifier_run, tmp_path):
   root, backbone = classifier_run
-  config = _smoke("resnet,gru,end_to_end", root)
+  config = temporal_smoke_config("resnet,gru,end_to_end", root)
   config.model.backbone_checkpoint = backbone
   workdir = str(tmp_path / "e2e")
   trainer.train_and_evaluate(config, workdir, tasks.build_task(config), show_progress=False)

@@ -10,33 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from shipped_configs import shipped_config
+from shipped_configs import shipped_config, temporal_smoke_config
 
 from mammojax import sweep, tasks
 from mammojax.extract_features import extract_sequence_features
 from mammojax.models.sequence_classifier import ImageClassifier
 from mammojax.runs.restore import restore_run
-from mammojax.runs.stages import run_pretraining
 from mammojax.tasks.temporal import classification_summary, frozen_backbone_patterns
 from mammojax.tasks.temporal_features import backbone_subtree, ensure_features
 from mammojax.train import trainer
 from mammojax.train.init_state import load_pretrained
 
 
-def _smoke(variant: str, tmp_path) -> object:
-  config = shipped_config("temporal", f"{variant},smoke" if variant else "smoke")
-  config.data.synthetic.root = str(tmp_path / "data")
-  config.data.features_dir = ""
-  return config
-
-
 @pytest.fixture(scope="module")
-def backbone_run(tmp_path_factory):
-  """The smoke ResNet pretraining stage, trained once for the module (as main runs it)."""
-  tmp = tmp_path_factory.mktemp("temporal")
-  config = _smoke("resnet,dnn", tmp)
-  run_pretraining(config, str(tmp), show_progress=False)
-  return tmp, config.model.backbone_checkpoint
+def backbone_run(temporal_backbone_run):
+  return temporal_backbone_run
 
 
 def test_every_variant_loads_and_unknown_tokens_are_named():
@@ -65,7 +53,7 @@ def test_pretraining_stage_links_a_backbone(backbone_run):
 @pytest.mark.parametrize("model", ["dnn", "gru", "transformer", "image"])
 def test_temporal_models_train_on_extracted_features(backbone_run, model):
   tmp, checkpoint = backbone_run
-  config = _smoke(f"resnet,{model}", tmp)
+  config = temporal_smoke_config(f"resnet,{model}", tmp)
   config.model.backbone_checkpoint = checkpoint
   config.data.features_dir = str(tmp / "features")
   task = tasks.build_task(config)
@@ -78,7 +66,7 @@ def test_temporal_models_train_on_extracted_features(backbone_run, model):
 
 def test_features_are_extracted_once_and_match_the_end_to_end_route(backbone_run):
   tmp, checkpoint = backbone_run
-  config = _smoke("resnet,gru", tmp)
+  config = temporal_smoke_config("resnet,gru", tmp)
   config.model.backbone_checkpoint = checkpoint
   config.data.features_dir = str(tmp / "features_e2e")
   feature_task = tasks.build_task(config)
@@ -88,7 +76,7 @@ def test_features_are_extracted_once_and_match_the_end_to_end_route(backbone_run
   assert tasks.build_task(config).features_dir == features_dir
   assert os.stat(manifest).st_mtime_ns == stamp  # reused, not rewritten
 
-  e2e_config = _smoke("resnet,gru,end_to_end", tmp)
+  e2e_config = temporal_smoke_config("resnet,gru,end_to_end", tmp)
   e2e_config.model.backbone_checkpoint = checkpoint
   e2e_task = tasks.build_task(e2e_config)
   image_batch = {k: v[None] for k, v in e2e_task.dataset("val")[0].items()}
@@ -108,7 +96,7 @@ def test_features_are_extracted_once_and_match_the_end_to_end_route(backbone_run
 
 def test_end_to_end_task_trains_backbone_and_temporal_model(backbone_run):
   tmp, checkpoint = backbone_run
-  config = _smoke("resnet,transformer,end_to_end", tmp)
+  config = temporal_smoke_config("resnet,transformer,end_to_end", tmp)
   config.model.backbone_checkpoint = checkpoint
   config.model.backbone_trainable = "all"
   summary = trainer.train_and_evaluate(
@@ -177,22 +165,22 @@ def test_frozen_backbone_patterns():
 
 
 def test_bad_settings_are_named(tmp_path):
-  config = _smoke("resnet,dnn", tmp_path)
+  config = temporal_smoke_config("resnet,dnn", tmp_path)
   config.data.seq_len = 0
   with pytest.raises(ValueError, match="data.seq_len must be >= 1"):
     tasks.build_task(config)
-  config = _smoke("resnet,dnn", tmp_path)
+  config = temporal_smoke_config("resnet,dnn", tmp_path)
   config.model.backbone_trainable = "some"
   with pytest.raises(ValueError, match="backbone_trainable"):
     tasks.build_task(config)
-  config = _smoke("resnet,dnn", tmp_path)
+  config = temporal_smoke_config("resnet,dnn", tmp_path)
   with pytest.raises(ValueError, match="model.backbone_checkpoint is empty"):
     tasks.build_task(config).dataset("train")
 
 
 def test_a_checkpoint_refuses_features_of_another_width(backbone_run):
   tmp, checkpoint = backbone_run
-  config = _smoke("resnet,dnn", tmp)
+  config = temporal_smoke_config("resnet,dnn", tmp)
   config.model.backbone_checkpoint = checkpoint
   run_dir = str(tmp / "dnn_width")
   trainer.train_and_evaluate(config, run_dir, tasks.build_task(config), show_progress=False)
@@ -216,7 +204,7 @@ def test_a_checkpoint_refuses_features_of_another_width(backbone_run):
 
 def test_extract_features_command_feeds_a_run_without_a_backbone(backbone_run):
   tmp, checkpoint = backbone_run
-  config = _smoke("resnet,dnn", tmp)
+  config = temporal_smoke_config("resnet,dnn", tmp)
   out = extract_sequence_features(config, str(tmp / "extracted"), workdir=checkpoint)
   config.data.features_dir = out
   task = tasks.build_task(config)  # model.backbone_checkpoint stays empty
