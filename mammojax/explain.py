@@ -131,9 +131,11 @@ def _run_subject(workdir: str, checkpoint: str, split: str, count: int):
 
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir {workdir} is not a directory (give a training run)")
+  from mammojax.train.task import AttributionTask  # pylint: disable=import-outside-toplevel
+
   run = restore_run(workdir, checkpoint=checkpoint, example_split=split)
   task = run.task
-  if not hasattr(task, "explain_dataset"):
+  if not isinstance(task, AttributionTask):
     raise ValueError(
       f"--workdir {workdir}: task {run.config.task!r} has no image attribution yet; explain "
       "takes image_classifier and temporal_end_to_end runs, or --model=KIND:DIR with --images"

@@ -199,8 +199,8 @@ def explain(
   collected: dict[str, dict[str, list[np.ndarray]]] = {}
   rows = []
   bar = tqdm(total=len(subject.examples), disable=not progress, unit="example", file=sys.stderr)
+  explain_group = _explain_sequence if subject.sequences else _explain_images
   for group in _groups(subject, batch_size):
-    explain_group = _explain_sequence if subject.sequences else _explain_images
     for row, scores in explain_group(subject, group, out_dir, methods, settings, target):
       rows.append(row)
       for name, values in scores.items():
@@ -263,14 +263,15 @@ def _explain_images(subject, group, out_dir, methods, settings, target):
   images = jnp.asarray(np.stack([e.images for e in group]))
   logits = np.asarray(subject.adapter.forward(images))
   chosen = _targets(logits, target)
+  probabilities = _probabilities(logits, chosen)
   maps = attribution_maps(subject.adapter, images, jnp.asarray(chosen), methods, settings)
   regions = [e.region for e in group]
   scores = report.score_maps(maps, np.stack(regions)) if all(r is not None for r in regions) else {}
   for i, example in enumerate(group):
     own = {name: values[i] for name, values in maps.items()}
-    title = f"{example.name}: class {chosen[i]} (p={_probabilities(logits, chosen)[i]:.2f})"
+    title = f"{example.name}: class {chosen[i]} (p={probabilities[i]:.2f})"
     report.write_image_example(os.path.join(out_dir, example.name), example.images, own, title)
-    row = _row(example, int(chosen[i]), float(_probabilities(logits, chosen)[i]))
+    row = _row(example, int(chosen[i]), float(probabilities[i]))
     yield row, {n: {s: v[i : i + 1] for s, v in values.items()} for n, values in scores.items()}
 
 

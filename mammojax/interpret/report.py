@@ -25,7 +25,7 @@ SCORES = ("pointing_game", "positive_fraction_inside")
 REGION = "region"
 
 
-def display_image(image: np.ndarray) -> np.ndarray:
+def display_plane(image: np.ndarray) -> np.ndarray:
   """A model input ``[H, W, C]`` as one displayable plane ``[H, W]`` (the channel mean)."""
   image = np.asarray(image, np.float32)
   return image.mean(axis=-1) if image.ndim == 3 else image
@@ -66,7 +66,7 @@ def write_image_example(
   os.makedirs(directory, exist_ok=True)
   for name, values in maps.items():
     write_npy_atomic(os.path.join(directory, f"{name}.npy"), values)
-  save_method_grid(os.path.join(directory, "methods.png"), display_image(image), maps, title=title)
+  save_method_grid(os.path.join(directory, "methods.png"), display_plane(image), maps, title=title)
 
 
 def write_sequence_example(
@@ -83,7 +83,7 @@ def write_sequence_example(
   os.makedirs(directory, exist_ok=True)
   for name, values in maps.items():
     write_npy_atomic(os.path.join(directory, f"{name}.npy"), values)
-  planes = [display_image(image) for image in images]
+  planes = [display_plane(image) for image in images]
   save_visit_figure(
     os.path.join(directory, "visits.png"),
     planes,

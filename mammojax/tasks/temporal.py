@@ -46,7 +46,7 @@ from mammojax.models.sequence_classifier import (
 )
 from mammojax.tasks.temporal_features import FEATURES_KIND, backbone_subtree, ensure_features
 from mammojax.train.init_state import load_pretrained
-from mammojax.train.task import Task
+from mammojax.train.task import AttributionTask, Task
 
 BACKBONE_TRAINABLE = ("none", "last_stage", "all")
 PASSTHROUGH = ("label",)
@@ -145,7 +145,7 @@ class _SequenceTask(Task):
     return classification_summary(predictions["prob"], predictions["label"])
 
 
-class _PixelTask(_SequenceTask):
+class _PixelTask(_SequenceTask, AttributionTask):
   """A task whose model runs the backbone on pixels: the backbone's freezing and loading, and
   the examples attribution maps are made of."""
 
@@ -157,9 +157,8 @@ class _PixelTask(_SequenceTask):
     return self._pixel_examples(split, ())
 
   def explain_dataset(self, split: str) -> grain.MapDataset:
-    """:meth:`dataset`'s examples plus ``time_offsets`` and, where the records have them (the
-    synthetic cohort), ``region_masks`` (``[H, W]`` or ``[L, H, W]`` uint8, 1 = the region whose
-    change carries the label): what ``python -m mammojax.explain`` maps and scores."""
+    """``region_masks`` are ``[H, W]`` or ``[L, H, W]`` uint8 (the synthetic cohort's
+    ventricles, the region whose change carries the label)."""
     return self._pixel_examples(split, ("region_masks", "time_offsets"))
 
   def frozen_param_patterns(self) -> tuple[str, ...]:

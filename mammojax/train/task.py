@@ -109,3 +109,14 @@ class RegistrationTask(Task):
   def displacement(self, variables: Variables, *, moving: jax.Array, fixed: jax.Array) -> jax.Array:
     """The field ``[B, *S, n]`` (pixels, 'ij') with ``warped(x) = moving(x + u(x))`` for images
     ``moving`` and ``fixed`` ``[B, *S, C]``."""
+
+
+class AttributionTask(Task):
+  """A task whose model's predictions ``python -m mammojax.explain`` maps back to the pixels: it
+  names the examples to explain (the model's inputs plus, where the data has them, the region
+  that carries the label)."""
+
+  @abc.abstractmethod
+  def explain_dataset(self, split: str) -> grain.MapDataset:
+    """The split's examples as :meth:`dataset` gives them plus ``time_offsets`` and, where the
+    records have them, ``region_masks``."""
