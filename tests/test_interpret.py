@@ -19,6 +19,7 @@ from mammojax.nn.vit import VisionTransformer
 torch = pytest.importorskip("torch")
 captum_attr = pytest.importorskip("captum.attr")
 from captum.attr._utils.approximation_methods import approximation_parameters  # noqa: E402
+from torch_refs.small_vit import small_torchvision_vit  # noqa: E402
 from torch_refs.torchvision_import import import_torchvision  # noqa: E402
 
 torchvision = import_torchvision()
@@ -92,27 +93,7 @@ def resnet():
 @pytest.fixture(scope="module")
 def vit():
   """(torch ViT with a tokens -> grid -> tokens detour after block 0, our adapter, images)."""
-  torch.manual_seed(0)
-  model = torchvision.models.vision_transformer.VisionTransformer(
-    image_size=32,
-    patch_size=8,
-    num_layers=2,
-    num_heads=4,
-    hidden_dim=64,
-    mlp_dim=128,
-    num_classes=NUM_CLASSES,
-  )
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if param.ndim == 1 and name.endswith("weight"):  # LayerNorm scales
-        param.copy_(1.0 + 0.2 * noise)
-      elif param.ndim >= 2 and "token" not in name and "pos_embed" not in name:
-        param.copy_(noise / param[0].numel() ** 0.5)
-      else:
-        param.copy_(0.5 * noise)
-  model.eval()
+  model = small_torchvision_vit(num_classes=NUM_CLASSES)
   variables, fields, _ = import_vit({k: v.numpy() for k, v in model.state_dict().items()}, 4)
   adapter = interpret.vit_adapter(VisionTransformer(**fields), variables)
 

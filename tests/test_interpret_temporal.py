@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from sequence_data import padded_sequences, to_start_padding
 
 from mammojax.interpret import temporal as interpret_temporal
 from mammojax.models import temporal
@@ -24,22 +25,11 @@ SMALL = {
 
 
 def _sequences(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """End-padded features ``[B, L, D]``, mask and offsets ``[B, L]``."""
-  rng = np.random.default_rng(seed)
-  features = np.zeros((BATCH, LENGTH, DIM), np.float32)
-  offsets = np.zeros((BATCH, LENGTH), np.float32)
-  mask = np.arange(LENGTH)[None] < LENGTHS[:, None]
-  for b, n in enumerate(LENGTHS):
-    features[b, :n] = rng.normal(size=(n, DIM))
-    offsets[b, : n - 1] = np.sort(rng.uniform(0.2, 4.0, size=n - 1))[::-1]
-  return features, mask, offsets
+  return padded_sequences(LENGTHS, LENGTH, DIM, seed)
 
 
 def _to_start_padding(array: np.ndarray) -> np.ndarray:
-  out = np.zeros_like(array)
-  for b, n in enumerate(LENGTHS):
-    out[b, LENGTH - n :] = array[b, :n]
-  return out
+  return to_start_padding(array, LENGTHS)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
+from sequence_data import padded_sequences, to_start_padding
 
 from mammojax.models import temporal
 
@@ -13,25 +14,12 @@ BATCH, LENGTH, DIM = 4, 3, 8
 LENGTHS = np.array([3, 1, 2, 2])
 
 
-def _sequences(seed: int = 0):
-  """End-padded features / mask / offsets ``[B, L, *]`` (the reference's layout)."""
-  rng = np.random.default_rng(seed)
-  features = np.zeros((BATCH, LENGTH, DIM), np.float32)
-  offsets = np.zeros((BATCH, LENGTH), np.float32)
-  mask = np.arange(LENGTH)[None] < LENGTHS[:, None]
-  for b, n in enumerate(LENGTHS):
-    features[b, :n] = rng.normal(size=(n, DIM))
-    gaps = np.sort(rng.uniform(0.2, 4.0, size=n - 1))[::-1]
-    offsets[b, : n - 1] = gaps  # oldest first; the current image (last real) has offset 0
-  return features, mask, offsets
+def _sequences(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  return padded_sequences(LENGTHS, LENGTH, DIM, seed)
 
 
 def _to_start_padding(array: np.ndarray) -> np.ndarray:
-  """Move each row's real prefix to the end (newest image last)."""
-  out = np.zeros_like(array)
-  for b, n in enumerate(LENGTHS):
-    out[b, LENGTH - n :] = array[b, :n]
-  return out
+  return to_start_padding(array, LENGTHS)
 
 
 def _apply(model, variables, features, mask, offsets):

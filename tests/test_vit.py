@@ -12,6 +12,7 @@ from mammojax.convert.vit import import_vit
 from mammojax.nn.vit import VIT_INTERMEDIATE_NAMES, VisionTransformer, tokens_to_grid, vit_b16
 
 torch = pytest.importorskip("torch")
+from torch_refs.small_vit import randomize_vit, small_torchvision_vit  # noqa: E402
 from torch_refs.torchvision_import import import_timm, import_torchvision  # noqa: E402
 
 torchvision = import_torchvision()
@@ -19,22 +20,6 @@ torchvision = import_torchvision()
 TOLERANCE = 1e-4
 SMALL = dict(image_size=32, patch_size=8, depth=2, num_heads=4, hidden_dim=64)
 SMALL_FIELDS = {**SMALL, "mlp_dim": 128, "num_classes": 10}
-
-
-def _randomize(model, seed: int = 0):
-  """Every parameter redrawn (torch starts some at zero: class token, biases, the head), at a
-  scale that keeps the attention and the residual stream non-trivial."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if param.ndim == 1 and name.endswith("weight"):  # LayerNorm scales
-        param.copy_(1.0 + 0.2 * noise)
-      elif param.ndim >= 2 and "token" not in name and "pos_embed" not in name:
-        param.copy_(noise / param[0].numel() ** 0.5)
-      else:  # biases, class token, position embedding
-        param.copy_(0.5 * noise)
-  return model.eval()
 
 
 def _state(model, prefix: str = "") -> dict[str, np.ndarray]:
@@ -80,17 +65,7 @@ def _max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def torchvision_small():
-  torch.manual_seed(0)
-  model = torchvision.models.vision_transformer.VisionTransformer(
-    image_size=32,
-    patch_size=8,
-    num_layers=2,
-    num_heads=4,
-    hidden_dim=64,
-    mlp_dim=128,
-    num_classes=10,
-  )
-  return _randomize(model, seed=1)
+  return small_torchvision_vit(num_classes=10)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +75,7 @@ def timm_small():
   model = timm.models.vision_transformer.VisionTransformer(
     img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
   )
-  return _randomize(model, seed=2)
+  return randomize_vit(model, seed=2)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -179,7 +154,7 @@ def _full_size_parity(model, layout: str, final_norm) -> dict[str, float]:
 
 def test_torchvision_vit_b_16_parity():
   torch.manual_seed(0)
-  model = _randomize(torchvision.models.vit_b_16(weights=None), seed=3)
+  model = randomize_vit(torchvision.models.vit_b_16(weights=None), seed=3)
   diffs = _full_size_parity(model, "torchvision", model.encoder)
   print(f"torchvision vit_b_16 at 224, max abs diffs: {diffs}")
   assert max(diffs.values()) <= TOLERANCE, diffs
@@ -188,7 +163,7 @@ def test_torchvision_vit_b_16_parity():
 def test_timm_vit_base_patch16_224_parity():
   timm = import_timm()
   torch.manual_seed(0)
-  model = _randomize(timm.create_model("vit_base_patch16_224", pretrained=False), seed=4)
+  model = randomize_vit(timm.create_model("vit_base_patch16_224", pretrained=False), seed=4)
   diffs = _full_size_parity(model, "timm", model.norm)
   print(f"timm vit_base_patch16_224 at 224, max abs diffs: {diffs}")
   assert max(diffs.values()) <= TOLERANCE, diffs
