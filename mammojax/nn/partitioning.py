@@ -58,3 +58,14 @@ def dense(
   """``nn.Dense`` with a named kernel (Flax's default init unless ``kernel_init``); ``kwargs``
   go to ``nn.Dense`` (dtype, use_bias, ...)."""
   return nn.Dense(features, name=name, kernel_init=dense_kernel_init(kernel_init), **kwargs)
+
+
+# Token activations [B, N, D]: the batch over the data axes and, where a rule maps "tokens" (e.g.
+# ("tokens", "model") for 3-D volumes of thousands of tokens), the sequence over devices.
+TOKEN_ACTIVATION_AXES = ("batch", "tokens", None)
+
+
+def with_token_sharding(tokens: Any) -> Any:
+  """Constrains token activations ``[B, N, D]`` to :data:`TOKEN_ACTIVATION_AXES` under the
+  active ``nn.logical_axis_rules`` and mesh; without them it returns ``tokens`` unchanged."""
+  return nn.with_logical_constraint(tokens, TOKEN_ACTIVATION_AXES)

@@ -14,7 +14,16 @@ Layout, as torchvision's ``vit_b_16`` and timm's ``vit_base_patch16_224`` build 
 * the class token (or, with ``class_token=False``, the mean of the normalised tokens) is the
   feature ``[B, D]``; with ``num_classes > 0`` a Dense ``head`` turns it into logits.
 
-LayerNorm epsilon is 1e-6 (torchvision and timm both). Checkpoint names, ours / torchvision /
+LayerNorm epsilon is 1e-6 (torchvision and timm both).
+
+The same module is the encoder of MONAI-style 3-D models (UNETR, the masked autoencoder):
+``repeat_grayscale=False`` takes any number of input channels as they are; ``image_size`` may be
+a tuple of per-axis sides; ``position_embedding`` is ``'learned'`` (a parameter), a fixed
+sin-cos table (``'sincos_whd'``: MONAI's ``build_sincos_position_embedding``, whose frequency
+blocks run over the grid axes in the order 1, 0, 2 -- "w, h, d" in its names; ``'sincos_hwd'``:
+SelfMedMAE's order 0, 1, 2) or ``'none'``; ``qkv_bias=False`` as MONAI's attention; ``remat``
+recomputes each block in the backward pass (memory for 3-D token counts). ``return_tokens=True``
+returns the normalised tokens and every block's output (UNETR taps blocks 3, 6 and 9). Checkpoint names, ours / torchvision /
 timm (:mod:`mammojax.convert.vit` imports both):
 
 * ``conv_proj``: ``conv_proj`` / ``patch_embed.proj``;
@@ -54,6 +63,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from mammojax.nn import partitioning
@@ -84,6 +94,50 @@ def vit_intermediate_names(depth: int) -> tuple[str, ...]:
 VIT_INTERMEDIATE_NAMES = vit_intermediate_names
 
 
+POSITION_EMBEDDINGS = ("learned", "sincos_whd", "sincos_hwd", "none")
+# Grid-axis order of the sin-cos frequency blocks, per named convention (see the module docstring).
+_SINCOS_AXIS_ORDER = {
+  "sincos_whd": {2: (1, 0), 3: (1, 0, 2)},
+  "sincos_hwd": {2: (0, 1), 3: (0, 1, 2)},
+}
+
+
+def sincos_position_embedding(
+  grid: Sequence[int], dim: int, order: str = "sincos_whd", temperature: float = 10000.0
+) -> np.ndarray:
+  """Fixed sin-cos position table ``[1, prod(grid), dim]`` over a 2-D or 3-D patch grid.
+
+  For each grid axis ``a`` (in the convention's order) the block ``[sin(p_a * w), cos(p_a * w)]``
+  with ``w_j = temperature ** (-j / (dim / (2 * ndim)))``, ``j < dim / (2 * ndim)``; positions
+  are the integer patch indices, tokens in row-major grid order.
+
+  Args:
+    grid: patch grid, e.g. ``(6, 6, 6)``.
+    dim: token width; a multiple of ``2 * len(grid)``.
+    order: ``'sincos_whd'`` (MONAI) or ``'sincos_hwd'`` (SelfMedMAE).
+    temperature: frequency base.
+  """
+  grid = tuple(int(g) for g in grid)
+  if order not in _SINCOS_AXIS_ORDER or len(grid) not in _SINCOS_AXIS_ORDER[order]:
+    raise ValueError(
+      f"sin-cos position embedding: order {order!r} over a {len(grid)}-D grid is not defined; "
+      f"use one of {sorted(_SINCOS_AXIS_ORDER)} over a 2-D or 3-D grid"
+    )
+  if dim % (2 * len(grid)):
+    raise ValueError(
+      f"sin-cos position embedding over a {len(grid)}-D grid needs a width that is a multiple of "
+      f"{2 * len(grid)}, got hidden_dim={dim}"
+    )
+  per_axis = dim // (2 * len(grid))
+  omega = 1.0 / temperature ** (np.arange(per_axis, dtype=np.float32) / per_axis)
+  positions = np.meshgrid(*(np.arange(g, dtype=np.float32) for g in grid), indexing="ij")
+  blocks = []
+  for axis in _SINCOS_AXIS_ORDER[order][len(grid)]:
+    angles = positions[axis].reshape(-1, 1) * omega[None]
+    blocks += [np.sin(angles), np.cos(angles)]
+  return np.concatenate(blocks, axis=1)[None].astype(np.float32)
+
+
 def tokens_to_grid(tokens: jax.Array, grid: Sequence[int], class_token: bool = True) -> jax.Array:
   """Token sequence -> patch map: ``[B, 1 + N, D]`` -> ``[B, h, w, D]``.
 
@@ -112,8 +166,9 @@ class VisionTransformer(nn.Module):
   """ViT: ``[B, H, W, 1 or 3] -> [B, D]`` features or ``[B, num_classes]`` logits.
 
   Attributes:
-    image_size: side of the (square, or cubic for volumes) image the model is built for; sizes
-      ``pos_embedding`` (torchvision's ``image_size``; 224 for ViT-B/16).
+    image_size: side of the (square, or cubic for volumes) image the model is built for, or one
+      side per spatial axis; sizes ``pos_embedding`` (torchvision's ``image_size``; 224 for
+      ViT-B/16).
     patch_size: patch side; must divide ``image_size``.
     hidden_dim: token width ``D``.
     depth: transformer blocks.
@@ -126,9 +181,14 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: on the attention weights.
     dtype: computation dtype (parameters stay float32).
     activation: MLP activation (torch's exact GELU).
+    repeat_grayscale: repeat a 1-channel input to 3 channels (ImageNet weights); False takes any
+      channel count as it is (MONAI's ``in_channels``).
+    position_embedding: one of ``POSITION_EMBEDDINGS`` (see the module docstring).
+    qkv_bias: biases on the attention's query/key/value projections (MONAI: False).
+    remat: recompute each block's activations in the backward pass instead of storing them.
   """
 
-  image_size: int = 224
+  image_size: int | tuple[int, ...] = 224
   patch_size: int = 16
   hidden_dim: int = 768
   depth: int = 12
@@ -141,31 +201,42 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   activation: Activation = gelu_exact
+  repeat_grayscale: bool = True
+  position_embedding: str = "learned"
+  qkv_bias: bool = True
+  remat: bool = False
+
+  def image_sides(self, num_spatial_dims: int = 2) -> tuple[int, ...]:
+    """``image_size`` as one side per spatial axis."""
+    if isinstance(self.image_size, int):
+      return (self.image_size,) * num_spatial_dims
+    sides = tuple(int(side) for side in self.image_size)
+    if len(sides) != num_spatial_dims:
+      raise ValueError(
+        f"VisionTransformer image_size={sides} has {len(sides)} sides, but the input has "
+        f"{num_spatial_dims} spatial axes"
+      )
+    return sides
 
   def patch_grid(self, num_spatial_dims: int = 2) -> tuple[int, ...]:
     """The patch grid of an ``image_size`` input, e.g. ``(14, 14)`` for ViT-B/16 at 224."""
-    if self.image_size % self.patch_size:
+    sides = self.image_sides(num_spatial_dims)
+    if any(side % self.patch_size for side in sides):
       raise ValueError(
         f"VisionTransformer image_size={self.image_size} is not a multiple of "
         f"patch_size={self.patch_size}"
       )
-    return (self.image_size // self.patch_size,) * num_spatial_dims
+    return tuple(side // self.patch_size for side in sides)
 
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    """Args:
-      images: ``[B, H, W, 1 or 3]`` (grayscale is repeated to 3 channels), or a volume
-        ``[B, D, H, W, C]``; every spatial side must equal ``image_size``.
-      train: dropout on (needs a ``'dropout'`` rng when a rate is non-zero).
-    Returns:
-      ``[B, hidden_dim]`` features (``num_classes == 0``) or ``[B, num_classes]`` logits.
-    """
-    if images.ndim < 4 or images.shape[-1] not in (1, 3):
+  def _check_images(self, images: jax.Array) -> jax.Array:
+    """The input after the grayscale repeat, or a ValueError naming the shape and the fix."""
+    channels_ok = images.shape[-1] in (1, 3) if self.repeat_grayscale else True
+    if images.ndim < 4 or not channels_ok:
       raise ValueError(
         f"VisionTransformer expects images [B, H, W, 1 or 3] (or [B, D, H, W, C]), got "
         f"{images.shape}"
       )
-    if images.shape[-1] == 1:
+    if self.repeat_grayscale and images.shape[-1] == 1:
       images = jnp.repeat(images, 3, axis=-1)
     spatial = images.shape[1:-1]
     patch = self.patch_size
@@ -173,7 +244,8 @@ class VisionTransformer(nn.Module):
     if any(side % patch for side in spatial):
       raise ValueError(
         f"VisionTransformer: image sides {spatial} are not multiples of patch_size={patch}; "
-        f"the model was built for {self.image_size}-pixel sides"
+        f"the model was built for {self.image_size}-pixel sides: pad or crop to a multiple of "
+        f"{patch}"
       )
     grid = tuple(side // patch for side in spatial)
     if grid != expected:
@@ -182,6 +254,47 @@ class VisionTransformer(nn.Module):
         f"pos_embedding holds a {expected} grid: the model was built for image_size="
         f"{self.image_size}; resize the images (or build the model for this size)"
       )
+    return images
+
+  def _position_table(self, tokens: int, grid: tuple[int, ...]) -> jax.Array | None:
+    """``[1, tokens, D]`` added to the tokens (class token row included), or None."""
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(
+        f"VisionTransformer position_embedding={self.position_embedding!r}; use one of "
+        f"{POSITION_EMBEDDINGS}"
+      )
+    if self.position_embedding == "none":
+      return None
+    if self.position_embedding == "learned":
+      return self.param(
+        "pos_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), partitioning.TOKEN_AXES),
+        (1, tokens, self.hidden_dim),
+      )
+    table = sincos_position_embedding(grid, self.hidden_dim, self.position_embedding)
+    if self.class_token:  # the class token gets a zero row, as in MAE
+      table = np.concatenate([np.zeros((1, 1, self.hidden_dim), np.float32), table], axis=1)
+    return jnp.asarray(table)
+
+  @nn.compact
+  def __call__(
+    self, images: jax.Array, *, train: bool = False, return_tokens: bool = False
+  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Args:
+      images: ``[B, H, W, 1 or 3]`` (grayscale is repeated to 3 channels unless
+        ``repeat_grayscale`` is False, which takes any ``C``), or a volume ``[B, D, H, W, C]``;
+        the spatial sides must equal ``image_size``.
+      train: dropout on (needs a ``'dropout'`` rng when a rate is non-zero).
+      return_tokens: return the tokens instead of the features (no head).
+    Returns:
+      ``[B, hidden_dim]`` features (``num_classes == 0``) or ``[B, num_classes]`` logits; with
+      ``return_tokens``, ``(tokens, hidden_states)``: the final-LayerNorm output
+      ``[B, (1 +) N, D]`` and the ``depth`` block outputs ``[B, (1 +) N, D]`` before it.
+    """
+    images = self._check_images(images)
+    spatial = images.shape[1:-1]
+    patch = self.patch_size
+    grid = tuple(side // patch for side in spatial)
     x = nn.Conv(
       self.hidden_dim,
       (patch,) * len(spatial),
@@ -194,20 +307,23 @@ class VisionTransformer(nn.Module):
     x = expose(self, _sown_name("conv_proj"), x)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.hidden_dim)
-    token_init = lambda init: nn.with_logical_partitioning(init, partitioning.TOKEN_AXES)  # noqa: E731
     if self.class_token:
-      token = self.param("class_token", token_init(nn.initializers.zeros), (1, 1, self.hidden_dim))
+      token = self.param(
+        "class_token",
+        nn.with_logical_partitioning(nn.initializers.zeros, partitioning.TOKEN_AXES),
+        (1, 1, self.hidden_dim),
+      )
       token = jnp.broadcast_to(token.astype(x.dtype), (batch, 1, self.hidden_dim))
       x = jnp.concatenate([token, x], axis=1)
-    position = self.param(
-      "pos_embedding",
-      token_init(nn.initializers.normal(stddev=0.02)),
-      (1, x.shape[1], self.hidden_dim),
-    )
-    x = x + position.astype(x.dtype)
+    position = self._position_table(x.shape[1], grid)
+    if position is not None:
+      x = x + position.astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    # static_argnums counts self: argument 2 is `deterministic`.
+    block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
+    hidden_states = []
     for i in range(self.depth):
-      x = TransformerBlock(
+      x = block(
         num_heads=self.num_heads,
         mlp_dim=self.mlp_dim,
         pre_norm=True,
@@ -215,10 +331,13 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate,
         dropout_rate=self.dropout_rate,
         layer_norm_epsilon=self.layer_norm_epsilon,
+        qkv_bias=self.qkv_bias,
         dtype=self.dtype,
         name=f"encoder_layer_{i}",
-      )(x, deterministic=not train)
+      )(x, not train)
+      x = partitioning.with_token_sharding(x)
       x = expose(self, _sown_name(f"encoder_layer_{i}"), x)
+      hidden_states.append(x)
     x = nn.LayerNorm(
       epsilon=self.layer_norm_epsilon,
       use_fast_variance=False,
@@ -226,6 +345,8 @@ class VisionTransformer(nn.Module):
       name="encoder_norm",
     )(x)
     x = expose(self, _sown_name("encoder_norm"), x)
+    if return_tokens:
+      return x, tuple(hidden_states)
     features = x[:, 0] if self.class_token else jnp.mean(x, axis=1)
     if self.num_classes <= 0:
       return features
