@@ -105,7 +105,7 @@ def evaluate_checkpoint(
     config.eval.threshold, config.eval.threshold_source = requested, "--threshold"
   # The task reads eval.threshold (and threshold_source) from this config when it reports.
   predictions = predictions_of(examples)
-  report = task.write_report(predictions, out_dir) if jax.process_index() == 0 else {}
+  report = task.write_report(predictions, out_dir, examples) if jax.process_index() == 0 else {}
   logging.getLogger("mammojax").info(
     "evaluated %s step %d on %s (%d examples): %s", run.source, step, split, len(examples), out_dir
   )

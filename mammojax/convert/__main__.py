@@ -40,6 +40,17 @@ kinds:
                 nothing is downloaded. Keys may sit behind a prefix ('backbone.', ...); depth,
                 base_width and num_classes (0 without 'fc') are read from the weights. Build
                 the model as ResNet(**model_fields from source.json).
+  unet3d        MONAI BasicUNet state dict with spatial_dims=3 (e.g. torch.save(net.state_dict())
+                of monai.networks.nets.BasicUNet; 'module.'/'model.' prefixes allowed);
+                features, bias, in/out channels are read from the weights. Affine instance
+                norm and upsample='deconv' (MONAI's defaults) only. Build the model as
+                BasicUNet(**model_fields from source.json); input [B, D, H, W, in_channels].
+  unetr         MONAI UNETR state dict (monai.networks.nets.UNETR, proj_type='conv', instance
+                norm). Sizes and the grid are read from the weights; the unused
+                vit.blocks.*.norm_cross_attn / cross_attn weights are skipped and listed.
+                Flags: --unetr_num_heads (not stored in the weights; MONAI default 12),
+                --input_shape (optional: img_size, for a non-cubic patch grid). Build the
+                model as UNETR(**model_fields from source.json).
   vit           torchvision vit_b_16 or timm vit_base_patch16_224 state dict (layouts detected).
                 Flag: --vit_num_heads (not stored in the weights; default: hidden size / 64).
 """
@@ -124,6 +135,34 @@ def _convert_vit(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   return variables, {"model_fields": fields, "layout": layout}
 
 
+def _convert_unetr(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  from mammojax.convert.unetr import import_unetr
+
+  img_size = _shape(f.input_shape) if f.input_shape else None
+  variables, fields, skipped = import_unetr(
+    state_dict, num_heads=f.unetr_num_heads, img_size=img_size
+  )
+  if skipped:
+    print(f"skipped {len(skipped)} MONAI weights that UNETR never uses: {_listed(skipped)}")
+  fields = dict(fields, img_size=list(fields["img_size"]))
+  return variables, {"model_fields": fields, "skipped_keys": skipped}
+
+
+def _convert_unet3d(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
+  del f
+  from mammojax.convert.basic_unet import import_basic_unet, infer_basic_unet
+
+  variables, fields = import_basic_unet(state_dict, spatial_dims=3)
+  _, in_channels, _ = infer_basic_unet(state_dict)
+  fields = dict(fields, features=list(fields["features"]))
+  return variables, {"model_fields": fields, "in_channels": in_channels}
+
+
+def _listed(keys: Sequence[str], shown: int = 4) -> str:
+  more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+  return ", ".join(keys[:shown]) + more
+
+
 def _convert_mammoclip(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   del f
   from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
@@ -163,6 +202,8 @@ CONVERTERS: dict[str, Callable[[dict, flags.FlagValues], tuple[dict, dict]]] = {
   "mammoregnet": _convert_mammoregnet,
   "mirai": _convert_mirai,
   "resnet": _convert_resnet,
+  "unet3d": _convert_unet3d,
+  "unetr": _convert_unetr,
   "vit": _convert_vit,
 }
 
@@ -205,7 +246,11 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     **define,
   )
   flags.DEFINE_string(
-    "input_shape", "", "icon: spatial size the network was trained on, e.g. 175,175,175.", **define
+    "input_shape",
+    "",
+    "icon: spatial size the network was trained on, e.g. 175,175,175 (required). unetr: its "
+    "img_size (default: a cube from the position embedding).",
+    **define,
   )
   config_flags.DEFINE_config_file(
     "config", None, "fpn_mil: the FPN-MIL config the model was trained with.", **define
@@ -218,6 +263,12 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     0,
     "vit: attention heads (not stored in the weights; ViT-B/16: 12). 0 = hidden size // 64, "
     "the ViT-B convention.",
+    **define,
+  )
+  flags.DEFINE_integer(
+    "unetr_num_heads",
+    12,
+    "unetr: attention heads (not stored in the weights; MONAI's default 12).",
     **define,
   )
   flags.mark_flag_as_required("out", flag_values=values)

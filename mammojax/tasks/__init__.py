@@ -16,6 +16,7 @@ TASKS = {
   "image_classifier": "mammojax.tasks.temporal:ImageClassifierTask",
   "imgfeatalign": "mammojax.tasks.imgfeatalign:ImgFeatAlignTask",
   "mammoregnet": "mammojax.tasks.mammoregnet:MammoRegNetTask",
+  "segmentation": "mammojax.tasks.segmentation:SegmentationTask",
   "temporal": "mammojax.tasks.temporal:TemporalFeatureTask",
   "temporal_end_to_end": "mammojax.tasks.temporal:EndToEndTemporalTask",
 }

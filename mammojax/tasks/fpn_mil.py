@@ -346,7 +346,7 @@ class FPNMILTask(Task):
       str(name): detection_report(boxes, truth, iou_thresholds) for name, boxes in found.items()
     }
 
-  def write_report(self, predictions, out_dir):
+  def write_report(self, predictions, out_dir, examples=None):
     """``report.json`` (the decision threshold and where it came from, classification metrics,
     detection per heatmap over all positive examples with boxes) and ``overlays/*.png``."""
     source = self.config.eval.get("threshold_source", "eval.threshold of the config")

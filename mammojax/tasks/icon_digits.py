@@ -114,7 +114,9 @@ class IconDigitsTask(RegistrationTask):
       "folds": float(np.mean(predictions["folds"])),
     }
 
-  def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
+  def write_report(
+    self, predictions: dict[str, np.ndarray], out_dir: str, examples=None
+  ) -> dict[str, Any]:
     """``report.json`` (the eval metrics) and ``registration.png`` (the first pairs)."""
     from mammojax.viz.registration import save_registration_figure
 

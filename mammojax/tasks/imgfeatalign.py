@@ -128,7 +128,7 @@ class ImgFeatAlignTask(Task):
     metrics["mean_risk"] = float(np.mean(probs[:, -1]))
     return metrics
 
-  def write_report(self, predictions, out_dir):
+  def write_report(self, predictions, out_dir, examples=None):
     """C-index and per-year AUC with bootstrap 95% CIs, per density / cancer-type subgroup,
     ROC and calibration plots (``report.json``, ``roc.png``, ``calibration.png``)."""
     from mammojax.viz.risk_plots import write_risk_report

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from mammojax.data.synthetic import brain_volumes
+
 # (H, W) of the synthetic longitudinal experiments (MammoRegNet needs multiples of 16); the
 # ImgFeatAlign default loads a MammoRegNet trained at this size.
 LONGITUDINAL_IMAGE_SIZE = (128, 96)
@@ -116,3 +118,69 @@ def unknown_variant(path: str, variant: str, known: Sequence[str]) -> ValueError
   quoted = [repr(v) for v in known]
   choices = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
   return ValueError(f"unknown variant {variant!r} of {path}; use {choices}")
+
+
+# The seed's contrasts for the plain UNETR / UNet (AMAE's fine-tuning inputs): trace-weighted DWI
+# and ADC always, T2 when acquired (zeros otherwise).
+SEGMENTATION_CONTRASTS = ("TRACE", "ADC", "T2")
+SEGMENTATION_REQUIRED = ("TRACE", "ADC")
+# Volume sides (D, H, W) of the embedded synthetic set and the training crops, per size.
+_SEGMENTATION_SIZES = {
+  "default": {"volume": (48, 48, 48), "crop": (32, 32, 32)},
+  "smoke": {"volume": (32, 32, 32), "crop": (16, 16, 16)},
+  "paper": {"volume": (96, 96, 96), "crop": (96, 96, 96)},
+}
+
+
+def segmentation_experiment(c: ml_collections.ConfigDict, size: str) -> None:
+  """``c.task = 'segmentation'`` with the data, loss, evaluation and training of ``size``
+  (``'default'``: the synthetic volumes on a CPU in minutes; ``'smoke'``: seconds, the tests;
+  ``'paper'``: the seed's fine-tuning on ingested 96^3 volumes). The model section is the
+  caller's (configs/unetr.py, configs/unet3d.py)."""
+  sides = _SEGMENTATION_SIZES[size]
+  c.task = "segmentation"
+  c.data.dir = ""  # python -m mammojax.ingest --task=volume ...; empty = synthetic volumes
+  c.data.contrasts = SEGMENTATION_CONTRASTS
+  c.data.required_contrasts = SEGMENTATION_REQUIRED
+  c.data.crop_size = sides["crop"]
+  c.data.synthetic = ml_collections.ConfigDict(
+    {"root": "", "size": sides["volume"], "num_train": 48, "num_val": 8, "num_test": 8, "seed": 0}
+  )
+  # Every contrast of the vocabulary is generated (optional ones missing at random); data.contrasts
+  # picks the channels.
+  c.data.synthetic.contrasts = brain_volumes.CONTRASTS
+  # MONAI RandCropByPosNegLabel(pos=1, neg=1), RandFlip / RandRotate90, RandScale / ShiftIntensity.
+  c.data.augment = ml_collections.ConfigDict(
+    {"pos": 1.0, "neg": 1.0, "flip_p": 0.5, "rotate_p": 0.5}
+  )
+  c.data.augment.update(intensity_scale=0.1, intensity_shift=0.1)
+
+  # MONAI DiceLoss(to_onehot_y=True, softmax=True) with its defaults; kind 'dice_ce' adds
+  # cross-entropy (DiceCELoss).
+  c.loss = ml_collections.ConfigDict(
+    {"kind": "dice", "include_background": True, "squared_pred": False, "batch": False}
+  )
+  c.loss.update(smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=1.0, lambda_ce=1.0)
+
+  # Whole volumes by sliding windows of the crop size; figures of the first subjects in reports.
+  c.eval.update(overlap=0.5, blend="gaussian", sw_batch_size=4, report_figures=4)
+  c.checkpoint.update(best_metric="eval/dice_mean", best_mode="max")
+  c.optim.update(name="adamw", learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=20)
+  c.optim.update(weight_decay=0.05)
+  c.train.update(steps=400, batch_size=4)
+  c.eval.update(batch_size=4, every_steps=100)
+  c.checkpoint.every_steps = 100
+  c.logging.every_steps = 20
+  if size == "smoke":
+    c.data.synthetic.update(num_train=8, num_val=8, num_test=8)
+    apply_smoke(c, 2)
+  elif size == "paper":
+    # The seed's fine-tuning: AdamW lr 1e-4 with a schedule, weight decay 0.05, Dice loss, 200
+    # epochs, the best validation checkpoint (1648 training subjects at batch 2: 824 steps per
+    # epoch; set to your dataset's).
+    steps_per_epoch = 824
+    c.train.update(steps=200 * steps_per_epoch, batch_size=2)
+    c.optim.update(learning_rate=1e-4, warmup_steps=steps_per_epoch)
+    c.eval.update(batch_size=1, every_steps=steps_per_epoch, sw_batch_size=4)
+    c.checkpoint.every_steps = steps_per_epoch
+    c.logging.every_steps = 50

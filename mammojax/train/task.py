@@ -85,8 +85,18 @@ class Task(abc.ABC):
     del prefix, source
     return loaded
 
-  def write_report(self, predictions: dict[str, np.ndarray], out_dir: str) -> dict[str, Any]:
-    """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics."""
+  def write_report(
+    self,
+    predictions: dict[str, np.ndarray],
+    out_dir: str,
+    examples: grain.MapDataset | None = None,
+  ) -> dict[str, Any]:
+    """A full evaluation report (JSON, plots) in ``out_dir``; by default the eval metrics.
+
+    ``examples``: the split's examples in prediction order (``python -m mammojax.evaluate``
+    passes them), for reports that draw the inputs beside the predictions.
+    """
+    del examples
     report = self.evaluate(predictions)
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=2)

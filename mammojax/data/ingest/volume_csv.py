@@ -95,7 +95,7 @@ class VolumeItem:
     crop = tuple(slice(a, b) for a, b in zip(lo, hi))
     out = np.zeros(self.size + (len(self.paths),), np.float16)
     for i, vol in volumes.items():
-      resized = _fit(vol.voxels[crop], first.spacing, self.size, order=1)
+      resized = fit_to_size(vol.voxels[crop], first.spacing, self.size, order=1)
       fg = resized != 0
       values = resized[fg]
       if values.size:
@@ -110,7 +110,7 @@ class VolumeItem:
       labels = (
         np.zeros(self.size, np.uint8)
         if mask is None
-        else _fit(np.rint(mask.voxels[crop]), first.spacing, self.size, order=0)
+        else fit_to_size(np.rint(mask.voxels[crop]), first.spacing, self.size, order=0)
       )
       record["mask"] = labels.astype(np.uint8)
       record["has_mask"] = np.int32(mask is not None)
@@ -217,7 +217,7 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
   )
 
 
-def _fit(
+def fit_to_size(
   volume: np.ndarray, spacing: tuple[float, float, float], size: tuple[int, int, int], order: int
 ) -> np.ndarray:
   """Resamples ``[d, h, w]`` to fit ``size`` keeping physical aspect, then pads centrally."""

@@ -1,0 +1,358 @@
+"""3-D segmentation as a trainer task: UNETR or a UNet on multi-contrast volumes.
+
+``config.task='segmentation'``. The data are volume records (``python -m mammojax.ingest
+--task=volume``, or the embedded synthetic brain volumes while ``data.dir`` is empty): the
+contrasts ``data.contrasts`` become the input channels in that order, a contrast a subject lacks
+is a channel of zeros (the seed's plain-UNETR route), and a subject without one of
+``data.required_contrasts`` is an error naming it. Training sees random crops of
+``data.crop_size`` centred on lesion or background voxels (MONAI's RandCropByPosNegLabel), flips,
+in-plane quarter turns and intensity jitter; evaluation runs the model over every whole volume
+with sliding windows of the crop size (``eval.overlap``, ``eval.blend``). The loss is MONAI's
+Dice loss (``loss.kind='dice'``) or Dice + cross-entropy (``'dice_ce'``) on the softmax, with
+MONAI's options under ``loss``. Subjects without a mask (``has_mask == 0``) never reach the loss or
+the metrics.
+
+Evaluation: Dice per subject and foreground class (NaN where the ground truth of a class is
+empty; such subjects are skipped in the means and counted as ``dice_<class>_skipped``), their
+means (``dice_mean`` is the best-checkpoint metric), and the mean Dice loss of the whole volumes.
+``python -m mammojax.evaluate`` adds the 95% Hausdorff distance and the volume difference per
+subject (``subjects.csv``) and figures of slices with the prediction and the ground truth.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from mammojax.atomic_files import atomic_write, write_json_atomic
+from mammojax.data import records
+from mammojax.data.pipelines import volume as volume_pipeline
+from mammojax.data.synthetic import brain_volumes
+from mammojax.losses.dice import dice_ce_loss, dice_loss
+from mammojax.metrics import segmentation as seg_metrics
+from mammojax.models.segmentation.basic_unet import BasicUNet
+from mammojax.models.segmentation.unetr import UNETR
+from mammojax.nn.sliding_window import sliding_window_inference
+from mammojax.train.task import Task
+from mammojax.viz.segmentation import save_segmentation_figure
+
+MODEL_KINDS = ("unetr", "unet")
+LOSS_KINDS = ("dice", "dice_ce")
+PASSTHROUGH = ("label", "has_mask")
+
+
+def build_model(
+  model: ml_collections.ConfigDict, num_classes: int, crop: Sequence[int]
+) -> nn.Module:
+  """The network ``model.kind`` names, for ``num_classes`` logits on crops of sides ``crop``."""
+  dtype = jnp.dtype(model.get("dtype", "float32"))
+  if model.kind == "unetr":
+    return UNETR(
+      out_channels=num_classes,
+      img_size=tuple(int(s) for s in crop),
+      feature_size=model.feature_size,
+      hidden_size=model.hidden_size,
+      mlp_dim=model.mlp_dim,
+      num_heads=model.num_heads,
+      dropout_rate=model.dropout_rate,
+      qkv_bias=model.qkv_bias,
+      remat=model.remat,
+      dtype=dtype,
+    )
+  if model.kind == "unet":
+    return BasicUNet(
+      out_channels=num_classes,
+      features=tuple(model.features),
+      dropout_rate=model.dropout_rate,
+      dtype=dtype,
+    )
+  raise ValueError(f"model.kind={model.kind!r}; use one of {MODEL_KINDS}")
+
+
+class SegmentationTask(Task):
+  """``config.task='segmentation'`` (see the module docstring)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    data = config.data
+    self.crop = tuple(int(s) for s in data.crop_size)
+    if len(self.crop) != 3 or min(self.crop) < 1:
+      raise ValueError(f"data.crop_size={tuple(data.crop_size)} must be three sides (D, H, W)")
+    multiple = 16  # UNETR's patch and BasicUNet's four halvings
+    if any(side % multiple for side in self.crop):
+      raise ValueError(
+        f"data.crop_size={self.crop}: every side must be a multiple of {multiple} for "
+        f"model.kind={config.model.kind!r}; e.g. --config.data.crop_size="
+        f"'{tuple(-(-s // multiple) * multiple for s in self.crop)}'"
+      )
+    self.contrasts = tuple(data.contrasts)
+    missing = [c for c in data.required_contrasts if c not in self.contrasts]
+    if not self.contrasts or missing:
+      raise ValueError(
+        f"data.contrasts={self.contrasts} must be non-empty and hold every required contrast "
+        f"(data.required_contrasts lacks none of them; missing {missing})"
+      )
+    if config.loss.kind not in LOSS_KINDS:
+      raise ValueError(f"loss.kind={config.loss.kind!r}; use one of {LOSS_KINDS}")
+    self.num_classes = int(config.model.num_classes)
+    self.model = build_model(config.model, self.num_classes, self.crop)
+
+  # -- data -------------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def directory(self) -> str:
+    """``data.dir`` or the synthetic volumes (written once)."""
+    return brain_volumes.dataset_dir(self.config.data)
+
+  @functools.cached_property
+  def manifest(self) -> dict[str, Any]:
+    manifest = records.read_manifest(self.directory)["config"]
+    names = list(manifest.get("contrasts", ()))
+    unknown = [c for c in self.contrasts if c not in names]
+    if unknown:
+      raise ValueError(
+        f"data.contrasts names {unknown}, which the records of {self.directory} do not hold; "
+        f"they hold {names}"
+      )
+    classes = manifest.get("classes") or [f"class_{k}" for k in range(self.num_classes)]
+    if len(classes) != self.num_classes:
+      raise ValueError(
+        f"model.num_classes={self.num_classes}, but the records of {self.directory} have "
+        f"{len(classes)} classes {classes}; set --config.model.num_classes={len(classes)}"
+      )
+    return manifest
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.manifest.get("classes") or (f"class_{k}" for k in range(self.num_classes)))
+
+  def dataset(self, split: str) -> grain.MapDataset:
+    names = list(self.manifest["contrasts"])
+    select = _SelectContrasts(
+      tuple(names.index(c) for c in self.contrasts),
+      tuple(names.index(c) for c in self.config.data.required_contrasts),
+      tuple(self.config.data.required_contrasts),
+    )
+    return volume_pipeline.volume_dataset(self.directory, split).map(select)
+
+  def augmentations(self):
+    a = self.config.data.augment
+    return volume_pipeline.train_transforms(
+      self.crop,
+      pos=a.pos,
+      neg=a.neg,
+      flip_p=a.flip_p,
+      rotate_p=a.rotate_p,
+      scale=a.intensity_scale,
+      shift=a.intensity_shift,
+    )
+
+  def eval_passthrough_keys(self):
+    return PASSTHROUGH
+
+  # -- model, loss, prediction ------------------------------------------------------------------
+
+  def init_variables(self, rng, batch):
+    crops = jnp.zeros((batch["volume"].shape[0], *self.crop, len(self.contrasts)), jnp.float32)
+    return self.model.init({"params": rng, "dropout": rng}, crops, train=False)
+
+  def _loss_terms(self, logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    settings = self.config.loss
+    options = dict(
+      include_background=settings.include_background,
+      softmax=True,
+      squared_pred=settings.squared_pred,
+      smooth_nr=settings.smooth_nr,
+      smooth_dr=settings.smooth_dr,
+      batch=settings.batch,
+      valid=valid,
+    )
+    if settings.kind == "dice_ce":
+      return dice_ce_loss(
+        logits, labels, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce, **options
+      )
+    return dice_loss(logits, labels, **options)
+
+  def loss(self, params, model_state, batch, rng, train):
+    variables = {"params": params, **model_state}
+    logits = self.model.apply(variables, batch["volume"], train=train, rngs={"dropout": rng})
+    valid = batch["_valid"].astype(jnp.float32) * batch["has_mask"].astype(jnp.float32)
+    loss = self._loss_terms(logits.astype(jnp.float32), batch["label"], valid)
+    return loss, ({"loss": loss}, model_state)
+
+  def _window_logits(self, windows: jax.Array, variables: Any) -> jax.Array:
+    """``[n, *crop, C] -> [n, *crop, K]`` logits (float32) of sliding windows."""
+    return self.model.apply(variables, windows, train=False).astype(jnp.float32)
+
+  def logits(self, variables: Any, volumes: jax.Array) -> jax.Array:
+    """Whole-volume logits ``[B, D, H, W, K]`` of ``volumes [B, D, H, W, C]`` by sliding windows of
+    the crop size (``eval.overlap``, ``eval.blend``, ``eval.sw_batch_size``)."""
+    e = self.config.eval
+    return sliding_window_inference(
+      volumes,
+      self.crop,
+      e.sw_batch_size,
+      self._window_logits,
+      overlap=e.overlap,
+      mode=e.blend,
+      predictor_args=(variables,),
+    )
+
+  def predict(self, variables, batch):
+    logits = self.logits(variables, batch["volume"])
+    per_class = dice_loss(
+      logits,
+      batch["label"],
+      include_background=self.config.loss.include_background,
+      softmax=True,
+      reduction="none",
+    )
+    return {
+      "prediction": jnp.argmax(logits, axis=-1).astype(jnp.uint8),
+      "dice_loss": jnp.mean(per_class, axis=-1),
+    }
+
+  # -- metrics and reports ----------------------------------------------------------------------
+
+  def _scored(self, predictions: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The subjects with a mask: ``(prediction, label)`` ``[N, D, H, W]`` each."""
+    keep = np.asarray(predictions["has_mask"]) > 0
+    return np.asarray(predictions["prediction"])[keep], np.asarray(predictions["label"])[keep]
+
+  def evaluate(self, predictions):
+    pred, truth = self._scored(predictions)
+    metrics: dict[str, float] = {"num_scored": float(len(pred))}
+    if not len(pred):
+      return metrics
+    keep = np.asarray(predictions["has_mask"]) > 0
+    metrics["loss"] = float(np.mean(np.asarray(predictions["dice_loss"])[keep]))
+    per_subject = seg_metrics.dice_per_subject(
+      pred, truth, self.num_classes, include_background=False
+    )
+    summary = seg_metrics.summarize_dice(per_subject, self.class_names[1:])
+    metrics["dice_mean"] = summary["mean"]
+    for name, stats in summary["classes"].items():
+      metrics[f"dice_{name}"] = stats["mean"]
+      metrics[f"dice_{name}_skipped"] = float(stats["n_skipped"])
+    return metrics
+
+  def write_report(self, predictions, out_dir, examples=None):
+    """``report.json`` (Dice summary, mean HD95 and volume difference per class, with the
+    number of subjects each skipped), ``subjects.csv`` (one row per subject and class) and, with
+    the split's ``examples``, ``figures/subject_<i>.png`` for the first ``eval.report_figures``
+    subjects."""
+    os.makedirs(out_dir, exist_ok=True)
+    report: dict[str, Any] = {"metrics": self.evaluate(predictions)}
+    pred, truth = self._scored(predictions)
+    rows = subject_rows(pred, truth, self.class_names)
+    report["per_class"] = summarize_rows(rows, self.class_names[1:])
+    report["notes"] = (
+      "Dice is NaN for a subject whose ground truth lacks the class; such subjects are skipped "
+      "in the means (counted in n_skipped). HD95 is in voxels of the records' grid, NaN when "
+      "either mask is empty."
+    )
+    _write_rows(os.path.join(out_dir, "subjects.csv"), rows)
+    if examples is not None:
+      report["figures"] = self._figures(predictions, examples, os.path.join(out_dir, "figures"))
+    write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=2)
+    return report
+
+  def _figures(self, predictions, examples, out_dir: str) -> list[str]:
+    count = min(int(self.config.eval.report_figures), len(predictions["prediction"]))
+    paths = []
+    for i in range(count):
+      example = examples[i]
+      truth = predictions["label"][i] if predictions["has_mask"][i] else None
+      path = os.path.join(out_dir, f"subject_{i}.png")
+      paths.append(
+        save_segmentation_figure(
+          path,
+          np.asarray(example["volume"][..., 0], np.float32),
+          np.asarray(predictions["prediction"][i]),
+          truth,
+          class_names=self.class_names,
+          title=f"subject {i}, {self.contrasts[0]}",
+        )
+      )
+    return paths
+
+
+class _SelectContrasts(grain.transforms.Map):
+  """Keeps the configured contrasts as channels, in order; a subject without a required
+  contrast is an error naming it (and the subject's hash)."""
+
+  def __init__(self, channels: tuple[int, ...], required: tuple[int, ...], names: tuple[str, ...]):
+    self.channels, self.required, self.names = channels, required, names
+
+  def map(self, element):
+    present = np.asarray(element["contrast_present"])
+    lacking = [name for index, name in zip(self.required, self.names) if not present[index]]
+    if lacking:
+      raise ValueError(
+        f"subject {element.get('subject_hash', '?')} lacks the required contrast(s) {lacking}; "
+        "re-ingest without it or remove it from data.required_contrasts"
+      )
+    out = dict(element)
+    out["volume"] = np.ascontiguousarray(element["volume"][..., list(self.channels)])
+    out["contrast_present"] = present[list(self.channels)]
+    return out
+
+
+def subject_rows(
+  pred: np.ndarray, truth: np.ndarray, class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+  """One row per subject and foreground class: Dice, HD95 (voxels) and the volume difference
+  (voxels and relative) of ``pred`` against ``truth`` ``[N, D, H, W]``."""
+  rows = []
+  for subject, (p, t) in enumerate(zip(pred, truth)):
+    dice = seg_metrics.dice_per_class(p, t, len(class_names), include_background=False)
+    for k, name in enumerate(class_names[1:], start=1):
+      difference, relative = seg_metrics.volume_difference(p == k, t == k, (1.0, 1.0, 1.0))
+      rows.append(
+        {
+          "subject": subject,
+          "class": name,
+          "dice": float(dice[k - 1]),
+          "hd95": float(seg_metrics.hausdorff95(p == k, t == k)),
+          "volume_difference_voxels": float(difference) * 1000.0,  # ml of 1 mm voxels
+          "volume_difference_relative": float(relative),
+        }
+      )
+  return rows
+
+
+def summarize_rows(rows: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+  """Per class: mean and count of the finite values of each metric, and how many were skipped."""
+  out = {}
+  for name in class_names:
+    mine = [r for r in rows if r["class"] == name]
+    stats = {}
+    for metric in ("dice", "hd95", "volume_difference_voxels", "volume_difference_relative"):
+      values = np.asarray([r[metric] for r in mine], np.float64)
+      finite = values[np.isfinite(values)]
+      stats[metric] = {
+        "mean": float(finite.mean()) if finite.size else float("nan"),
+        "n": int(finite.size),
+        "n_skipped": int(values.size - finite.size),
+      }
+    out[str(name)] = stats
+  return out
+
+
+def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
+  fields = ["subject", "class", "dice", "hd95", "volume_difference_voxels"]
+  fields.append("volume_difference_relative")
+  with atomic_write(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
