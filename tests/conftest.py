@@ -29,3 +29,12 @@ def temporal_backbone_run(tmp_path_factory):
   config = temporal_smoke_config("resnet,dnn", root)
   run_pretraining(config, str(root), show_progress=False)
   return root, config.model.backbone_checkpoint
+
+
+@pytest.fixture(scope="session")
+def unetr_smoke_run(tmp_path_factory):
+  """``(config, workdir, summary, tmp_path)`` of ``configs/unetr.py:smoke``, trained once per test
+  process (tests/shipped_configs.smoke_training_run)."""
+  from shipped_configs import smoke_training_run
+
+  return smoke_training_run("unetr", tmp_path_factory)

@@ -27,6 +27,7 @@ LAYERS = (
     "ablate",
     "sweep",
     "explain",
+    "segment",
     "convert.__main__",
   ),
 )

@@ -220,6 +220,26 @@ CASES = [
     ("o",),
   ),
   (
+    "segment_workdir_and_model",
+    None,
+    (
+      "mammojax.segment",
+      "--workdir={tmp}/w",
+      "--model=unetr:{tmp}/m",
+      "--images={tmp}/a.npy",
+      "--out={tmp}/o",
+    ),
+    ("give either --workdir=RUN or --model=KIND:DIR (not both)",),
+    ("o",),
+  ),
+  (
+    "segment_run_of_another_task",
+    _copy_run,
+    (TINY, "mammojax.segment", "--workdir={tmp}/w", "--images={tmp}/a.npy", "--out={tmp}/o"),
+    ("run; segment takes segmentation runs",),
+    ("o",),
+  ),
+  (
     "register_nan_lambda",
     _register_pair,
     (*REGISTER, "--out={tmp}/out", "--lambda=nan"),

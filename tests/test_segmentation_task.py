@@ -16,8 +16,8 @@ from mammojax.evaluate import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
-def unetr_run(tmp_path_factory):
-  return smoke_training_run("unetr", tmp_path_factory)
+def unetr_run(unetr_smoke_run):
+  return unetr_smoke_run
 
 
 def test_unetr_smoke_trains_and_evaluate_reports_every_subject(unetr_run):

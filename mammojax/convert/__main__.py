@@ -144,8 +144,9 @@ def _convert_unetr(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
   )
   if skipped:
     print(f"skipped {len(skipped)} MONAI weights that UNETR never uses: {_listed(skipped)}")
+  in_channels = int(variables["params"]["vit"]["conv_proj"]["kernel"].shape[-2])
   fields = dict(fields, img_size=list(fields["img_size"]))
-  return variables, {"model_fields": fields, "skipped_keys": skipped}
+  return variables, {"model_fields": fields, "in_channels": in_channels, "skipped_keys": skipped}
 
 
 def _convert_unet3d(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:

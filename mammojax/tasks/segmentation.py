@@ -22,6 +22,7 @@ subject (``subjects.csv``) and figures of slices with the prediction and the gro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -77,6 +78,41 @@ def build_model(
       dtype=dtype,
     )
   raise ValueError(f"model.kind={model.kind!r}; use one of {MODEL_KINDS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLogits:
+  """The sliding-window predictor of a network: ``[n, *roi, C] -> [n, *roi, K]`` float32
+  logits. Hashable by the network's fields, so one compiled program serves every call."""
+
+  model: nn.Module
+
+  def __call__(self, windows: jax.Array, variables: Any) -> jax.Array:
+    return self.model.apply(variables, windows, train=False).astype(jnp.float32)
+
+
+def volume_logits(
+  model: nn.Module,
+  variables: Any,
+  volumes: jax.Array,
+  roi: Sequence[int],
+  *,
+  overlap: float,
+  blend: str,
+  sw_batch_size: int,
+) -> jax.Array:
+  """Logits ``[B, D, H, W, K]`` of ``model`` over whole ``volumes [B, D, H, W, C]``, by sliding
+  windows of sides ``roi`` (MONAI's sliding_window_inference: ``overlap``, ``blend``
+  'gaussian' or 'constant', ``sw_batch_size`` windows per network call)."""
+  return sliding_window_inference(
+    volumes,
+    tuple(int(s) for s in roi),
+    sw_batch_size,
+    WindowLogits(model),
+    overlap=overlap,
+    mode=blend,
+    predictor_args=(variables,),
+  )
 
 
 class SegmentationTask(Task):
@@ -190,22 +226,18 @@ class SegmentationTask(Task):
     loss = self._loss_terms(logits.astype(jnp.float32), batch["label"], valid)
     return loss, ({"loss": loss}, model_state)
 
-  def _window_logits(self, windows: jax.Array, variables: Any) -> jax.Array:
-    """``[n, *crop, C] -> [n, *crop, K]`` logits (float32) of sliding windows."""
-    return self.model.apply(variables, windows, train=False).astype(jnp.float32)
-
   def logits(self, variables: Any, volumes: jax.Array) -> jax.Array:
     """Whole-volume logits ``[B, D, H, W, K]`` of ``volumes [B, D, H, W, C]`` by sliding windows of
     the crop size (``eval.overlap``, ``eval.blend``, ``eval.sw_batch_size``)."""
     e = self.config.eval
-    return sliding_window_inference(
+    return volume_logits(
+      self.model,
+      variables,
       volumes,
       self.crop,
-      e.sw_batch_size,
-      self._window_logits,
       overlap=e.overlap,
-      mode=e.blend,
-      predictor_args=(variables,),
+      blend=e.blend,
+      sw_batch_size=e.sw_batch_size,
     )
 
   def predict(self, variables, batch):

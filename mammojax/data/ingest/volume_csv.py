@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -87,31 +88,18 @@ class VolumeItem:
       )
     if mask is not None:
       _check_same_grid(self.mask_path, "the mask", mask, first_name, first)
-    stack = np.stack([v.voxels for v in volumes.values()])
-    nonzero = np.argwhere(np.any(stack != 0, axis=0))
-    if nonzero.size == 0:
-      raise ImageReadError(self.paths[0] or self.files[0], "every contrast is all zeros")
-    lo, hi = nonzero.min(axis=0), nonzero.max(axis=0) + 1
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-    out = np.zeros(self.size + (len(self.paths),), np.float16)
-    for i, vol in volumes.items():
-      resized = fit_to_size(vol.voxels[crop], first.spacing, self.size, order=1)
-      fg = resized != 0
-      values = resized[fg]
-      if values.size:
-        resized = np.where(fg, (resized - values.mean()) / (values.std() + 1e-6), 0.0)
-      out[..., i] = resized
+    voxels = [volumes[i].voxels if i in volumes else None for i in range(len(self.paths))]
+    try:
+      out, fit = preprocess_contrasts(voxels, first.spacing, self.size)
+    except ValueError as e:
+      raise ImageReadError(self.paths[first_index], str(e)) from None
     record = {
       "volume": out,
       "contrast_present": np.asarray([p is not None for p in self.paths], np.int32),
       "subject_hash": self.subject_hash,
     }
     if self.with_mask:
-      labels = (
-        np.zeros(self.size, np.uint8)
-        if mask is None
-        else fit_to_size(np.rint(mask.voxels[crop]), first.spacing, self.size, order=0)
-      )
+      labels = np.zeros(self.size, np.uint8) if mask is None else fit_labels(mask.voxels, fit)
       record["mask"] = labels.astype(np.uint8)
       record["has_mask"] = np.int32(mask is not None)
     return record
@@ -217,13 +205,112 @@ def plan(csv_path: str, images_root: str, options: VolumeOptions, salt: str) -> 
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeFit:
+  """Where the preprocessing put a subject's voxels, to map outputs back to its own grid.
+
+  Attributes:
+    shape: the input grid ``(D, H, W)``.
+    spacing: its voxel spacing (mm).
+    crop: ``(start, stop)`` per axis of the non-zero bounding box on the input grid.
+    size: the record's grid.
+    region: ``(start, stop)`` per axis of the resampled box inside the record's grid.
+  """
+
+  shape: tuple[int, int, int]
+  spacing: tuple[float, float, float]
+  crop: tuple[tuple[int, int], ...]
+  size: tuple[int, int, int]
+  region: tuple[tuple[int, int], ...]
+
+  def crop_slices(self) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in self.crop)
+
+  def region_slices(self) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in self.region)
+
+
+def preprocess_contrasts(
+  voxels: Sequence[np.ndarray | None],
+  spacing: tuple[float, float, float],
+  size: tuple[int, int, int],
+) -> tuple[np.ndarray, VolumeFit]:
+  """The volume ingest's preprocessing of one subject's co-registered contrasts.
+
+  Crops to the bounding box of the voxels that are non-zero in any present contrast, resamples
+  (trilinear) to fit ``size`` keeping the physical aspect ratio (:func:`fit_to_size`), pads
+  centrally with zeros and z-scores each contrast over its non-zero voxels.
+
+  Args:
+    voxels: one ``[D, H, W]`` array per contrast slot, None where the contrast is missing.
+    spacing: the voxel spacing of every array (mm).
+    size: the output grid.
+  Returns:
+    ``(volume float16 [*size, C] with zeros for a missing contrast, fit)``.
+  """
+  present = [v for v in voxels if v is not None]
+  if not present:
+    raise ValueError("no contrast is present")
+  shape = present[0].shape
+  nonzero = np.argwhere(np.any(np.stack(present) != 0, axis=0))
+  if nonzero.size == 0:
+    raise ValueError("every contrast is all zeros")
+  lo, hi = nonzero.min(axis=0), nonzero.max(axis=0) + 1
+  crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+  out = np.zeros(tuple(size) + (len(voxels),), np.float16)
+  for i, volume in enumerate(voxels):
+    if volume is None:
+      continue
+    resized = fit_to_size(volume[crop], spacing, size, order=1)
+    fg = resized != 0
+    values = resized[fg]
+    if values.size:
+      resized = np.where(fg, (resized - values.mean()) / (values.std() + 1e-6), 0.0)
+    out[..., i] = resized
+  fitted = _fitted_shape(tuple(int(b - a) for a, b in zip(lo, hi)), spacing, size)
+  starts = [(s - r) // 2 for s, r in zip(size, fitted)]
+  fit = VolumeFit(
+    shape=tuple(int(d) for d in shape),
+    spacing=tuple(float(x) for x in spacing),
+    crop=tuple((int(a), int(b)) for a, b in zip(lo, hi)),
+    size=tuple(int(s) for s in size),
+    region=tuple((a, a + r) for a, r in zip(starts, fitted)),
+  )
+  return out, fit
+
+
+def fit_labels(labels: np.ndarray, fit: VolumeFit) -> np.ndarray:
+  """A label map ``[D, H, W]`` on the input grid -> the record's grid (nearest), float32."""
+  return fit_to_size(np.rint(labels[fit.crop_slices()]), fit.spacing, fit.size, order=0)
+
+
+def restore_to_grid(array: np.ndarray, fit: VolumeFit, order: int) -> np.ndarray:
+  """Inverse of the preprocessing's geometry: ``[*size, ...]`` on the record's grid -> the input
+  grid ``[*shape, ...]`` (resampled back with spline ``order``: 0 for labels, 1 for logits; zero
+  outside the cropped box)."""
+  box = array[fit.region_slices()]
+  target = tuple(b - a for a, b in fit.crop)
+  zoom = [t / s for t, s in zip(target, box.shape[:3])] + [1.0] * (box.ndim - 3)
+  resized = ndimage.zoom(box.astype(np.float32), zoom, order=order, mode="nearest", grid_mode=True)
+  out = np.zeros(fit.shape + array.shape[3:], np.float32)
+  out[fit.crop_slices()] = resized
+  return out
+
+
+def _fitted_shape(
+  extent_voxels: tuple[int, ...], spacing: tuple[float, float, float], size: tuple[int, int, int]
+) -> list[int]:
+  """The resampled box shape :func:`fit_to_size` gives a ``extent_voxels`` crop."""
+  extent = np.asarray(extent_voxels) * np.asarray(spacing)
+  scale = min(s / e for s, e in zip(size, extent))
+  return [min(s, max(1, int(round(e * scale)))) for s, e in zip(size, extent)]
+
+
 def fit_to_size(
   volume: np.ndarray, spacing: tuple[float, float, float], size: tuple[int, int, int], order: int
 ) -> np.ndarray:
   """Resamples ``[d, h, w]`` to fit ``size`` keeping physical aspect, then pads centrally."""
-  extent = np.asarray(volume.shape) * np.asarray(spacing)
-  scale = min(s / e for s, e in zip(size, extent))
-  shape = [min(s, max(1, int(round(e * scale)))) for s, e in zip(size, extent)]
+  shape = _fitted_shape(volume.shape, spacing, size)
   zoom = [n / o for n, o in zip(shape, volume.shape)]
   resized = ndimage.zoom(
     volume.astype(np.float32), zoom, order=order, mode="nearest", grid_mode=True

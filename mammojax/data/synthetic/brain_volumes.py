@@ -20,7 +20,7 @@ phantom models, per subject:
 
 The raw volumes (:func:`raw_subject`, what a scanner export holds after background masking) go
 through the preprocessing of ``python -m mammojax.ingest --task=volume``: crop to the non-zero
-bounding box, :func:`~mammojax.data.ingest.volume_csv.fit_to_size` (trilinear; nearest for the
+bounding box, :func:`~mammojax.data.ingest.volume_csv.preprocess_contrasts` (trilinear; nearest for the
 mask), z-score per contrast over its non-zero voxels, zeros for a missing contrast. So the
 records and the manifest are those the ingest writes for the raw volumes saved as NIfTI (the
 tests check this voxel for voxel): volume float16 [D, H, W, C], contrast_present int32 [C],
@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from mammojax.data import records
 from mammojax.data.constants import SPLITS, default_data_root
-from mammojax.data.ingest.volume_csv import fit_to_size
+from mammojax.data.ingest import volume_csv
 from mammojax.data.specs import spec_from_config
 from mammojax.data.synthetic.splits import SplitCounts
 
@@ -295,24 +295,11 @@ def _rng(spec: SyntheticVolumeSpec, split: str, index: int, stream: int) -> np.r
 def _preprocess(
   volume: np.ndarray, present: np.ndarray, mask: np.ndarray, size: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-  """The ingest's preprocessing (``volume_csv.VolumeItem.build``) of raw [D, H, W, C] volumes on
-  a 1 mm grid: crop to the non-zero box of the present contrasts, fit to ``size``, z-score each
-  contrast over its non-zero voxels. Returns (float16 [D, H, W, C], uint8 [D, H, W])."""
-  spacing = (1.0, 1.0, 1.0)
-  channels = np.flatnonzero(present)
-  nonzero = np.argwhere(np.any(volume[..., channels] != 0, axis=-1))
-  lo, hi = nonzero.min(axis=0), nonzero.max(axis=0) + 1
-  crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-  out = np.zeros(tuple(size) + (volume.shape[-1],), np.float16)
-  for i in channels:
-    resized = fit_to_size(volume[crop + (i,)], spacing, size, order=1)
-    fg = resized != 0
-    values = resized[fg]
-    if values.size:
-      resized = np.where(fg, (resized - values.mean()) / (values.std() + 1e-6), 0.0)
-    out[..., i] = resized
-  labels = fit_to_size(np.rint(mask[crop]), spacing, size, order=0)
-  return out, labels.astype(np.uint8)
+  """The ingest's preprocessing (:func:`~mammojax.data.ingest.volume_csv.preprocess_contrasts`)
+  of raw [D, H, W, C] volumes on a 1 mm grid. Returns (float16 [D, H, W, C], uint8 [D, H, W])."""
+  voxels = [volume[..., i] if present[i] else None for i in range(volume.shape[-1])]
+  out, fit = volume_csv.preprocess_contrasts(voxels, (1.0, 1.0, 1.0), size)
+  return out, volume_csv.fit_labels(mask, fit).astype(np.uint8)
 
 
 def _smooth_field(rng: np.random.Generator, size: tuple[int, int, int], cells: int) -> np.ndarray:
