@@ -28,6 +28,7 @@ LAYERS = (
     "sweep",
     "explain",
     "segment",
+    "compare",
     "convert.__main__",
   ),
 )

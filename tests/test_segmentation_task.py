@@ -4,14 +4,16 @@ sliding-window prediction, the evaluate report, and the configuration errors."""
 import csv
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from shipped_configs import shipped_config, smoke_config, smoke_training_run
 
-from mammojax import tasks
+from mammojax import compare, tasks
 from mammojax.evaluate import evaluate_checkpoint
 
 
@@ -20,13 +22,20 @@ def unetr_run(unetr_smoke_run):
   return unetr_smoke_run
 
 
-def test_unetr_smoke_trains_and_evaluate_reports_every_subject(unetr_run):
-  config, workdir, summary, tmp_path = unetr_run
+@pytest.fixture(scope="module")
+def test_report(unetr_run):
+  """``(evaluate's result, its folder)`` on the test split."""
+  config, workdir, _, tmp_path = unetr_run
+  out = str(tmp_path / "eval_test")
+  return evaluate_checkpoint(config, workdir, "best", "test", out, None), out
+
+
+def test_unetr_smoke_trains_and_evaluate_reports_every_subject(unetr_run, test_report):
+  config, workdir, summary, _ = unetr_run
   assert summary["step"] == config.train.steps
   metrics = json.load(open(os.path.join(workdir, "summary.json")))
   assert any("dice_mean" in key for key in json.dumps(metrics).split('"'))
-  out = str(tmp_path / "eval_test")
-  result = evaluate_checkpoint(config, workdir, "best", "test", out, None)
+  result, out = test_report
   report = json.load(open(os.path.join(out, "report.json")))
   assert report == json.loads(json.dumps(result["report"]))
   with open(os.path.join(out, "subjects.csv")) as f:
@@ -39,6 +48,33 @@ def test_unetr_smoke_trains_and_evaluate_reports_every_subject(unetr_run):
   assert report["metrics"]["dice_infarct_skipped"] == skipped
   figures = report["figures"]
   assert len(figures) == config.eval.report_figures and all(os.path.exists(p) for p in figures)
+
+
+def test_compare_pairs_subjects_of_two_reports(test_report, tmp_path):
+  _, out = test_report
+  other = str(tmp_path / "other")
+  shutil.copytree(out, other)
+  with open(os.path.join(out, "subjects.csv")) as f:
+    rows = list(csv.DictReader(f))
+  shifted = [dict(r, dice=str(float(r["dice"]) - 0.05 * (i + 1))) for i, r in enumerate(rows)]
+  with open(os.path.join(other, "subjects.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(shifted)
+  result = compare.run([f"--a={out}", f"--b={other}", f"--out={tmp_path / 'c.json'}"])
+  infarct = result["classes"]["infarct"]
+  a = np.array([float(r["dice"]) for r in rows])
+  b = np.array([float(r["dice"]) for r in shifted])
+  keep = ~np.isnan(a)
+  expected = scipy.stats.wilcoxon(a[keep], b[keep], alternative="two-sided")
+  assert infarct["p_value"] == pytest.approx(expected.pvalue)
+  assert infarct["n_pairs"] == keep.sum() and infarct["n_dropped_nan"] == (~keep).sum()
+  assert infarct["mean_difference"] == pytest.approx(np.mean(a[keep] - b[keep]))
+  report = json.load(open(os.path.join(other, "report.json")))
+  report["truth_digest"] = "0" * 64
+  json.dump(report, open(os.path.join(other, "report.json"), "w"))
+  with pytest.raises(ValueError, match="not evaluated on the same subjects"):
+    compare.run([f"--a={out}", f"--b={other}"])
 
 
 def test_sliding_windows_of_one_crop_equal_the_model(unetr_run):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -288,6 +289,9 @@ class SegmentationTask(Task):
     pred, truth = self._scored(predictions)
     rows = subject_rows(pred, truth, self.class_names)
     report["per_class"] = summarize_rows(rows, self.class_names[1:])
+    # Which subjects, in which order, without naming them: python -m mammojax.compare pairs two
+    # reports' rows only when their digests agree.
+    report["truth_digest"] = hashlib.sha256(np.ascontiguousarray(truth, np.uint8)).hexdigest()
     report["notes"] = (
       "Dice is NaN for a subject whose ground truth lacks the class; such subjects are skipped "
       "in the means (counted in n_skipped). HD95 is in voxels of the records' grid, NaN when "
