@@ -150,20 +150,12 @@ def _run_subject(workdir: str, checkpoint: str, split: str, count: int):
 def _file_subject(model: str, paths: Sequence[str]):
   from mammojax.interpret import explainer  # pylint: disable=import-outside-toplevel
   from mammojax.train.init_state import load_pretrained  # pylint: disable=import-outside-toplevel
+  from mammojax.train.variable_store import read_source  # pylint: disable=import-outside-toplevel
 
   kind, _, directory = model.partition(":")
   if kind not in ("resnet", "vit") or not directory:
     raise ValueError(f"--model={model}: give KIND:DIR with KIND resnet or vit")
-  source_path = os.path.join(directory, "source.json")
-  if not os.path.isfile(source_path):
-    raise FileNotFoundError(
-      f"--model: {source_path} does not exist (convert the weights with "
-      f"python -m mammojax.convert {kind} FILE --out={directory})"
-    )
-  with open(source_path) as f:
-    source = json.load(f)
-  if source.get("kind") != kind:
-    raise ValueError(f"--model: {directory} holds a {source.get('kind')!r} checkpoint, not {kind}")
+  source = read_source(directory, kind)
   variables = load_pretrained(directory)
   images = [explainer.read_model_input(path, f"--images[{i}]") for i, path in enumerate(paths)]
   return explainer.subject_of_backbone(kind, source["model_fields"], variables, images)

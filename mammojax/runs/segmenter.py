@@ -24,7 +24,6 @@ undone).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -111,20 +110,11 @@ def from_run(workdir: str, checkpoint: str = "best") -> Segmenter:
 
 def from_converted(kind: str, directory: str, roi: Sequence[int] | None = None) -> Segmenter:
   """The network of a converted MONAI checkpoint (``source.json`` + ``variables/``)."""
-  from mammojax.train.variable_store import load_variables  # pylint: disable=import-outside-toplevel
+  from mammojax.train.variable_store import load_variables, read_source  # pylint: disable=import-outside-toplevel
 
   if kind not in CONVERTED_KINDS:
     raise ValueError(f"--model={kind}:{directory}: KIND must be one of {sorted(CONVERTED_KINDS)}")
-  source_path = os.path.join(directory, "source.json")
-  if not os.path.isfile(source_path):
-    raise FileNotFoundError(
-      f"--model: {source_path} does not exist (convert the weights with "
-      f"python -m mammojax.convert {kind} FILE --out={directory})"
-    )
-  with open(source_path) as f:
-    source = json.load(f)
-  if source.get("kind") != kind:
-    raise ValueError(f"--model: {directory} holds a {source.get('kind')!r} checkpoint, not {kind}")
+  source = read_source(directory, kind)
   fields = dict(source["model_fields"])
   if kind == "unetr":
     fields["img_size"] = tuple(fields["img_size"])

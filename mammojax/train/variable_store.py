@@ -53,6 +53,22 @@ def load_variables(directory: str) -> dict[str, Any]:
   return _to_numpy(tree)
 
 
+def read_source(directory: str, kind: str, flag: str = "--model") -> dict[str, Any]:
+  """``source.json`` of a converted checkpoint of ``kind`` (``python -m mammojax.convert KIND``),
+  or an error naming ``flag``, the file and the command that makes it."""
+  path = os.path.join(directory, "source.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{flag}: {path} does not exist (convert the weights with "
+      f"python -m mammojax.convert {kind} FILE --out={directory})"
+    )
+  with open(path) as f:
+    source = json.load(f)
+  if source.get("kind") != kind:
+    raise ValueError(f"{flag}: {directory} holds a {source.get('kind')!r} checkpoint, not {kind}")
+  return source
+
+
 def _to_numpy(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {k: _to_numpy(v) for k, v in tree.items()}
