@@ -65,14 +65,14 @@ def conv_rule(key: str, path: Path, shape: Shape) -> Rule:
   return Rule((key,), (torch_conv_kernel_shape(shape),), (path,), lambda w: (torch_conv_kernel(w),))
 
 
-def transposed_conv_rule(key: str, path: Path, shape: Shape, *, flip: bool) -> Rule:
-  """A torch transposed-conv weight ``[I, O, *k]`` -> ``[*k, I, O]`` (flipped for Flax's
-  ``nn.ConvTranspose``, see :mod:`mammojax.convert.layouts`)."""
+def transposed_conv_rule(key: str, path: Path, shape: Shape) -> Rule:
+  """A torch transposed-conv weight ``[I, O, *k]`` -> ``[*k, I, O]`` for
+  :class:`~mammojax.nn.conv_blocks.TransposedConvStride2` (taps in torch's order, no flip)."""
   return Rule(
     (key,),
     (torch_transposed_conv_kernel_shape(shape),),
     (path,),
-    lambda w: (torch_transposed_conv_kernel(w, flip=flip),),
+    lambda w: (torch_transposed_conv_kernel(w),),
   )
 
 
@@ -164,7 +164,7 @@ def basic_unet_rule(path: Path, shape: Shape) -> Rule:
   if module[-1] == "upsample":  # TransposedConvStride2 -> UpSample's deconv
     key = ".".join([*module, "deconv", torch_leaf])
     if leaf == "kernel":
-      return transposed_conv_rule(key, path, shape, flip=False)
+      return transposed_conv_rule(key, path, shape)
     return copy_rule(key, path, shape)
   key = ".".join([*module, torch_leaf])
   return conv_rule(key, path, shape) if leaf == "kernel" else copy_rule(key, path, shape)

@@ -13,8 +13,8 @@ Keys (after an optional prefix such as ``model.``, found from the position embed
 * the conv stages by :mod:`mammojax.nn.unet_blocks`' names: ``encoder1.layer.conv1.conv.weight``
   -> ``encoder1/layer/conv1/kernel``, ``encoder2.blocks.0.0.conv.weight`` ->
   ``encoder2/blocks_0_0/kernel``, ``out.conv.conv.{weight,bias}`` -> ``out/conv/{kernel,bias}``;
-  transposed-conv weights (``transp_conv*``, ``blocks.{i}.0``) are flipped for Flax's
-  ``nn.ConvTranspose``.
+  transposed-conv weights (``transp_conv*``, ``blocks.{i}.0``) keep torch's tap order
+  (:class:`~mammojax.nn.conv_blocks.TransposedConvStride2` paints as torch does).
 
 MONAI 1.6 saves a ``vit.blocks.{i}.norm_cross_attn`` LayerNorm that no forward pass uses, and
 older releases ``vit.blocks.{i}.cross_attn.*`` weights; both are skipped and listed. Sizes come
@@ -190,7 +190,7 @@ def _vit_rules(expected: dict[Path, Shape], fields: dict[str, Any]) -> list[Rule
 
 def conv_stage_rule(path: Path, shape: Shape) -> Rule:
   """The rule of one :mod:`mammojax.nn.unet_blocks` parameter: ``encoder2/blocks_0_1/conv1/kernel``
-  <- ``encoder2.blocks.0.1.conv1.conv.weight``, transposed-conv kernels flipped. Also imports a
+  <- ``encoder2.blocks.0.1.conv1.conv.weight``. Also imports a
   lone block: its paths are then relative to the block, as MONAI's keys."""
   *module, leaf = path
   parts = [re.sub(r"^blocks_(\d+)(?:_(\d+))?$", _blocks_key, part) for part in module]
@@ -198,7 +198,7 @@ def conv_stage_rule(path: Path, shape: Shape) -> Rule:
   if leaf != "kernel":
     return copy_rule(key, path, shape)
   if _TRANSPOSED_MODULE.fullmatch(module[-1]):
-    return transposed_conv_rule(key, path, shape, flip=True)
+    return transposed_conv_rule(key, path, shape)
   return conv_rule(key, path, shape)
 
 

@@ -23,13 +23,13 @@ affine parameters (eps 1e-5, biased variance), so the blocks hold conv kernels o
 
 Padding is MONAI's ``get_padding``: ``(k - s + 1) // 2`` on BOTH sides, which is "same" for odd
 kernels at stride 1 but not Flax's ``'SAME'`` at stride 2 (that pads ``(0, 1)`` for k = 3 on an
-even side), hence explicit pads. The transposed convs have kernel = stride (MONAI's
-``upsample_kernel_size``, no padding, no bias) and are Flax ``nn.ConvTranspose`` with
-``'VALID'`` padding, ``[B, *S, C] -> [B, *(k S), C']``; Flax does not flip the kernel as torch
-does, so a torch ``[C_in, C_out, *k]`` weight converts with
-:func:`mammojax.convert.layouts.torch_transposed_conv_kernel` and ``flip=True``.
-(:class:`mammojax.nn.conv_blocks.TransposedConvStride2` always has a bias, which MONAI's UNETR
-up-sampling lacks.)
+even side), hence explicit pads. The convolutions are :class:`mammojax.nn.volume_conv.Conv`
+(``nn.Conv``'s parameters; 3-D ones as 2-D convolutions over the depth taps on XLA:CPU, about 4x
+faster there). The transposed convs have kernel = stride = 2 (MONAI's default
+``upsample_kernel_size``, no padding, no bias) and are
+:class:`mammojax.nn.conv_blocks.TransposedConvStride2` without a bias, ``[B, *S, C] ->
+[B, *(2 S), C']``, whose kernel paints as torch's does: a torch ``[C_in, C_out, *k]`` weight
+converts with :func:`mammojax.convert.layouts.torch_transposed_conv_kernel` without a flip.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mammojax.nn import initializers, partitioning
-from mammojax.nn.conv_blocks import TORCH_NORM_EPS, instance_norm
+from mammojax.nn.conv_blocks import TORCH_NORM_EPS, TransposedConvStride2, instance_norm
+from mammojax.nn.volume_conv import Conv
 
 # MONAI's norm_name values these blocks build: instance norm without affine parameters.
 NORM_NAMES = ("instance",)
@@ -106,9 +107,10 @@ def conv_layer(
   use_bias: bool,
   name: str,
   dtype: jnp.dtype = jnp.float32,
-) -> nn.Conv:
-  """MONAI's ``get_conv_layer`` convolution: MONAI's padding, torch's default kernel init."""
-  return nn.Conv(
+) -> Conv:
+  """MONAI's ``get_conv_layer`` convolution: MONAI's padding, torch's default kernel init
+  (``nn.Conv``'s parameters; 3-D kernels by depth taps on XLA:CPU, :mod:`mammojax.nn.volume_conv`)."""
+  return Conv(
     features,
     _tuple(kernel_size, num_spatial_dims),
     strides=_tuple(strides, num_spatial_dims),
@@ -127,22 +129,16 @@ def transposed_conv_layer(
   *,
   name: str,
   dtype: jnp.dtype = jnp.float32,
-) -> nn.ConvTranspose:
-  """MONAI's transposed ``get_conv_layer`` with stride = kernel and no bias: each input voxel
-  paints a ``k``-sized patch, ``[B, *S, C] -> [B, *(k S), features]``."""
-  kernel = _tuple(kernel_size, num_spatial_dims)
-  return nn.ConvTranspose(
-    features,
-    kernel,
-    strides=kernel,
-    padding="VALID",
-    use_bias=False,
-    kernel_init=partitioning.conv_kernel_init(
-      initializers.torch_default_transposed_kernel, num_spatial_dims
-    ),
-    dtype=dtype,
-    name=name,
-  )
+) -> TransposedConvStride2:
+  """MONAI's transposed ``get_conv_layer`` with stride = kernel = 2 and no bias: each input voxel
+  paints a 2-sided patch, ``[B, *S, C] -> [B, *(2 S), features]`` (its kernel as torch's,
+  not flipped)."""
+  if set(_tuple(kernel_size, num_spatial_dims)) != {2}:
+    raise ValueError(
+      f"upsample_kernel_size={kernel_size}: the UNETR / UNet up-sampling here is 2 on every axis "
+      "(MONAI's default)"
+    )
+  return TransposedConvStride2(features, use_bias=False, dtype=dtype, name=name)
 
 
 class UnetResBlock(nn.Module):
