@@ -175,3 +175,45 @@ def test_interpret_benchmark_compares_attributions_with_captum(tmp_path):
     else:
       assert row["max_abs_diff"] <= 1e-2 * max(abs(row["map_min"]), abs(row["map_max"])), row
       assert row["map_min"] < 0 < row["map_max"], row
+
+
+def test_segmentation3d_benchmark_compares_unetr_with_monai(tmp_path, monkeypatch):
+  for package in ("torch", "monai"):
+    if importlib.util.find_spec(package) is None:
+      pytest.skip(f"{package} is not installed (pip install mammojax[torch])")
+  # XLA:CPU compiles each fused kernel of UNETR's train step on its own: cheaper code generation
+  # about halves its compile time (this checks the code path, not speed).
+  flags = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+  out = tmp_path / "segmentation3d.json"
+  body = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.segmentation3d",
+      "--small",
+      "--repeats=1",
+      "--torch_threads=1",
+      f"--out={out}",
+    ],
+    tmp_path,
+  )
+  assert body["benchmark"] == "segmentation3d" and body["small"] and body["compiled_only"] == []
+  assert json.loads(out.read_text())["results"] == body["results"]
+  names = ["train_step/small", "sliding_window/small"]
+  assert {(r["name"], r["impl"]) for r in body["results"]} == {
+    (n, i) for n in names for i in ("jax", "torch")
+  }
+  assert set(body["ratios"]) == set(names) == set(body["goal"]["met"])
+  for row in body["results"]:
+    assert row["size"] == "small" and row["hidden_size"] == 24 and row["repeats"] == 1, row
+    assert row["rss_peak_increase_bytes"] is None or row["rss_peak_increase_bytes"] >= 0, row
+    if row["impl"] == "torch":
+      continue
+    assert row["compile_s"] > 0 and row["xla_peak_bytes"] > row["xla_temp_size_bytes"] >= 0, row
+    if row["name"].startswith("train_step/"):
+      assert row["batch"] == 1 and row["crop"] == 16, row
+      assert row["loss_relative_diff"] <= 1e-3 and row["grad_norm_relative_diff"] <= 1e-3, row
+    else:
+      assert row["output_shape"] == [1, 24, 24, 24, 2] and row["roi"] == 16, row
+      assert row["output_relative_diff"] <= 1e-3 < row["max_abs_output"], row
