@@ -1,12 +1,28 @@
 r"""Attribution maps of a trained model or of a converted backbone: ``python -m mammojax.explain``.
 
-A training run (Temporal-GradCam's ``image_classifier`` or ``temporal_end_to_end`` task), its
-best checkpoint (or ``--checkpoint=latest``), the first ``--num_examples`` of a split:
+A training run (Temporal-GradCam's ``image_classifier`` or ``temporal_end_to_end`` task,
+``imgfeatalign``, or ``fpn_mil`` in its online mode), its best checkpoint (or
+``--checkpoint=latest``), the first ``--num_examples`` of a split:
 
   python -m mammojax.explain --workdir=/tmp/temporal/backbone_resnet --split=test \
       --num_examples=8 --out=/tmp/explain
   python -m mammojax.explain --workdir=/tmp/temporal_e2e --methods=gradcam,integrated_gradients \
       --layer=layer3 --out=/tmp/explain_e2e
+  python -m mammojax.explain --workdir=/tmp/imgfeatalign --target=4 --out=/tmp/explain_risk
+  python -m mammojax.explain --workdir=/tmp/fpn_mil --layer=fpn/stride_16 --out=/tmp/explain_mil
+
+ImgFeatAlign (:mod:`mammojax.interpret.risk`): the fused risk of year ``--target + 1``
+(``--target`` is the year index, default the last year), attributed to the pixels of the current
+and the prior image together (GradCAM at ``--layer`` of the encoder, in each image's call;
+default its last stage wider than one position), and split over the current features, the prior
+features and the alignment's change to them (integrated gradients; ``risk_split`` per example,
+its shares adding up to the logit's change from zero features within ``delta``). Gradients pass
+through a frozen encoder (the model's ``stop_gradient`` there is for training); the alignment is
+held at the example's (MammoRegNet's flow, computed once). FPN-MIL
+(:mod:`mammojax.interpret.mil`): its one logit attributed to the pixels of the whole image (GradCAM at an EfficientNet / FPN ``--layer``, default the FPN level of
+the finest scale, over the image's patches), beside the model's attention heatmaps
+(``attention_<scale>``, ``attention_aggregated``); guided backpropagation is the plain gradient
+there (SiLU, no ReLU to rectify), and ``guided_rectified`` is false.
 
 A converted backbone (``python -m mammojax.convert resnet|vit FILE --out=DIR``) and image files:
 a ``.npy`` is the model input as it is (``[H, W, 3]`` float32, so results can be compared with
@@ -24,15 +40,20 @@ predicted class).
 
 Writes, under ``--out``: ``<example>/<method>.npy`` at the input's resolution (GradCAM
 ``[H, W]``, the others ``[H, W, C]``; for a sequence a leading visit axis over its real visits,
-oldest first), ``<example>/methods.png`` (sample | method maps) and, for sequences,
-``<example>/visits.png`` (every visit, its maps, and its integrated-gradients share of the
-prediction); ``attributions.json``: what was run, each example's target and probability, the
-per-visit attributions, and where the data marks the region that carries the label (the
-synthetic cohort's ventricles) the pointing-game hit rate and the fraction of positive
-attribution inside it per method; with ``--sanity_check``, the rank correlation of each method's
-maps with those of the same model with randomised weights (Adebayo et al. 2018). Examples are
-named by split and position (``test_0003``) or input position (``image_001``), never by a file
-name or patient id.
+oldest first; for ImgFeatAlign a leading axis (prior, current)), ``<example>/methods.png``
+(sample | method maps, for FPN-MIL with its attention heatmaps, also written as
+``attention_<scale>.npy``) and, for sequences, ``<example>/visits.png`` (every visit, its maps,
+and its integrated-gradients share of the prediction), for ImgFeatAlign ``<example>/pair.png``
+(current | prior | warped prior, each method's maps of both images, and the bars of the
+current / prior / alignment shares); ``attributions.json``: what was run, each example's target
+and probability, the per-visit attributions or the risk split, and where the data marks the
+region that carries the label (the synthetic cohort's ventricles, the synthetic lesions' boxes
+of ImgFeatAlign, in both images, and of FPN-MIL) the pointing-game hit rate and the fraction of
+positive attribution inside it per method (ImgFeatAlign's as ``current/<method>`` and
+``prior/<method>``; FPN-MIL's attention heatmaps beside the methods); with ``--sanity_check``
+(not for ImgFeatAlign and FPN-MIL), the rank correlation of each method's maps with those of the
+same model with randomised weights (Adebayo et al. 2018). Examples are named by split and
+position (``test_0003``) or input position (``image_001``), never by a file name or patient id.
 """
 
 from __future__ import annotations
@@ -69,8 +90,20 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   )
   flags.DEFINE_list("images", [], "Image files for --model: .npy [H, W, 3], PNG, DICOM.", **define)
   flags.DEFINE_list("methods", list(METHODS), "Attribution methods, comma-separated.", **define)
-  flags.DEFINE_string("layer", "", "GradCAM's layer (default: the last spatial one).", **define)
-  flags.DEFINE_integer("target", -1, "Class to explain (-1: each example's prediction).", **define)
+  flags.DEFINE_string(
+    "layer",
+    "",
+    "GradCAM's layer (default: the last spatial one; ImgFeatAlign: an encoder stage, default the "
+    "last wider than one position; FPN-MIL: fpn/stride_<finest scale>).",
+    **define,
+  )
+  flags.DEFINE_integer(
+    "target",
+    -1,
+    "Class to explain (-1: each example's prediction). ImgFeatAlign: the risk year index "
+    "0..N-1 (-1: the last year, N). FPN-MIL: its one logit (-1 or 0).",
+    **define,
+  )
   flags.DEFINE_string("out", None, "Output directory.", **define)
   flags.DEFINE_integer("n_steps", 50, "Integrated gradients' steps.", lower_bound=1, **define)
   flags.DEFINE_integer("n_samples", 5, "Gradient SHAP's samples.", lower_bound=1, **define)
@@ -78,7 +111,13 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
     "internal_batch_size", 32, "Rows per forward pass of the sampling methods.", **define
   )
-  flags.DEFINE_integer("batch_size", 8, "Images explained together.", lower_bound=1, **define)
+  flags.DEFINE_integer(
+    "batch_size",
+    8,
+    "Images explained together (sequences, ImgFeatAlign and FPN-MIL: one example at a time).",
+    lower_bound=1,
+    **define,
+  )
   flags.DEFINE_integer("seed", 0, "Gradient SHAP's and the sanity check's draws.", **define)
   flags.DEFINE_bool("sanity_check", False, "Also run the model-randomisation check.", **define)
   flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.", **define)
@@ -138,13 +177,16 @@ def _run_subject(workdir: str, checkpoint: str, split: str, count: int):
   if not isinstance(task, AttributionTask):
     raise ValueError(
       f"--workdir {workdir}: task {run.config.task!r} has no image attribution yet; explain "
-      "takes image_classifier and temporal_end_to_end runs, or --model=KIND:DIR with --images"
+      "takes image_classifier and temporal_end_to_end runs, imgfeatalign runs, online fpn_mil "
+      "runs, or --model=KIND:DIR with --images"
     )
   try:
     examples = task.explain_dataset(split)
   except (KeyError, FileNotFoundError) as e:
     raise ValueError(f"--split={split}: {e}") from None
-  return explainer.subject_of_run(task.model, run.variables, examples, split, count)
+  return explainer.subject_of_run(
+    task.model, run.variables, examples, split, count, task.explain_options()
+  )
 
 
 def _file_subject(model: str, paths: Sequence[str]):

@@ -15,7 +15,12 @@ check them against it:
   :func:`noise_tunnel` (SmoothGrad, SmoothGrad-squared, VarGrad);
 * :func:`saliency`, :func:`input_x_gradient`, :func:`input_gradient`;
 * over the visits of the temporal models (:mod:`mammojax.interpret.temporal`):
-  :func:`visit_integrated_gradients`, :func:`visit_occlusion`.
+  :func:`visit_integrated_gradients`, :func:`visit_occlusion`;
+* over ImgFeatAlign's current and prior image (:mod:`mammojax.interpret.risk`):
+  :func:`pair_adapter` for the image methods, :func:`risk_split` of a year's risk over the
+  current features, the prior features and the alignment;
+* over FPN-MIL's whole image (:mod:`mammojax.interpret.mil`): :func:`mil_adapter`,
+  :func:`mil_gradcam` over the image's patches, beside its :func:`attention_heatmaps`.
 
 Checked, not only drawn: :mod:`mammojax.interpret.scoring` scores maps against a known region
 (:func:`pointing_game`, :func:`positive_fraction_inside`) and :mod:`mammojax.interpret.sanity`
@@ -49,6 +54,8 @@ from mammojax.interpret.integrated import (
 )
 from mammojax.interpret.interpolate import interpolate
 from mammojax.interpret.layers import layer_activation_and_gradient, layer_names
+from mammojax.interpret.mil import attention_heatmaps, mil_adapter, mil_gradcam
+from mammojax.interpret.risk import integrated_gradients_over, pair_adapter, risk_split
 from mammojax.interpret.sanity import (
   cascading_layers,
   model_randomization_check,
@@ -68,6 +75,7 @@ __all__ = [
   "Guided",
   "Integrated",
   "ModelAdapter",
+  "attention_heatmaps",
   "cascading_layers",
   "classifier_adapter",
   "VisitAttribution",
@@ -81,18 +89,23 @@ __all__ = [
   "input_gradient",
   "input_x_gradient",
   "integrated_gradients",
+  "integrated_gradients_over",
   "interpolate",
   "layer_activation_and_gradient",
   "layer_names",
+  "mil_adapter",
+  "mil_gradcam",
   "model_randomization_check",
   "module_adapter",
   "noise_tunnel",
+  "pair_adapter",
   "pointing_game",
   "positive_fraction_inside",
   "quadrature",
   "randomize_params",
   "rank_correlation",
   "resnet_adapter",
+  "risk_split",
   "saliency",
   "vit_adapter",
   "sequence_parts",

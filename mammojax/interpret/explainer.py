@@ -1,11 +1,13 @@
 """The work behind ``python -m mammojax.explain``: what is explained (:class:`Subject`), and the
 loop that maps, scores and writes every example (:func:`explain`).
 
-A subject is either a trained Temporal-GradCam classifier with examples of a split
-(:func:`subject_of_run`: an :class:`~mammojax.models.sequence_classifier.ImageClassifier` maps
-single images, a :class:`~mammojax.models.sequence_classifier.SequenceClassifier` every visit of
-each sequence for the sequence's prediction), or a converted torchvision / timm backbone with
-image files (:func:`subject_of_backbone`, :func:`read_model_input`).
+A subject is a trained model with examples of a split (:func:`subject_of_run`): a
+Temporal-GradCam :class:`~mammojax.models.sequence_classifier.ImageClassifier` maps single
+images, a :class:`~mammojax.models.sequence_classifier.SequenceClassifier` every visit of each
+sequence for the sequence's prediction, an ImgFeatAlign the current and the prior image for a
+year's risk (:class:`~mammojax.interpret.risk.PairRunner`), an online FPN-MIL its images beside
+its attention heatmaps (:class:`~mammojax.interpret.mil.MILRunner`); or a converted torchvision
+/ timm backbone with image files (:func:`subject_of_backbone`, :func:`read_model_input`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import numpy as np
 from mammojax.interpret import report
 from mammojax.interpret.adapter import ModelAdapter, classifier_adapter, resnet_adapter, vit_adapter
 from mammojax.interpret.methods import MethodSettings, attribution_maps, default_layer
+from mammojax.interpret.mil import MILRunner
+from mammojax.interpret.risk import IMAGES as PAIR_IMAGES
+from mammojax.interpret.risk import PairRunner
 from mammojax.interpret.sanity import cascading_layers, model_randomization_check
 from mammojax.interpret.temporal import (
   sequence_parts,
@@ -31,6 +36,8 @@ from mammojax.interpret.temporal import (
   visit_integrated_gradients,
 )
 from mammojax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mammojax.models.imgfeatalign import ImgFeatAlign
+from mammojax.models.mil.fpn_mil import FPNMIL
 from mammojax.models.sequence_classifier import ImageClassifier, SequenceClassifier
 from mammojax.nn.resnet import ResNet
 from mammojax.nn.vit import VisionTransformer
@@ -47,6 +54,8 @@ class Example:
     region: ``[H, W]`` / ``[L, H, W]`` 1 = the region that carries the label, when known.
     mask: a sequence's ``[L]`` (1 = a real visit).
     time_offsets: a sequence's ``[L]`` years before the current visit.
+    context: the model's other inputs (an image pair's ``time_gap``, a MIL bag's patches).
+    info: JSON-ready facts copied into the example's row of ``attributions.json``.
   """
 
   name: str
@@ -55,6 +64,8 @@ class Example:
   region: np.ndarray | None = None
   mask: np.ndarray | None = None
   time_offsets: np.ndarray | None = None
+  context: dict[str, Any] | None = None
+  info: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -66,6 +77,8 @@ class Subject:
     examples: what to explain.
     adapter: the image model (None for sequences, whose adapter is made per example).
     sequence_model: the sequence classifier with its ``variables``, or None.
+    runner: explains one example at a time, its own way (:class:`PairRunner`,
+      :class:`MILRunner`), or None.
   """
 
   description: dict[str, Any]
@@ -73,6 +86,7 @@ class Subject:
   adapter: ModelAdapter | None = None
   sequence_model: SequenceClassifier | None = None
   variables: Mapping[str, Any] | None = None
+  runner: PairRunner | MILRunner | None = None
 
   @property
   def sequences(self) -> bool:
@@ -83,13 +97,37 @@ class Subject:
 
 
 def subject_of_run(
-  model: Any, variables: Mapping[str, Any], examples: Any, split: str, count: int
+  model: Any,
+  variables: Mapping[str, Any],
+  examples: Any,
+  split: str,
+  count: int,
+  options: Mapping[str, Any] | None = None,
 ) -> Subject:
-  """The first ``count`` examples of a task's ``explain_dataset(split)`` for its ``model``."""
+  """The first ``count`` examples of a task's ``explain_dataset(split)`` for its ``model``;
+  ``options`` are the task's ``explain_options()`` (e.g. FPN-MIL's heatmap smoothing)."""
   available = len(examples)
   if available == 0:
     raise ValueError(f"--split={split} has no examples")
   picked = [examples[i] for i in range(min(count, available))]
+  names = [f"{split}_{i:04d}" for i in range(len(picked))]
+  if isinstance(model, ImgFeatAlign):
+    return Subject(
+      {
+        "model": "ImgFeatAlign",
+        "split": split,
+        "years": model.num_years,
+        "images": list(PAIR_IMAGES),
+      },
+      [_pair_example(name, e) for name, e in zip(names, picked)],
+      runner=PairRunner(model, variables),
+    )
+  if isinstance(model, FPNMIL):
+    return Subject(
+      {"model": "FPNMIL", "split": split, "scales": list(model.head.scales)},
+      [_mil_example(name, e) for name, e in zip(names, picked)],
+      runner=MILRunner(model, variables, **(options or {})),
+    )
   description = {"model": type(model).__name__, "backbone": dict(model.backbone), "split": split}
   if isinstance(model, ImageClassifier):
     return Subject(
@@ -116,6 +154,35 @@ def _example(name: str, record: Mapping[str, Any], sequence: bool = False) -> Ex
     region=None if region is None else np.asarray(region),
     mask=np.asarray(record["sequence_mask"]) if sequence else None,
     time_offsets=np.asarray(record["time_offsets"]) if sequence else None,
+  )
+
+
+def _pair_example(name: str, record: Mapping[str, Any]) -> Example:
+  """An ImgFeatAlign record as an image pair ``[2, H, W, 1]``, prior first."""
+  region = record.get("region_masks")
+  gap = float(record["time_gap"])
+  return Example(
+    name=name,
+    images=np.stack([record["previous_image"], record["current_image"]]).astype(np.float32),
+    region=None if region is None else np.asarray(region),
+    context={"time_gap": gap},
+    info={
+      "time_gap": gap,
+      "has_prior": int(record["has_prior"]),
+      "years_to_cancer": float(record["years_to_cancer"]),
+    },
+  )
+
+
+def _mil_example(name: str, record: Mapping[str, Any]) -> Example:
+  """An FPN-MIL record (``explain_dataset``'s, with the whole ``image``) and its bag."""
+  region = record.get("region_masks")
+  return Example(
+    name=name,
+    images=np.asarray(record["image"], np.float32),
+    label=int(record["label"] > 0.5),
+    region=None if region is None else np.asarray(region),
+    context={k: np.asarray(record[k]) for k in ("patches", "patch_coords", "patch_mask")},
   )
 
 
@@ -191,15 +258,31 @@ def explain(
   summary ``attributions.json`` holds. ``method_options`` are :class:`MethodSettings` fields."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  first_adapter, first_rows = _first_adapter(subject)
-  first_rows = jnp.asarray(first_rows)
-  settings = MethodSettings(
-    layer=layer or default_layer(first_adapter, first_rows), seed=seed, **method_options
-  )
+  runner = subject.runner
+  if runner is not None:
+    if sanity_check:
+      raise ValueError(
+        f"--sanity_check: the randomisation check runs on image classifiers, sequence models "
+        f"and converted backbones, not on {subject.description['model']} runs"
+      )
+    settings = MethodSettings(
+      layer=runner.layer(layer, subject.examples[0]), seed=seed, **method_options
+    )
+    rectified = runner.rectified
+  else:
+    first_adapter, first_rows = _first_adapter(subject)
+    first_rows = jnp.asarray(first_rows)
+    settings = MethodSettings(
+      layer=layer or default_layer(first_adapter, first_rows), seed=seed, **method_options
+    )
+    rectified = first_adapter.rectifiable
   collected: dict[str, dict[str, list[np.ndarray]]] = {}
   rows = []
   bar = tqdm(total=len(subject.examples), disable=not progress, unit="example", file=sys.stderr)
-  explain_group = _explain_sequence if subject.sequences else _explain_images
+  if runner is not None:
+    explain_group = _explain_with_runner
+  else:
+    explain_group = _explain_sequence if subject.sequences else _explain_images
   for group in _groups(subject, batch_size):
     for row, scores in explain_group(subject, group, out_dir, methods, settings, target):
       rows.append(row)
@@ -212,10 +295,12 @@ def explain(
     "model": subject.description,
     "methods": list(methods),
     "settings": dataclasses.asdict(settings),
-    "guided_rectified": first_adapter.rectifiable,
+    "guided_rectified": rectified,
     "examples": rows,
     "scores": report.summarize_scores(collected) if collected else None,
   }
+  if runner is not None:
+    summary["notes"] = list(runner.notes)
   if sanity_check:
     summary["sanity_check"] = _sanity(first_adapter, first_rows, methods, settings, seed)
   return summary
@@ -233,8 +318,9 @@ def _first_adapter(subject: Subject) -> tuple[ModelAdapter, np.ndarray]:
 
 
 def _groups(subject: Subject, batch_size: int) -> list[list[Example]]:
-  """Consecutive examples of one image shape, at most ``batch_size`` each (one per sequence)."""
-  if subject.sequences:
+  """Consecutive examples of one image shape, at most ``batch_size`` each (one per sequence, and
+  one per example of a runner)."""
+  if subject.sequences or subject.runner is not None:
     return [[example] for example in subject.examples]
   groups: list[list[Example]] = []
   for example in subject.examples:
@@ -257,6 +343,12 @@ def _targets(logits: np.ndarray, target: int | None) -> np.ndarray:
 def _probabilities(logits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
   probabilities = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
   return np.take_along_axis(probabilities, chosen[..., None], axis=-1)[..., 0]
+
+
+def _explain_with_runner(subject, group, out_dir, methods, settings, target):
+  (example,) = group
+  directory = os.path.join(out_dir, example.name)
+  yield subject.runner.explain(example, directory, methods, settings, target)
 
 
 def _explain_images(subject, group, out_dir, methods, settings, target):

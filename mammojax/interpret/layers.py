@@ -17,7 +17,8 @@ Here
 
 One forward and one backward pass, jit-compatible, for any module that exposes its layers this
 way, nested ones included (a backbone named ``backbone`` gives ``backbone/layer3``; the bare
-``layer3`` is accepted when it is unambiguous).
+``layer3``, or any trailing part of a path such as ``blocks_3/output``, is accepted when it is
+unambiguous).
 
 Layout: maps are channels-last, ``[B, *S, C]``. A token layer ``[B, T, D]`` of a model with a
 patch size (ViT) becomes its patch grid ``[B, h, w, D]`` (class token dropped). A layer sown more
@@ -27,6 +28,7 @@ than once per call (a module reused) is refused: its perturbation would add to e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -84,7 +86,8 @@ def _resolve(
 ) -> str:
   if layer in perturbable:
     return layer
-  matches = [path for path in perturbable if path.split("/")[-1] == layer]
+  # The trailing path components suffice when they are unambiguous: 'layer3', 'fpn/stride_16'.
+  matches = [path for path in perturbable if path.endswith(f"/{layer}")]
   if len(matches) == 1:
     return matches[0]
   model = type(adapter.module).__name__
@@ -142,16 +145,30 @@ def layer_activation_and_gradient(
     ``(A, G)``, each ``[B, *S, C]`` (token layers as patch grids, see the module docstring), or
     ``[B, C]`` for a layer without spatial axes.
   """
+  ((activation, gradient),) = layers_activation_and_gradient(adapter, images, target, (layer,))
+  return activation, gradient
+
+
+def layers_activation_and_gradient(
+  adapter: ModelAdapter, images: jax.Array, target: jax.Array | None, layers: Sequence[str]
+) -> list[tuple[jax.Array, jax.Array]]:
+  """:func:`layer_activation_and_gradient` of several layers from one forward and one backward
+  pass (e.g. one layer in each of two calls of a shared encoder), in the order of ``layers``."""
   shapes, sown = _exposed(adapter, images)
-  path = _resolve(adapter, shapes, sown, layer)
-  if sown.get(path, 1) != 1:
-    raise ValueError(f"layer {path!r} is computed {sown[path]} times per call; need once")
+  paths = [_resolve(adapter, shapes, sown, layer) for layer in layers]
+  for path in paths:
+    if sown.get(path, 1) != 1:
+      raise ValueError(f"layer {path!r} is computed {sown[path]} times per call; need once")
   zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
 
-  def target_sum(delta: jax.Array) -> tuple[jax.Array, jax.Array]:
-    perturbations = _unflatten({**zeros, path: delta})
+  def target_sum(deltas: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    perturbations = _unflatten({**zeros, **dict(zip(paths, deltas))})
     logits, state = adapter.apply(images, perturbations=perturbations, mutable=("intermediates",))
-    return jnp.sum(target_logits(logits, target)), _flat(state["intermediates"])[path][0]
+    sown_values = _flat(state["intermediates"])
+    return jnp.sum(target_logits(logits, target)), tuple(sown_values[p][0] for p in paths)
 
-  gradient, activation = jax.grad(target_sum, has_aux=True)(zeros[path])
-  return _as_map(adapter, activation, images), _as_map(adapter, gradient, images)
+  gradients, activations = jax.grad(target_sum, has_aux=True)(tuple(zeros[p] for p in paths))
+  return [
+    (_as_map(adapter, activation, images), _as_map(adapter, gradient, images))
+    for activation, gradient in zip(activations, gradients)
+  ]

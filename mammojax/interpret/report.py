@@ -2,9 +2,11 @@
 
 One directory per example: each method's map as ``<method>.npy`` at the input's resolution
 (GradCAM ``[H, W]``, pixel attributions ``[H, W, C]``; a sequence's maps carry the visit axis
-first: ``[V, H, W]`` / ``[V, H, W, C]``, real visits only, oldest first), ``methods.png`` (the
-sample beside every method's map, like the table of the Temporal-GradCam paper) and, for
-sequences, ``visits.png`` (every visit with its maps and its share of the prediction).
+first: ``[V, H, W]`` / ``[V, H, W, C]``, real visits only, oldest first; an image pair's, such
+as ImgFeatAlign's, the axis (prior, current)), ``methods.png`` (the sample beside every method's
+map, like the table of the Temporal-GradCam paper) and, for sequences, ``visits.png`` (every
+visit with its maps and its share of the prediction), for pairs ``pair.png`` (both images, the
+warped prior, the maps of both, and the prediction's split between them).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from mammojax.atomic_files import write_npy_atomic
 from mammojax.interpret.scoring import pointing_game, positive_fraction_inside, summarize
-from mammojax.viz.attribution import save_method_grid, save_visit_figure
+from mammojax.viz.attribution import save_method_grid, save_pair_figure, save_visit_figure
 
 SCORES = ("pointing_game", "positive_fraction_inside")
 # The chance level of both scores (a map that points at random, or spreads its mass evenly)
@@ -54,6 +56,21 @@ def score_maps(
   area = regions.reshape(regions.shape[0], -1).mean(axis=1)
   scores[REGION] = {"area_fraction": np.where(area > 0, area, np.nan)}
   return scores
+
+
+def score_per_image(
+  maps: Mapping[str, np.ndarray], regions: np.ndarray, names: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
+  """:func:`score_maps` of one example's images scored apart: maps ``[V, H, W(, C)]`` against
+  regions ``[V, H, W]``, keyed ``'<image>/<method>'`` (``'current/gradcam'``) and
+  ``'<image>/region'``, each score ``[1]``."""
+  if len(names) != len(regions):
+    raise ValueError(f"{len(regions)} regions for the images {list(names)}")
+  return {
+    f"{image}/{name}": {score: values[i : i + 1] for score, values in scores.items()}
+    for name, scores in score_maps(maps, regions).items()
+    for i, image in enumerate(names)
+  }
 
 
 def write_image_example(
@@ -95,6 +112,32 @@ def write_sequence_example(
   current = {name: values[-1] for name, values in maps.items()}
   save_method_grid(
     os.path.join(directory, "methods.png"), planes[-1], current, title=f"{title} (current)"
+  )
+
+
+def write_pair_example(
+  directory: str,
+  images: np.ndarray,
+  warped_prior: np.ndarray | None,
+  maps: Mapping[str, np.ndarray],
+  shares: Mapping[str, float],
+  title: str,
+) -> None:
+  """One image pair's outputs: ``images`` ``[2, H, W, C]`` and ``maps[method]`` ``[2, ...]``
+  (prior, current), the prior warped onto the current image ``[H, W, C]`` (None without
+  alignment), and the prediction's ``shares`` (e.g. current, prior, alignment) drawn as bars."""
+  os.makedirs(directory, exist_ok=True)
+  for name, values in maps.items():
+    write_npy_atomic(os.path.join(directory, f"{name}.npy"), values)
+  prior, current = (display_plane(image) for image in images)
+  save_pair_figure(
+    os.path.join(directory, "pair.png"),
+    current,
+    prior,
+    {name: (values[1], values[0]) for name, values in maps.items()},
+    warped_prior=None if warped_prior is None else display_plane(warped_prior),
+    shares=shares,
+    title=title,
   )
 
 

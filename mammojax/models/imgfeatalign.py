@@ -19,7 +19,7 @@ channel 1 scaled by the height ratio and used as the row offset (``grid_sample``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -169,6 +169,12 @@ class ImgFeatAlign(nn.Module, RiskModel):
       the geometrically right 'ij' use of the flow.
     warp_impl: ``'gather'`` or ``'map_coordinates'`` (:func:`mammojax.nn.warp.warp`).
     dtype: computation dtype.
+    encoder_activation: every ReLU of the encoder (injectable, e.g. for guided backpropagation).
+    attribution_mode: the forward pass of attribution (:mod:`mammojax.interpret.risk`): the same
+      outputs without the ``stop_gradient`` on a frozen encoder (so that gradients reach the
+      pixels), and the encoder called as ``prior_encoder`` and ``current_encoder``, the shared
+      weights under both names, so that a layer of each call can be taken alone. Not for
+      training.
   """
 
   registration: nn.Module
@@ -187,10 +193,17 @@ class ImgFeatAlign(nn.Module, RiskModel):
   bcrbench_flow_compat: bool = False
   warp_impl: str = "gather"
   dtype: jnp.dtype = jnp.float32
+  encoder_activation: Callable[[jax.Array], jax.Array] = nn.relu
+  attribution_mode: bool = False
 
   @nn.compact
   def __call__(
-    self, current_image: jax.Array, previous_image: jax.Array, time_gap: jax.Array, train: bool
+    self,
+    current_image: jax.Array,
+    previous_image: jax.Array,
+    time_gap: jax.Array,
+    train: bool,
+    flow: jax.Array | None = None,
   ) -> dict[str, Any]:
     """Risk logits and intermediate features.
 
@@ -199,28 +212,38 @@ class ImgFeatAlign(nn.Module, RiskModel):
       time_gap: ``[B]`` years between the exams.
       train: dropout on; BatchNorm uses batch statistics iff also ``finetune_all`` (then call
         ``apply(..., mutable=['batch_stats'])``).
+      flow: the registration flow ``[B, H, W, 2]`` to use instead of calling the network (e.g.
+        the example's own, held fixed while attribution moves its pixels); None: computed.
     Returns:
       ``{'risk_prediction': {'pred_fused', 'pred_cur', 'pred_pri'}`` (logits ``[B, Y]``),
       ``'deformation_field'`` ``[B, H, W, 2]`` ('ij' pixels, image grid), ``'aligned_prior_feature'``,
       ``'prior_feature'``, ``'current_feature'``, ``'diff_feature'`` (``[B, h, w, D]``)}.
     """
     self._check_inputs(current_image, previous_image, time_gap)
-    encoder = MiraiResNet18(self.encoder_width, dtype=self.dtype, name="encoder")
+
+    def encoder(name: str) -> MiraiResNet18:
+      return MiraiResNet18(
+        self.encoder_width, dtype=self.dtype, activation=self.encoder_activation, name=name
+      )
+
+    shared = None if self.attribution_mode else encoder("encoder")
     bn_running = not (train and self.finetune_all)
 
-    def encode(image):
-      features = encoder(image, use_running_average=bn_running)
-      return features if self.finetune_all else jax.lax.stop_gradient(features)
+    def encode(image, call):
+      module = shared if shared is not None else encoder(f"{call}_encoder")
+      features = module(image, use_running_average=bn_running)
+      keep_gradient = self.finetune_all or self.attribution_mode
+      return features if keep_gradient else jax.lax.stop_gradient(features)
 
-    current = encode(current_image)
+    current = encode(current_image, "current")
     feature_size = current.shape[1:3]
     zeros_field = jnp.zeros(current_image.shape[:3] + (2,), jnp.float32)
     if self.use_prior:
-      prior = encode(previous_image)
+      prior = encode(previous_image, "prior")
       if self.align:
-        flow = jax.lax.stop_gradient(
-          self.registration(moving=previous_image, fixed=current_image)["flow"]
-        )
+        if flow is None:
+          flow = self.registration(moving=previous_image, fixed=current_image)["flow"]
+        flow = jax.lax.stop_gradient(flow)
         displacement = feature_displacement(flow, feature_size, self.bcrbench_flow_compat)
         aligned = warp(prior, displacement.astype(prior.dtype), impl=self.warp_impl)
       else:
@@ -230,19 +253,9 @@ class ImgFeatAlign(nn.Module, RiskModel):
       flow = zeros_field
       prior = aligned = difference = jnp.zeros_like(current)
 
-    risk = AttentionRiskFusion(
-      self.num_years,
-      self.num_heads,
-      self.dropout_rate,
-      self.ffn_expansion,
-      self.max_time,
-      self.time_steps,
-      self.time_dropout_rate,
-      self.use_prior,
-      self.use_time_encoding,
-      self.dtype,
-      name="risk_model",
-    )(current, prior, aligned, difference, time_gap, deterministic=not train)
+    risk = AttentionRiskFusion(**fusion_fields(self), name="risk_model")(
+      current, prior, aligned, difference, time_gap, deterministic=not train
+    )
     return {
       "risk_prediction": risk,
       "deformation_field": flow,
@@ -279,3 +292,21 @@ class ImgFeatAlign(nn.Module, RiskModel):
     gap_shape = jnp.shape(time_gap)
     if gap_shape not in ((current_image.shape[0],), (current_image.shape[0], 1)):
       raise ValueError(f"time_gap must be [B] = [{current_image.shape[0]}] years, got {gap_shape}")
+
+
+def fusion_fields(model: ImgFeatAlign) -> dict[str, Any]:
+  """The :class:`AttentionRiskFusion` fields of ``model`` (its ``risk_model``), so that the
+  fusion can be built and applied on its own, e.g. to attribute the risk to its inputs."""
+  names = (
+    "num_years",
+    "num_heads",
+    "dropout_rate",
+    "ffn_expansion",
+    "max_time",
+    "time_steps",
+    "time_dropout_rate",
+    "use_prior",
+    "use_time_encoding",
+    "dtype",
+  )
+  return {name: getattr(model, name) for name in names}

@@ -19,7 +19,8 @@ Only stride-2 convolutions can differ between the two (a stride-1 SAME convoluti
 Feature maps are sown into the ``'intermediates'`` collection when the caller makes it mutable
 (``apply(..., mutable=['intermediates'])``): ``stem`` (after ``bn0`` and swish), each block's
 output as ``blocks_<i>/output`` (efficientnet_pytorch's ``_blocks.<i>``) and, with
-``include_head``, ``head``. Swish is injectable (``activation``).
+``include_head``, ``head``; each also passes through ``perturb``
+(:func:`mammojax.nn.intermediates.expose`) for attribution. Swish is injectable (``activation``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from mammojax.nn import initializers, partitioning
 from mammojax.nn.depthwise_conv import DepthwiseConv
 from mammojax.nn.depthwise_conv import Impl as DepthwiseImpl
+from mammojax.nn.intermediates import expose
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -220,8 +222,7 @@ class MBConvBlock(nn.Module):
         alive = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
         x = jnp.where(alive, x / keep, jnp.zeros_like(x))
       x = x + inputs
-    self.sow("intermediates", "output", x)
-    return x
+    return expose(self, "output", x)
 
 
 class EfficientNet(nn.Module):
@@ -302,7 +303,7 @@ class EfficientNet(nn.Module):
       name="conv_stem",
     )(images)
     x = self.activation(_batch_norm(train, "bn0", self.dtype, self.batch_norm_momentum)(x))
-    self.sow("intermediates", "stem", x)
+    x = expose(self, "stem", x)
     size = (-(-size[0] // 2), -(-size[1] // 2))
     blocks = self.blocks
     features = {}
@@ -333,5 +334,5 @@ class EfficientNet(nn.Module):
       features["head"] = self.activation(
         _batch_norm(train, "bn1", self.dtype, self.batch_norm_momentum)(h)
       )
-      self.sow("intermediates", "head", features["head"])
+      features["head"] = expose(self, "head", features["head"])
     return features

@@ -8,7 +8,8 @@ the reference builds ONE GroupNorm module and reuses it after all four convs, so
 scale and bias, and so does this module. The FPN has no activation.
 
 The levels are also sown into the ``'intermediates'`` collection as ``stride_16``, ``stride_32``
-and ``stride_128`` when the caller makes it mutable (``apply(..., mutable=['intermediates'])``).
+and ``stride_128`` when the caller makes it mutable (``apply(..., mutable=['intermediates'])``),
+and pass through ``perturb`` under the same names (:func:`mammojax.nn.intermediates.expose`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mammojax.nn import partitioning
+from mammojax.nn.intermediates import expose
 from mammojax.nn.resize import downsample, resize_nearest
 
 
@@ -74,9 +76,10 @@ class FPN(nn.Module):
     inner16 = norm(conv(1, "inner_block_0")(stride16))
     if self.top_down:
       inner16 = inner16 + resize_nearest(inner32, (inner16.shape[1], inner16.shape[2]))
-    out16 = norm(conv(3, "layer_block_0")(inner16))
+    out16 = expose(self, "stride_16", norm(conv(3, "layer_block_0")(inner16)))
+    # Exposed before the stride-128 level is taken from it, so that a gradient at stride_32
+    # counts both of its uses.
+    out32 = expose(self, "stride_32", out32)
     # The reference's max_pool2d(kernel_size=1, stride=4): every 4th pixel.
-    levels = {16: out16, 32: out32, 128: downsample(out32, 4, "subsample")}
-    for stride, level in levels.items():
-      self.sow("intermediates", f"stride_{stride}", level)
-    return levels
+    out128 = expose(self, "stride_128", downsample(out32, 4, "subsample"))
+    return {16: out16, 32: out32, 128: out128}

@@ -11,7 +11,7 @@
 The output is the last block's feature map, ``[B, H/32, W/32, 8 * base_width]``. Submodule names
 mirror Mirai's attribute names so that checkpoint import is a renaming. Stage outputs are sown
 into the ``'intermediates'`` collection under :data:`INTERMEDIATE_NAMES` (``stem``, ``layer1`` ..
-``layer4``).
+``layer4``) and exposed to attribution like torchvision's (below).
 
 **torchvision** (:class:`ResNet`, ``depth`` 18, 34 or 50; ResNet-50 is v1.5, the stride in the
 bottleneck's 3x3 conv): the same stem at the top level (``conv1``, ``bn1``), then four stages of
@@ -255,7 +255,7 @@ class MiraiResNet18(nn.Module):
     x = Downsampler(self.base_width, name="downsampler", **common)(
       images, use_running_average=use_running_average
     )
-    self.sow("intermediates", "stem", x)
+    x = expose(self, "stem", x)
     for index, name in enumerate(STAGE_NAMES):
       stage = index // 2
       first_of_strided_stage = stage > 0 and index % 2 == 0
@@ -267,7 +267,7 @@ class MiraiResNet18(nn.Module):
         **common,
       )(x, use_running_average=use_running_average)
       if index % 2:
-        self.sow("intermediates", INTERMEDIATE_NAMES[stage + 1], x)
+        x = expose(self, INTERMEDIATE_NAMES[stage + 1], x)
     return x
 
 

@@ -16,7 +16,8 @@ when the model has instance attention and the split has boxes, lesion detection 
 heatmaps (recall / precision at IoU thresholds, mean IoU per heatmap; in the periodic evaluations
 over at most ``eval.detection.max_examples`` positive examples). The report of ``python -m
 mammojax.evaluate`` scores every positive example, names the threshold it used, and adds overlay
-pictures.
+pictures. ``python -m mammojax.explain`` maps an online run's images beside its attention
+heatmaps (:meth:`FPNMILTask.explain_dataset`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mammojax.atomic_files import write_json_atomic
 from mammojax.data import records
 from mammojax.data.pipelines import mil as mil_pipeline
 from mammojax.data.specs import spec_from_config
+from mammojax.interpret.scoring import boxes_to_mask
 from mammojax.losses.mil import masked_deep_supervision_loss
 from mammojax.metrics.classification import classification_metrics, roc_auc
 from mammojax.metrics.detection import detection_report, heatmap_boxes
@@ -43,7 +45,7 @@ from mammojax.models.mil.fpn_mil import FPNMIL, MultiScaleMILHead
 from mammojax.nn.efficientnet import EfficientNet
 from mammojax.nn.fpn import FPN
 from mammojax.nn.set_transformer import num_inducing_points
-from mammojax.train.task import Task
+from mammojax.train.task import AttributionTask
 from mammojax.viz.overlays import save_overlay
 
 PASSTHROUGH = ("label", "patch_coords", "patch_mask", "boxes", "num_boxes", "thumbnail")
@@ -72,7 +74,7 @@ def build_fpn(model: ml_collections.ConfigDict) -> FPN:
   )
 
 
-class FPNMILTask(Task):
+class FPNMILTask(AttributionTask):
   """``config.task='fpn_mil'`` (or ``'mammojax.tasks.fpn_mil:FPNMILTask'``)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -157,6 +159,25 @@ class FPNMILTask(Task):
     return mil_pipeline.patch_dataset(
       self.image_dir(), split, self.settings, self.config.data.label
     )
+
+  def explain_dataset(self, split: str) -> grain.MapDataset:
+    """:meth:`dataset`'s bags plus the whole normalised ``image`` ``[H, W, C]`` and
+    ``region_masks`` ``[H, W]`` uint8 (the union of the label's boxes); online mode only."""
+    if self.offline:
+      raise ValueError(
+        "explain maps pixels, so it needs FPN-MIL's online model (EfficientNet + FPN on image "
+        "patches); this run trained its MIL head on stored features (data.features_dir): "
+        "explain the online run those features were extracted from"
+      )
+    examples = mil_pipeline.patch_dataset(
+      self.image_dir(), split, self.settings, self.config.data.label, with_image=True
+    )
+    return examples.map(_BoxRegions())
+
+  def explain_options(self) -> dict[str, Any]:
+    """The heatmaps' smoothing and per-patch normalisation (``eval.detection``)."""
+    d = self.config.eval.detection
+    return {"smooth_sigma": d.smooth_sigma, "patch_normalization": d.patch_normalization}
 
   def pos_weight(self) -> float:
     """``loss.pos_weight``, or negatives / positives of the training split when
@@ -360,6 +381,15 @@ class FPNMILTask(Task):
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "report.json"), _finite(report), indent=2)
     return report
+
+
+class _BoxRegions(grain.transforms.Map):
+  """The label's ``boxes`` (the first ``num_boxes``) -> ``region_masks`` ``[H, W]`` uint8."""
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    boxes = example["boxes"][: int(example["num_boxes"])]
+    region = boxes_to_mask(boxes, example["image"].shape[:2]).astype(np.uint8)
+    return {**example, "region_masks": region}
 
 
 def has_detection_targets(predictions: dict[str, np.ndarray]) -> bool:

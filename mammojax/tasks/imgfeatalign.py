@@ -1,6 +1,9 @@
-"""ImgFeatAlign as a trainer task: the model, its multi-head risk loss, risk metrics, data."""
+"""ImgFeatAlign as a trainer task: the model, its multi-head risk loss, risk metrics, data, and
+the examples ``python -m mammojax.explain`` maps (with the lesion regions the records mark)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grain
 import jax.numpy as jnp
@@ -9,15 +12,16 @@ import numpy as np
 
 from mammojax.data.pipelines.augment import AugmentConfig, train_augmentations
 from mammojax.data.pipelines.longitudinal import longitudinal_dataset, resolve_longitudinal_dir
+from mammojax.interpret.scoring import boxes_to_mask
 from mammojax.losses.risk import risk_loss
 from mammojax.metrics import risk as risk_metrics
 from mammojax.metrics.risk_report import risk_report
 from mammojax.models.imgfeatalign import ImgFeatAlign
 from mammojax.models.registration.mammoregnet import MammoRegNet
-from mammojax.train.task import Task
+from mammojax.train.task import AttributionTask
 
 
-class ImgFeatAlignTask(Task):
+class ImgFeatAlignTask(AttributionTask):
   """Longitudinal risk from a current and a prior mammogram (``config.task='imgfeatalign'``)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -43,10 +47,19 @@ class ImgFeatAlignTask(Task):
     self.head_weights = dict(m.head_weights)
     self._data_dir = None
 
-  def dataset(self, split: str) -> grain.MapDataset:
+  def _directory(self) -> str:
     if self._data_dir is None:
       self._data_dir = resolve_longitudinal_dir(self.config.data)
-    return longitudinal_dataset(self._data_dir, split)
+    return self._data_dir
+
+  def dataset(self, split: str) -> grain.MapDataset:
+    return longitudinal_dataset(self._directory(), split)
+
+  def explain_dataset(self, split: str) -> grain.MapDataset:
+    """:meth:`dataset` plus, where the records carry lesion boxes (the synthetic data),
+    ``region_masks`` ``[2, H, W]`` uint8: the lesion's box in the prior (first) and in the
+    current image, the order of the explain command's maps."""
+    return longitudinal_dataset(self._directory(), split, lesion_boxes=True).map(_LesionRegions())
 
   # -- model ------------------------------------------------------------------------------------
 
@@ -150,3 +163,15 @@ class ImgFeatAlignTask(Task):
     )
     write_risk_report(out_dir, report, probs, ytc, ytf)
     return report
+
+
+class _LesionRegions(grain.transforms.Map):
+  """``prior_lesion_boxes`` and ``lesion_boxes`` ``[N, 4]`` -> ``region_masks`` ``[2, H, W]``
+  uint8 (prior, current); records without them pass unchanged."""
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    if "lesion_boxes" not in example or "prior_lesion_boxes" not in example:
+      return example
+    shape = example["current_image"].shape[:2]
+    masks = [boxes_to_mask(example[k], shape) for k in ("prior_lesion_boxes", "lesion_boxes")]
+    return {**example, "region_masks": np.stack(masks).astype(np.uint8)}

@@ -128,5 +128,11 @@ class AttributionTask(Task):
 
   @abc.abstractmethod
   def explain_dataset(self, split: str) -> grain.MapDataset:
-    """The split's examples as :meth:`dataset` gives them plus ``time_offsets`` and, where the
-    records have them, ``region_masks``."""
+    """The split's examples as :meth:`dataset` gives them plus what attribution needs besides
+    the model's inputs (``time_offsets``, a MIL bag's whole image) and, where the records have
+    them, ``region_masks``."""
+
+  def explain_options(self) -> dict[str, Any]:
+    """Settings of the explanation that the run's config holds (e.g. FPN-MIL's heatmap
+    smoothing), passed to the explain command's model runner; none by default."""
+    return {}

@@ -330,6 +330,68 @@ def save_visit_figure(
   return save_png(figure, path)
 
 
+def save_pair_figure(
+  path: str | os.PathLike,
+  current: np.ndarray,
+  prior: np.ndarray,
+  maps: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  *,
+  warped_prior: np.ndarray | None = None,
+  shares: Mapping[str, float] | None = None,
+  title: str = "",
+  signs: Mapping[str, str] | None = None,
+  outlier_percentile: float = 2.0,
+  alpha: float = 0.5,
+) -> str:
+  """One prediction from a current and a prior image (e.g. ImgFeatAlign's risk).
+
+  Row one shows the current image, the prior and, when given, the prior warped onto the
+  current one; then one row per method with its maps of the current and the prior image, on
+  one scale (as :func:`save_visit_figure`), and under them, when given, the prediction's
+  ``shares`` as signed bars (e.g. the current, prior and alignment features' integrated
+  gradients).
+
+  Args:
+    path: PNG file to write (atomically).
+    current, prior: ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]``, any range.
+    maps: method name -> ``(current map, prior map)``, each ``[H, W]`` or ``[H, W, C]``.
+    warped_prior: the prior aligned to the current image, or None.
+    shares: bar label -> value.
+    title, signs, outlier_percentile, alpha: as in ``save_method_grid``.
+
+  Returns:
+    ``path``.
+  """
+  signs = _check_signs(signs, maps)
+  rows = [
+    (name, _normalised_maps(list(pair), signs[name], outlier_percentile), signs[name])
+    for name, pair in maps.items()
+  ]
+  pictures = [("current", current), ("prior", prior)]
+  if warped_prior is not None:
+    pictures.append(("warped prior", warped_prior))
+  bars = 0 if shares is None else 1
+  figure = _new_figure(2.0 * len(pictures) + 0.6, 2.1 * (1 + len(rows)) + 1.6 * bars + 0.3)
+  grid = figure.add_gridspec(
+    1 + len(rows) + bars, len(pictures), height_ratios=[1.0] * (1 + len(rows)) + [0.7] * bars
+  )
+  for column, (label, image) in enumerate(pictures):
+    _draw_rgb(figure.add_subplot(grid[0, column]), display_image(image), label)
+  for r, (name, heats, sign) in enumerate(rows, start=1):
+    for column, (image, heat) in enumerate(zip((current, prior), heats)):
+      ax = figure.add_subplot(grid[r, column])
+      _draw_rgb(ax, _blend(image, heat, sign, alpha, name), "")
+      if column == 0:
+        ax.set_ylabel(name, fontsize=8)
+  if shares is not None:
+    values = np.asarray(list(shares.values()), np.float64)
+    _draw_scores(figure.add_subplot(grid[-1, :]), values, list(shares), ylabel="logit share")
+  if title:
+    figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  return save_png(figure, path)
+
+
 def _check_signs(signs: Mapping[str, str] | None, maps: Mapping[str, Any]) -> dict[str, str]:
   """The sign of every method ("absolute" unless named); unknown names are errors (typos)."""
   signs = dict(signs or {})
@@ -392,8 +454,10 @@ def _add_colorbar(figure: Any, ax: Any, sign: str) -> None:
   bar.ax.tick_params(labelsize=6)
 
 
-def _draw_scores(ax: Any, scores: np.ndarray, labels: Sequence[str]) -> None:
-  """Signed bars, one per visit under its column (positive red, negative blue, as in "bwr")."""
+def _draw_scores(
+  ax: Any, scores: np.ndarray, labels: Sequence[str], ylabel: str = "visit score"
+) -> None:
+  """Signed bars, one per column (positive red, negative blue, as in "bwr")."""
   positions = np.arange(scores.size)
   colours = ["tab:red" if score >= 0 else "tab:blue" for score in scores]
   ax.bar(positions, scores, color=colours, width=0.6)
@@ -402,4 +466,4 @@ def _draw_scores(ax: Any, scores: np.ndarray, labels: Sequence[str]) -> None:
   ax.set_xticks(positions)
   ax.set_xticklabels(list(labels), fontsize=7)
   ax.tick_params(axis="y", labelsize=7)
-  ax.set_ylabel("visit score", fontsize=8)
+  ax.set_ylabel(ylabel, fontsize=8)

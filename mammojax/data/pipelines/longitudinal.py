@@ -28,15 +28,23 @@ LABEL_FIELDS = (
 )
 
 
+# Lesion boxes ``[N, 4]`` (x0, y0, x1, y1) of the current image and of the prior, where the
+# records have them (the synthetic data does).
+LESION_FIELDS = ("lesion_boxes", "prior_lesion_boxes")
+
+
 class DecodeLongitudinal(grain.transforms.Map):
   """bytes -> {'current_image', 'previous_image': float32 [H, W, 1] normalised, labels...}.
 
-  A missing prior (``has_prior == 0``) also removes the prior head's supervision.
+  A missing prior (``has_prior == 0``) also removes the prior head's supervision. With
+  ``lesion_boxes``, the :data:`LESION_FIELDS` of records that have them are kept (float32
+  ``[N, 4]``), for attribution scores; training batches leave them out.
   """
 
-  def __init__(self, pixel_mean: float, pixel_std: float):
+  def __init__(self, pixel_mean: float, pixel_std: float, lesion_boxes: bool = False):
     self.pixel_mean = float(pixel_mean)
     self.pixel_std = float(pixel_std)
+    self.lesion_boxes = lesion_boxes
 
   def map(self, data: bytes) -> dict[str, Any]:
     record = records.decode_example(data)
@@ -51,16 +59,23 @@ class DecodeLongitudinal(grain.transforms.Map):
       out["previous_image"] = np.zeros_like(out["previous_image"])
     if "displacement" in record:
       out["displacement"] = record["displacement"].astype(np.float32)
+    if self.lesion_boxes:
+      for key in LESION_FIELDS:
+        if key in record:
+          out[key] = np.asarray(record[key], np.float32).reshape(-1, 4)
     return out
 
 
-def longitudinal_dataset(directory: str, split: str) -> grain.MapDataset:
-  """The decoded examples of one split of a longitudinal dataset directory."""
+def longitudinal_dataset(
+  directory: str, split: str, lesion_boxes: bool = False
+) -> grain.MapDataset:
+  """The decoded examples of one split of a longitudinal dataset directory (with the records'
+  lesion boxes when ``lesion_boxes``, see :class:`DecodeLongitudinal`)."""
   manifest = records.read_manifest(directory)
   config = manifest["config"]
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
   return grain.MapDataset.source(source).map(
-    DecodeLongitudinal(config["pixel_mean"], config["pixel_std"])
+    DecodeLongitudinal(config["pixel_mean"], config["pixel_std"], lesion_boxes)
   )
 
 

@@ -98,6 +98,8 @@ class DecodeMILPatches(grain.transforms.Map):
   'num_boxes': int32, 'thumbnail': uint8 [H / t, W / t]}.
 
   ``label`` is the index of the target in ``labels``; ``filter_boxes`` keeps only its boxes.
+  ``with_image`` adds the whole normalised image ``'image'`` float32 ``[H, W, C]`` the patches
+  are cut from (for attribution maps over the image).
   """
 
   def __init__(
@@ -107,12 +109,14 @@ class DecodeMILPatches(grain.transforms.Map):
     pixel_std: float,
     label: int,
     filter_boxes: bool = True,
+    with_image: bool = False,
   ):
     self.settings = settings
     self.pixel_mean = float(pixel_mean)
     self.pixel_std = float(pixel_std)
     self.label = int(label)
     self.filter_boxes = filter_boxes
+    self.with_image = with_image
 
   def map(self, data: bytes) -> dict[str, Any]:
     s = self.settings
@@ -149,7 +153,7 @@ class DecodeMILPatches(grain.transforms.Map):
     labels = np.asarray(record["labels"], np.float32).reshape(-1)
     thumb = raw[:: s.thumbnail_stride, :: s.thumbnail_stride].astype(np.float32)
     thumb = (255.0 * thumb / max(float(thumb.max()), 1.0)).astype(np.uint8)
-    return {
+    out = {
       "patches": np.repeat(patches[..., None], s.channels, axis=-1),
       "patch_mask": mask,
       "patch_coords": coords,
@@ -160,6 +164,9 @@ class DecodeMILPatches(grain.transforms.Map):
       "num_boxes": num_boxes,
       "thumbnail": thumb,
     }
+    if self.with_image:
+      out["image"] = np.repeat(image[..., None], s.channels, axis=-1)
+    return out
 
 
 class DecodeMILFeatures(grain.transforms.Map):
@@ -194,14 +201,25 @@ class DecodeMILFeatures(grain.transforms.Map):
 
 
 def patch_dataset(
-  directory: str, split: str, settings: PatchSettings, label: str, filter_boxes: bool = True
+  directory: str,
+  split: str,
+  settings: PatchSettings,
+  label: str,
+  filter_boxes: bool = True,
+  with_image: bool = False,
 ) -> grain.MapDataset:
-  """The decoded bags of patches of one split of an image dataset directory."""
+  """The decoded bags of patches of one split of an image dataset directory (with the whole
+  image when ``with_image``, see :class:`DecodeMILPatches`)."""
   config = records.read_manifest(directory)["config"]
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory, split))
   return grain.MapDataset.source(source).map(
     DecodeMILPatches(
-      settings, config["pixel_mean"], config["pixel_std"], label_index(config, label), filter_boxes
+      settings,
+      config["pixel_mean"],
+      config["pixel_std"],
+      label_index(config, label),
+      filter_boxes,
+      with_image,
     )
   )
 

@@ -14,7 +14,10 @@ the same ArrayRecord + Grain path as ingested real data (same record fields, see
 - findings: every breast may carry stable benign densities (present in both exams); positive
   cases get a lesion that is new (absent in the prior) or grows, larger the sooner the cancer is
   diagnosed. A lesion therefore looks like a benign density on the current image alone; it is
-  the change against the aligned prior that marks it.
+  the change against the aligned prior that marks it. Its box is recorded in both frames
+  (``lesion_boxes``: the current lesion; ``prior_lesion_boxes``: the same place seen in the
+  prior, where the lesion is smaller or not yet visible), ``[1, 4]`` ``(x0, y0, x1, y1)`` pixels,
+  upper corner exclusive, zeros (covering nothing) without a lesion or without a prior.
 - labels: years to cancer (positives within the horizon) or a censored follow-up (negatives),
   turned into cumulative targets and masks by :mod:`mammojax.data.survival`, for the current
   exam and for the prior (whose horizon is shifted by the time gap).
@@ -83,14 +86,16 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
     )
   current_anatomy = anatomy.copy()
   prior_anatomy = anatomy
+  lesion = np.zeros((height, width), bool)  # the current lesion, in the anatomy's frame
   if positive:
     # Sooner cancer -> larger lesion now; in the prior it is absent or smaller.
     radius_now = 6.0 - 0.9 * years_to_cancer + rng.uniform(-0.5, 0.5)
     grows = rng.random() < 0.4
     center = anatomy_lib.point_in(rng, breast_mask)
-    current_anatomy = current_anatomy + anatomy_lib.blob(
-      rng, breast_mask, radius_now, spec.lesion_contrast, center
-    )
+    mass = anatomy_lib.blob(rng, breast_mask, radius_now, spec.lesion_contrast, center)
+    current_anatomy = current_anatomy + mass
+    # The blob's margin is a logistic step whose midpoint (half the contrast) is its edge.
+    lesion = mass > 0.5 * spec.lesion_contrast
     if grows:
       prior_anatomy = prior_anatomy + anatomy_lib.blob(
         rng, breast_mask, radius_now * 0.45, spec.lesion_contrast, center
@@ -114,6 +119,10 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
   pulled = grid + inverse
   prior_img = ndimage.map_coordinates(
     prior_anatomy, [pulled[..., 0], pulled[..., 1]], order=1, mode="constant", cval=0.0
+  )
+  prior_lesion = (
+    ndimage.map_coordinates(lesion.astype(np.float64), [pulled[..., 0], pulled[..., 1]], order=1)
+    > 0.5
   )
   gain, offset = rng.uniform(0.85, 1.15), rng.uniform(-0.05, 0.05)
   prior_img = np.where(prior_img > 0, prior_img * gain + offset, 0.0)
@@ -144,10 +153,21 @@ def generate_example(spec: SyntheticLongitudinalSpec, split: str, index: int) ->
     "cancer_type": np.int32(cancer_type),
     "patient_hash": hashlib.sha256(f"synthetic-{spec.seed}-{split}-{index}".encode()).hexdigest(),
     "exam_index": np.int32(index),
+    "lesion_boxes": bounding_box(lesion)[None],
+    "prior_lesion_boxes": bounding_box(prior_lesion & bool(has_prior))[None],
   }
   if spec.store_displacement:
     example["displacement"] = displacement.astype(np.float32)
   return example
+
+
+def bounding_box(mask: np.ndarray) -> np.ndarray:
+  """The box ``(x0, y0, x1, y1)`` float32 of a mask ``[H, W]`` (x = column, upper corner
+  exclusive, as :func:`mammojax.interpret.scoring.boxes_to_mask` reads it); zeros when empty."""
+  rows, cols = np.nonzero(mask)
+  if rows.size == 0:
+    return np.zeros(4, np.float32)
+  return np.asarray([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
 
 
 def write_dataset(directory: str, spec: SyntheticLongitudinalSpec) -> str:

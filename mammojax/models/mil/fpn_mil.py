@@ -226,6 +226,10 @@ class FPNMIL(nn.Module):
     frozen_backbone_batch_stats: with a frozen backbone in training, still normalise with batch
       statistics and update the running ones, as the reference does (it never puts the frozen
       backbone in eval mode).
+    gradient_through_frozen_backbone: do not stop the gradient at a frozen backbone's outputs
+      (the outputs are the same; only their derivatives are no longer zero), so that attribution
+      methods reach the pixels (:mod:`mammojax.interpret.mil`). Not for training: the frozen
+      backbone's parameters would get gradients.
   """
 
   head: MultiScaleMILHead
@@ -233,6 +237,7 @@ class FPNMIL(nn.Module):
   backbone: EfficientNet | None = None
   backbone_trainable: bool = False
   frozen_backbone_batch_stats: bool = False
+  gradient_through_frozen_backbone: bool = False
 
   @nn.compact
   def __call__(
@@ -270,7 +275,7 @@ class FPNMIL(nn.Module):
       batch, num_patches = inputs.shape[:2]
       backbone_train = train and (self.backbone_trainable or self.frozen_backbone_batch_stats)
       maps = self.backbone(inputs.reshape((-1,) + inputs.shape[2:]), backbone_train)
-      if not self.backbone_trainable:
+      if not (self.backbone_trainable or self.gradient_through_frozen_backbone):
         maps = jax.lax.stop_gradient(maps)
       c4, c5 = maps["stride_16"], maps["stride_32"]
     else:
