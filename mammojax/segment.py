@@ -108,14 +108,10 @@ def _side(text: str) -> int:
 
 
 def _window_settings(f: flags.FlagValues, segmenter) -> dict[str, Any]:
-  run_eval = {}
-  if f.workdir:
-    from mammojax.runs.config_files import load_run_config  # pylint: disable=import-outside-toplevel
-
-    run_eval = load_run_config(f.workdir).eval
+  """The flags' window settings, else the segmenter's defaults (a run's own)."""
   return {
-    "overlap": f.overlap if f.overlap >= 0 else float(run_eval.get("overlap", 0.5)),
-    "blend": f.blend or str(run_eval.get("blend", "gaussian")),
+    "overlap": f.overlap if f.overlap >= 0 else segmenter.overlap,
+    "blend": f.blend or segmenter.blend,
     "sw_batch_size": f.sw_batch_size,
   }
 

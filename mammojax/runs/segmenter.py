@@ -54,6 +54,8 @@ class Segmenter:
     record_size: the grid the run's records were resampled to (None: the input's own grid).
     class_names: ``K`` names.
     source: where the weights came from (for the summary).
+    overlap: the default window overlap (a run's ``eval.overlap``).
+    blend: the default window blending (a run's ``eval.blend``).
   """
 
   model: Any
@@ -64,6 +66,8 @@ class Segmenter:
   record_size: tuple[int, int, int] | None
   class_names: tuple[str, ...]
   source: str
+  overlap: float = 0.5
+  blend: str = "gaussian"
 
   def logits(
     self, volume: np.ndarray, *, overlap: float, blend: str, sw_batch_size: int
@@ -86,13 +90,13 @@ def from_run(workdir: str, checkpoint: str = "best") -> Segmenter:
   from mammojax.runs.config_files import load_run_config  # pylint: disable=import-outside-toplevel
   from mammojax.runs.restore import restore_run  # pylint: disable=import-outside-toplevel
 
-  task_name = load_run_config(workdir).task
-  if task_name != "segmentation":
+  config = load_run_config(workdir)
+  if config.task != "segmentation":
     raise ValueError(
-      f"--workdir {workdir} is a {task_name!r} run; segment takes segmentation runs "
+      f"--workdir {workdir} is a {config.task!r} run; segment takes segmentation runs "
       "(configs/unetr.py, configs/unet3d.py) or --model=unetr:DIR / unet3d:DIR"
     )
-  run = restore_run(workdir, checkpoint=checkpoint, example_split="val")
+  run = restore_run(workdir, config, checkpoint=checkpoint, example_split="val")
   task = run.task
   contrasts = tuple(run.config.data.contrasts)
   required = tuple(contrasts.index(c) for c in run.config.data.required_contrasts)
@@ -105,6 +109,8 @@ def from_run(workdir: str, checkpoint: str = "best") -> Segmenter:
     record_size=tuple(int(s) for s in task.manifest["size"]),
     class_names=task.class_names,
     source=run.source,
+    overlap=float(config.eval.overlap),
+    blend=str(config.eval.blend),
   )
 
 
@@ -197,7 +203,7 @@ def read_inputs(segmenter: Segmenter, paths: Sequence[str]) -> Inputs:
   stack = np.zeros(first.voxels.shape + (channels,), np.float32)
   for i, v in enumerate(voxels):
     if v is not None:
-      stack[..., i] = _zscore_nonzero(v)
+      stack[..., i] = volume_csv.zscore_nonzero(v)
   return Inputs(stack, None, paths[first_index], present, first.spacing)
 
 
@@ -213,15 +219,6 @@ def _read_array(path: str, channels: int) -> Inputs:
   if not np.all(np.isfinite(volume)):
     raise ValueError(f"--images: {path} holds NaN or infinite values")
   return Inputs(volume.astype(np.float32), None, None, np.ones(channels, np.int32))
-
-
-def _zscore_nonzero(voxels: np.ndarray) -> np.ndarray:
-  """Z-scored over the non-zero voxels, zeros kept (the volume ingest's normalisation)."""
-  fg = voxels != 0
-  values = voxels[fg]
-  if not values.size:
-    return np.zeros_like(voxels, np.float32)
-  return np.where(fg, (voxels - values.mean()) / (values.std() + 1e-6), 0.0).astype(np.float32)
 
 
 def on_input_grid(logits: np.ndarray, inputs: Inputs) -> np.ndarray:

@@ -261,12 +261,7 @@ def preprocess_contrasts(
   for i, volume in enumerate(voxels):
     if volume is None:
       continue
-    resized = fit_to_size(volume[crop], spacing, size, order=1)
-    fg = resized != 0
-    values = resized[fg]
-    if values.size:
-      resized = np.where(fg, (resized - values.mean()) / (values.std() + 1e-6), 0.0)
-    out[..., i] = resized
+    out[..., i] = zscore_nonzero(fit_to_size(volume[crop], spacing, size, order=1))
   fitted = _fitted_shape(tuple(int(b - a) for a, b in zip(lo, hi)), spacing, size)
   starts = [(s - r) // 2 for s, r in zip(size, fitted)]
   fit = VolumeFit(
@@ -277,6 +272,15 @@ def preprocess_contrasts(
     region=tuple((a, a + r) for a, r in zip(starts, fitted)),
   )
   return out, fit
+
+
+def zscore_nonzero(voxels: np.ndarray) -> np.ndarray:
+  """Z-scored over its non-zero voxels, zeros kept (all zeros stay zeros): float32."""
+  fg = voxels != 0
+  values = voxels[fg]
+  if not values.size:
+    return np.zeros(voxels.shape, np.float32)
+  return np.where(fg, (voxels - values.mean()) / (values.std() + 1e-6), 0.0).astype(np.float32)
 
 
 def fit_labels(labels: np.ndarray, fit: VolumeFit) -> np.ndarray:
