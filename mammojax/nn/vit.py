@@ -162,6 +162,66 @@ def tokens_to_grid(tokens: jax.Array, grid: Sequence[int], class_token: bool = T
   return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1])
 
 
+def encoder_stack(
+  module: nn.Module,
+  tokens: jax.Array,
+  *,
+  depth: int,
+  num_heads: int,
+  mlp_dim: int,
+  deterministic: bool,
+  mask: jax.Array | None = None,
+  activation: Activation = gelu_exact,
+  dropout_rate: float = 0.0,
+  attention_dropout_rate: float = 0.0,
+  layer_norm_epsilon: float = 1e-6,
+  qkv_bias: bool = True,
+  remat: bool = False,
+  dtype: jnp.dtype = jnp.float32,
+  prefix: str = "encoder",
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The ViT's pre-norm blocks and final LayerNorm over ``tokens [B, S, D]``.
+
+  Call it inside ``module``'s compact method: the blocks ``{prefix}_layer_{i}`` and the norm
+  ``{prefix}_norm`` are created in ``module`` (so every model that runs a ViT encoder this way,
+  the ViT itself, UNETR's and the masked autoencoder's, shares the checkpoint names), and their
+  outputs are sown there under ``{name}_out``.
+
+  Args:
+    mask: optional boolean attention mask broadcastable to ``[B, heads, S, S]`` (True = attend),
+      e.g. ``[B, 1, 1, S]`` to keep padding tokens out of every token's attention.
+    remat: recompute each block in the backward pass.
+  Returns:
+    ``(normed [B, S, D], block outputs: depth x [B, S, D])``.
+  """
+  # static_argnums counts self: argument 2 is `deterministic`.
+  block = nn.remat(TransformerBlock, static_argnums=(2,)) if remat else TransformerBlock
+  hidden_states = []
+  x = tokens
+  for i in range(depth):
+    name = f"{prefix}_layer_{i}"
+    x = block(
+      num_heads=num_heads,
+      mlp_dim=mlp_dim,
+      pre_norm=True,
+      activation=activation,
+      attention_dropout_rate=attention_dropout_rate,
+      dropout_rate=dropout_rate,
+      layer_norm_epsilon=layer_norm_epsilon,
+      qkv_bias=qkv_bias,
+      dtype=dtype,
+      name=name,
+    )(x, deterministic, mask)
+    x = partitioning.with_token_sharding(x)
+    x = expose(module, _sown_name(name), x)
+    hidden_states.append(x)
+  x = nn.LayerNorm(
+    epsilon=layer_norm_epsilon, use_fast_variance=False, dtype=dtype, name=f"{prefix}_norm"
+  )(x)
+  x = expose(module, _sown_name(f"{prefix}_norm"), x)
+  return x, tuple(hidden_states)
+
+
 class VisionTransformer(nn.Module):
   """ViT: ``[B, H, W, 1 or 3] -> [B, D]`` features or ``[B, num_classes]`` logits.
 
@@ -319,32 +379,21 @@ class VisionTransformer(nn.Module):
     if position is not None:
       x = x + position.astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    # static_argnums counts self: argument 2 is `deterministic`.
-    block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
-    hidden_states = []
-    for i in range(self.depth):
-      x = block(
-        num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim,
-        pre_norm=True,
-        activation=self.activation,
-        attention_dropout_rate=self.attention_dropout_rate,
-        dropout_rate=self.dropout_rate,
-        layer_norm_epsilon=self.layer_norm_epsilon,
-        qkv_bias=self.qkv_bias,
-        dtype=self.dtype,
-        name=f"encoder_layer_{i}",
-      )(x, not train)
-      x = partitioning.with_token_sharding(x)
-      x = expose(self, _sown_name(f"encoder_layer_{i}"), x)
-      hidden_states.append(x)
-    x = nn.LayerNorm(
-      epsilon=self.layer_norm_epsilon,
-      use_fast_variance=False,
+    x, hidden_states = encoder_stack(
+      self,
+      x,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      deterministic=not train,
+      activation=self.activation,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      layer_norm_epsilon=self.layer_norm_epsilon,
+      qkv_bias=self.qkv_bias,
+      remat=self.remat,
       dtype=self.dtype,
-      name="encoder_norm",
-    )(x)
-    x = expose(self, _sown_name("encoder_norm"), x)
+    )
     if return_tokens:
       return x, tuple(hidden_states)
     features = x[:, 0] if self.class_token else jnp.mean(x, axis=1)

@@ -140,24 +140,70 @@ class UNETR(nn.Module):
     )(x, train=train, return_tokens=True)
     grid = tuple(side // PATCH_SIZE for side in spatial)
     to_grid = lambda t: t.reshape(t.shape[0], *grid, self.hidden_size)
-    f = self.feature_size
-    blocks = dict(norm=self.norm_name, dtype=self.dtype)
-    up = dict(
-      kernel_size=3,
-      strides=1,
-      upsample_kernel_size=2,
+    enc1 = UnetrBasicBlock(
+      self.feature_size,
+      3,
+      1,
+      res_block=self.res_block,
+      norm=self.norm_name,
+      dtype=self.dtype,
+      name="encoder1",
+    )(x)
+    return unetr_decoder(
+      enc1,
+      tuple(to_grid(hidden_states[i]) for i in TAPPED_BLOCKS),
+      to_grid(tokens),
+      out_channels=self.out_channels,
+      feature_size=self.feature_size,
+      norm_name=self.norm_name,
       conv_block=self.conv_block,
       res_block=self.res_block,
-      **blocks,
+      dtype=self.dtype,
     )
-    enc1 = UnetrBasicBlock(f, 3, 1, res_block=self.res_block, **blocks, name="encoder1")(x)
-    first, second, third = (hidden_states[i] for i in TAPPED_BLOCKS)
-    enc2 = UnetrPrUpBlock(2 * f, num_layer=2, **up, name="encoder2")(to_grid(first))
-    enc3 = UnetrPrUpBlock(4 * f, num_layer=1, **up, name="encoder3")(to_grid(second))
-    enc4 = UnetrPrUpBlock(8 * f, num_layer=0, **up, name="encoder4")(to_grid(third))
-    decoder = dict(kernel_size=3, upsample_kernel_size=2, res_block=self.res_block, **blocks)
-    dec3 = UnetrUpBlock(8 * f, **decoder, name="decoder5")(to_grid(tokens), enc4)
-    dec2 = UnetrUpBlock(4 * f, **decoder, name="decoder4")(dec3, enc3)
-    dec1 = UnetrUpBlock(2 * f, **decoder, name="decoder3")(dec2, enc2)
-    out = UnetrUpBlock(f, **decoder, name="decoder2")(dec1, enc1)
-    return UnetOutBlock(self.out_channels, dtype=self.dtype, name="out")(out)
+
+
+def unetr_decoder(
+  enc1: jax.Array,
+  taps: tuple[jax.Array, jax.Array, jax.Array],
+  final: jax.Array,
+  *,
+  out_channels: int,
+  feature_size: int,
+  norm_name: str = "instance",
+  conv_block: bool = True,
+  res_block: bool = True,
+  dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+  """UNETR's decoder head, from the full-resolution map and the ViT's token grids to logits.
+
+  Call it inside a compact method: ``encoder2`` .. ``encoder4``, ``decoder5`` .. ``decoder2``
+  and ``out`` are created in the calling module (MONAI's names), so UNETR and the adaptive
+  UNETR of AMAE share the layout and the converter.
+
+  Args:
+    enc1: ``[B, *S, f]``, ``encoder1``'s output at full resolution (``f = feature_size``).
+    taps: block outputs 3, 6 and 9 as grids ``[B, *g, E]`` (``g = S / 16``).
+    final: the normed final tokens as a grid ``[B, *g, E]``.
+  Returns:
+    ``[B, *S, out_channels]`` logits.
+  """
+  f = feature_size
+  blocks = dict(norm=norm_name, dtype=dtype)
+  up = dict(
+    kernel_size=3,
+    strides=1,
+    upsample_kernel_size=2,
+    conv_block=conv_block,
+    res_block=res_block,
+    **blocks,
+  )
+  first, second, third = taps
+  enc2 = UnetrPrUpBlock(2 * f, num_layer=2, **up, name="encoder2")(first)
+  enc3 = UnetrPrUpBlock(4 * f, num_layer=1, **up, name="encoder3")(second)
+  enc4 = UnetrPrUpBlock(8 * f, num_layer=0, **up, name="encoder4")(third)
+  decoder = dict(kernel_size=3, upsample_kernel_size=2, res_block=res_block, **blocks)
+  dec3 = UnetrUpBlock(8 * f, **decoder, name="decoder5")(final, enc4)
+  dec2 = UnetrUpBlock(4 * f, **decoder, name="decoder4")(dec3, enc3)
+  dec1 = UnetrUpBlock(2 * f, **decoder, name="decoder3")(dec2, enc2)
+  out = UnetrUpBlock(f, **decoder, name="decoder2")(dec1, enc1)
+  return UnetOutBlock(out_channels, dtype=dtype, name="out")(out)
