@@ -96,7 +96,7 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
     segmenter = engine.from_converted(kind, directory, roi)
   inputs = engine.read_inputs(segmenter, f.images)
   settings = _window_settings(f, segmenter)
-  network_logits = segmenter.logits(inputs.volume, **settings)
+  network_logits = segmenter.logits(inputs.volume, inputs.present, **settings)
   return _write_outputs(f, segmenter, inputs, network_logits, settings)
 
 

@@ -161,6 +161,7 @@ def sliding_window_inference(
   cval: float = 0.0,
   output_dtype: Any = None,
   predictor_args: tuple = (),
+  example_args: tuple = (),
 ) -> jax.Array:
   """Blend a predictor's outputs over overlapping windows (MONAI's ``sliding_window_inference``).
 
@@ -180,6 +181,9 @@ def sliding_window_inference(
     output_dtype: dtype of the result; None keeps the predictor's. Accumulation is float32.
     predictor_args: arrays (any pytree) passed to the predictor, e.g. model variables; traced,
       so new values reuse the program.
+    example_args: arrays with a leading axis ``B`` (any pytree), e.g. each volume's contrast
+      presence ``[B, K]``; each window's predictor call gets the rows of the windows' volumes,
+      ``[n, ...]``, after ``predictor_args``.
 
   Returns:
     ``[B, *S, K]``.
@@ -205,6 +209,7 @@ def sliding_window_inference(
   return _sliding_window(
     inputs,
     predictor_args,
+    example_args,
     jnp.asarray(cval, inputs.dtype),
     roi=roi,
     overlap=overlaps,
@@ -236,6 +241,7 @@ def _add_window(buffer: jax.Array, start: tuple, values: jax.Array) -> jax.Array
 def _sliding_window(
   inputs,
   predictor_args,
+  example_args,
   cval,
   *,
   roi,
@@ -273,7 +279,8 @@ def _sliding_window(
     return jax.lax.dynamic_slice(padded, begin, (1, *roi, channels))[0]
 
   def predict(example, start):
-    return predictor(jax.vmap(cut)(example, start), *predictor_args)
+    rows = jax.tree.map(lambda a: jnp.take(a, example, axis=0), example_args)
+    return predictor(jax.vmap(cut)(example, start), *predictor_args, *rows)
 
   out_spec = jax.eval_shape(predict, xs[0][0], xs[1][0])
   if out_spec.ndim != ndim + 2 or out_spec.shape[:-1] != (sw_batch_size, *roi):

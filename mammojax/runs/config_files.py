@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Any
 
 import ml_collections
+
+from mammojax.train.run_files import load_run_config
+
+__all__ = ["config_field", "load_config_file", "load_run_config", "set_config_field"]
 
 
 def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
@@ -18,23 +21,6 @@ def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in ``WORKDIR/config.json``."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"{path} not found: {workdir} is not a training run's workdir "
-      "(or pass --config=configs/<experiment>.py)"
-    )
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except json.JSONDecodeError as e:
-    raise ValueError(
-      f"{path} is not valid JSON ({e}); pass --config=configs/<experiment>.py"
-    ) from None
 
 
 def config_field(

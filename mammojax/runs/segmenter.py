@@ -70,9 +70,16 @@ class Segmenter:
   blend: str = "gaussian"
 
   def logits(
-    self, volume: np.ndarray, *, overlap: float, blend: str, sw_batch_size: int
+    self,
+    volume: np.ndarray,
+    present: np.ndarray,
+    *,
+    overlap: float,
+    blend: str,
+    sw_batch_size: int,
   ) -> np.ndarray:
-    """Float32 logits ``[D, H, W, K]`` of one network input ``[D, H, W, C]`` on its grid."""
+    """Float32 logits ``[D, H, W, K]`` of one network input ``[D, H, W, C]`` on its grid, whose
+    contrasts ``present`` ``[C]`` were given."""
     out = volume_logits(
       self.model,
       self.variables,
@@ -81,6 +88,7 @@ class Segmenter:
       overlap=overlap,
       blend=blend,
       sw_batch_size=sw_batch_size,
+      present=jnp.asarray(present, jnp.int32)[None],
     )
     return np.asarray(jax.device_get(out[0]), np.float32)
 

@@ -10,6 +10,7 @@ from mammojax.train.task import Task
 
 # config.task -> "module:class"
 TASKS = {
+  "amae": "mammojax.tasks.amae:MaskedAutoencoderTask",
   "fpn_mil": "mammojax.tasks.fpn_mil:FPNMILTask",
   "gradicon_unet": "mammojax.tasks.gradicon_unet:GradICONUNetTask",
   "icon_digits": "mammojax.tasks.icon_digits:IconDigitsTask",

@@ -42,22 +42,35 @@ from mammojax.data.pipelines import volume as volume_pipeline
 from mammojax.data.synthetic import brain_volumes
 from mammojax.losses.dice import dice_ce_loss, dice_loss
 from mammojax.metrics import segmentation as seg_metrics
+from mammojax.models.amae.adaptive_unetr import AdaptiveUNETR
+from mammojax.models.amae.transfer import select_contrasts, unetr_vit_params
 from mammojax.models.segmentation.basic_unet import BasicUNet
 from mammojax.models.segmentation.unetr import UNETR
 from mammojax.nn.sliding_window import sliding_window_inference
+from mammojax.tasks.amae import ENCODER_FIELDS, build_contrast_encoder
+from mammojax.train.run_files import load_run_config
 from mammojax.train.task import Task
 from mammojax.viz.segmentation import save_segmentation_figure
 
-MODEL_KINDS = ("unetr", "unet")
+MODEL_KINDS = ("unetr", "unet", "adaptive_unetr")
+# Kinds that can start from a pretrained AMAE run (model.pretrained), and where its encoder goes.
+PRETRAINED_PREFIX = {"adaptive_unetr": "encoder", "unetr": "vit"}
 LOSS_KINDS = ("dice", "dice_ce")
 PASSTHROUGH = ("label", "has_mask")
 
 
 def build_model(
-  model: ml_collections.ConfigDict, num_classes: int, crop: Sequence[int]
+  model: ml_collections.ConfigDict, num_classes: int, crop: Sequence[int], num_contrasts: int
 ) -> nn.Module:
-  """The network ``model.kind`` names, for ``num_classes`` logits on crops of sides ``crop``."""
+  """The network ``model.kind`` names, for ``num_classes`` logits on crops of sides ``crop`` of
+  ``num_contrasts`` contrasts."""
   dtype = jnp.dtype(model.get("dtype", "float32"))
+  if model.kind == "adaptive_unetr":
+    return AdaptiveUNETR(
+      out_channels=num_classes,
+      encoder=build_contrast_encoder(model.encoder, num_contrasts, crop, dtype),
+      feature_size=model.feature_size,
+    )
   if model.kind == "unetr":
     return UNETR(
       out_channels=num_classes,
@@ -81,15 +94,40 @@ def build_model(
   raise ValueError(f"model.kind={model.kind!r}; use one of {MODEL_KINDS}")
 
 
+def takes_presence(model: nn.Module) -> bool:
+  """Whether ``model`` takes the contrast presence ``[B, C]`` beside its volumes."""
+  return isinstance(model, AdaptiveUNETR)
+
+
+def apply_model(
+  model: nn.Module,
+  variables: Any,
+  volumes: jax.Array,
+  present: jax.Array | None,
+  *,
+  train: bool = False,
+  rngs: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+  """``[B, *S, C] -> [B, *S, K]`` logits of any segmentation network; ``present`` ``[B, C]``
+  reaches the networks that take it (:func:`takes_presence`)."""
+  if takes_presence(model):
+    if present is None:
+      raise ValueError(f"{type(model).__name__} needs the contrast presence [B, C] of its volumes")
+    return model.apply(variables, volumes, present, train=train, rngs=rngs)
+  return model.apply(variables, volumes, train=train, rngs=rngs)
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowLogits:
   """The sliding-window predictor of a network: ``[n, *roi, C] -> [n, *roi, K]`` float32
-  logits. Hashable by the network's fields, so one compiled program serves every call."""
+  logits (with each window's volume's presence ``[n, C]`` for the networks that take it).
+  Hashable by the network's fields, so one compiled program serves every call."""
 
   model: nn.Module
 
-  def __call__(self, windows: jax.Array, variables: Any) -> jax.Array:
-    return self.model.apply(variables, windows, train=False).astype(jnp.float32)
+  def __call__(self, windows: jax.Array, variables: Any, *present: jax.Array) -> jax.Array:
+    logits = apply_model(self.model, variables, windows, present[0] if present else None)
+    return logits.astype(jnp.float32)
 
 
 def volume_logits(
@@ -101,10 +139,14 @@ def volume_logits(
   overlap: float,
   blend: str,
   sw_batch_size: int,
+  present: jax.Array | None = None,
 ) -> jax.Array:
   """Logits ``[B, D, H, W, K]`` of ``model`` over whole ``volumes [B, D, H, W, C]``, by sliding
   windows of sides ``roi`` (MONAI's sliding_window_inference: ``overlap``, ``blend``
-  'gaussian' or 'constant', ``sw_batch_size`` windows per network call)."""
+  'gaussian' or 'constant', ``sw_batch_size`` windows per network call); ``present`` ``[B, C]``
+  for the networks that take it."""
+  if takes_presence(model) and present is None:
+    raise ValueError(f"{type(model).__name__} needs the contrast presence [B, C] of its volumes")
   return sliding_window_inference(
     volumes,
     tuple(int(s) for s in roi),
@@ -113,6 +155,7 @@ def volume_logits(
     overlap=overlap,
     mode=blend,
     predictor_args=(variables,),
+    example_args=(jnp.asarray(present),) if takes_presence(model) else (),
   )
 
 
@@ -142,7 +185,13 @@ class SegmentationTask(Task):
     if config.loss.kind not in LOSS_KINDS:
       raise ValueError(f"loss.kind={config.loss.kind!r}; use one of {LOSS_KINDS}")
     self.num_classes = int(config.model.num_classes)
-    self.model = build_model(config.model, self.num_classes, self.crop)
+    self.model = build_model(config.model, self.num_classes, self.crop, len(self.contrasts))
+    pretrained = config.model.get("pretrained", "")
+    if pretrained and config.model.kind not in PRETRAINED_PREFIX:
+      raise ValueError(
+        f"model.pretrained={pretrained!r}: model.kind={config.model.kind!r} cannot start from "
+        f"an AMAE encoder; use one of {sorted(PRETRAINED_PREFIX)} or leave model.pretrained empty"
+      )
 
   # -- data -------------------------------------------------------------------------------------
 
@@ -201,7 +250,18 @@ class SegmentationTask(Task):
 
   def init_variables(self, rng, batch):
     crops = jnp.zeros((batch["volume"].shape[0], *self.crop, len(self.contrasts)), jnp.float32)
-    return self.model.init({"params": rng, "dropout": rng}, crops, train=False)
+    present = jnp.ones((crops.shape[0], len(self.contrasts)), jnp.int32)
+    rngs = {"params": rng, "dropout": rng}
+    if takes_presence(self.model):
+      return self.model.init(rngs, crops, present, train=False)
+    return self.model.init(rngs, crops, train=False)
+
+  def pretrained_checkpoints(self):
+    pretrained = self.config.model.get("pretrained", "")
+    return {PRETRAINED_PREFIX[self.config.model.kind]: pretrained} if pretrained else {}
+
+  def select_pretrained(self, prefix, loaded, source):
+    return encoder_transfer(self.config, self.crop, loaded, source)
 
   def _loss_terms(self, logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
     settings = self.config.loss
@@ -222,14 +282,24 @@ class SegmentationTask(Task):
 
   def loss(self, params, model_state, batch, rng, train):
     variables = {"params": params, **model_state}
-    logits = self.model.apply(variables, batch["volume"], train=train, rngs={"dropout": rng})
+    logits = apply_model(
+      self.model,
+      variables,
+      batch["volume"],
+      batch["contrast_present"],
+      train=train,
+      rngs={"dropout": rng},
+    )
     valid = batch["_valid"].astype(jnp.float32) * batch["has_mask"].astype(jnp.float32)
     loss = self._loss_terms(logits.astype(jnp.float32), batch["label"], valid)
     return loss, ({"loss": loss}, model_state)
 
-  def logits(self, variables: Any, volumes: jax.Array) -> jax.Array:
-    """Whole-volume logits ``[B, D, H, W, K]`` of ``volumes [B, D, H, W, C]`` by sliding windows of
-    the crop size (``eval.overlap``, ``eval.blend``, ``eval.sw_batch_size``)."""
+  def logits(
+    self, variables: Any, volumes: jax.Array, present: jax.Array | None = None
+  ) -> jax.Array:
+    """Whole-volume logits ``[B, D, H, W, K]`` of ``volumes [B, D, H, W, C]`` (contrast presence
+    ``[B, C]``) by sliding windows of the crop size (``eval.overlap``, ``eval.blend``,
+    ``eval.sw_batch_size``)."""
     e = self.config.eval
     return volume_logits(
       self.model,
@@ -239,10 +309,11 @@ class SegmentationTask(Task):
       overlap=e.overlap,
       blend=e.blend,
       sw_batch_size=e.sw_batch_size,
+      present=present,
     )
 
   def predict(self, variables, batch):
-    logits = self.logits(variables, batch["volume"])
+    logits = self.logits(variables, batch["volume"], batch["contrast_present"])
     per_class = dice_loss(
       logits,
       batch["label"],
@@ -392,3 +463,52 @@ def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
+
+
+def encoder_transfer(
+  config: ml_collections.ConfigDict, crop: Sequence[int], loaded: Any, source: str
+) -> dict[str, Any]:
+  """The part of a pretrained AMAE run's variables ``loaded`` (from the workdir ``source``) that
+  the segmentation network of ``config`` takes (:mod:`mammojax.models.amae.transfer`), after
+  checking that the architectures agree; errors name the field and the file."""
+  pretrained = load_run_config(source)
+  if pretrained.get("task") != "amae":
+    raise ValueError(
+      f"model.pretrained={source} is a {pretrained.get('task')!r} run; it must be an AMAE "
+      "pretraining run (configs/amae.py)"
+    )
+  theirs = pretrained.model.encoder
+  kind = config.model.kind
+  if kind == "adaptive_unetr":
+    ours = {field: config.model.encoder[field] for field in ENCODER_FIELDS}
+  else:  # UNETR's ViT: the fields its layout fixes
+    ours = dict(
+      patch_size=16,
+      hidden_dim=config.model.hidden_size,
+      depth=12,
+      num_heads=config.model.num_heads,
+      mlp_dim=config.model.mlp_dim,
+      qkv_bias=config.model.qkv_bias,
+    )
+  for field, value in ours.items():
+    if theirs.get(field) != value:
+      raise ValueError(
+        f"model.pretrained={source}: its encoder has {field}={theirs.get(field)!r} (config.json "
+        f"model.encoder.{field}), this model {value!r}; fine-tune a model of the same size"
+      )
+  encoder = loaded["params"]["encoder"]
+  source_contrasts = tuple(pretrained.data.contrasts)
+  contrasts = tuple(config.data.contrasts)
+  if kind == "adaptive_unetr":
+    return {"params": select_contrasts(encoder, source_contrasts, contrasts, source)}
+  grid = tuple(int(s) // 16 for s in crop)
+  vit = unetr_vit_params(
+    encoder,
+    source_contrasts,
+    contrasts,
+    update=theirs.tokenizer_update,
+    position_embedding=theirs.position_embedding,
+    grid=grid,
+    source=source,
+  )
+  return {"params": vit}

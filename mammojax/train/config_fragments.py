@@ -184,3 +184,24 @@ def segmentation_experiment(c: ml_collections.ConfigDict, size: str) -> None:
     c.eval.update(batch_size=1, every_steps=steps_per_epoch, sw_batch_size=4)
     c.checkpoint.every_steps = steps_per_epoch
     c.logging.every_steps = 50
+
+
+# AMAE's encoder per size (configs/amae.py pretrains it, configs/amae_unetr.py fine-tunes it: both
+# take it from here so that the weights fit). UNETR's patch 16 and 12 blocks everywhere.
+_AMAE_ENCODER_SIZES = {
+  "default": {"hidden_dim": 96, "num_heads": 4, "mlp_dim": 192},
+  "smoke": {"hidden_dim": 24, "num_heads": 2, "mlp_dim": 48},
+  "paper": {"hidden_dim": 768, "num_heads": 12, "mlp_dim": 3072},
+}
+
+
+def amae_encoder(size: str) -> ml_collections.ConfigDict:
+  """``model.encoder`` of AMAE's contrast encoder at ``size`` (see
+  :class:`mammojax.models.amae.encoder.ContrastEncoder`): patch 16 and 12 blocks as UNETR's ViT,
+  MONAI's attention without query/key/value biases, SelfMedMAE's sin-cos positions (h, w, d
+  order), a learned modality embedding, the tokenizer's ``'scale'`` update ``W * (1 + s)``."""
+  e = ml_collections.ConfigDict(dict(_AMAE_ENCODER_SIZES[size]))
+  e.update(patch_size=16, depth=12, position_embedding="sincos_hwd", modality_embedding=True)
+  e.update(tokenizer_update="scale", qkv_bias=False, layer_norm_epsilon=1e-5)
+  e.update(dropout_rate=0.0, remat=False)
+  return e

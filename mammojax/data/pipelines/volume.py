@@ -289,6 +289,34 @@ class PadToMultiple(grain.transforms.Map):
     return out
 
 
+class CenterCrop(grain.transforms.Map):
+  """The central ``crop_size`` (d, h, w) of ``volume`` and ``label`` (zero-padded at both ends
+  where the volume is smaller), for evaluating a model built for crops on whole records."""
+
+  def __init__(self, crop_size: Sequence[int]):
+    size = tuple(int(s) for s in crop_size)
+    if len(size) != 3 or min(size) < 1:
+      raise ValueError(f"crop_size {tuple(crop_size)!r} must be three positive sizes (d, h, w)")
+    self.crop_size = size
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    _require(element, SPATIAL_KEYS, type(self).__name__)
+    volume, label = _spatial(element)
+    if volume.ndim != 4:
+      raise ValueError(f"CenterCrop needs one volume [D, H, W, C], got {volume.shape}")
+    pads = [
+      (max(0, c - d) // 2, max(0, c - d) - max(0, c - d) // 2)
+      for c, d in zip(self.crop_size, label.shape)
+    ]
+    volume, label = np.pad(volume, pads + [(0, 0)]), np.pad(label, pads)
+    window = tuple(
+      slice((d - c) // 2, (d - c) // 2 + c) for c, d in zip(self.crop_size, label.shape)
+    )
+    out = dict(element)
+    out[VOLUME], out[LABEL] = volume[window].copy(), label[window].copy()
+    return out
+
+
 def crop_to_original(array: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
   """Undoes :class:`PadToMultiple` on an output ``[D', H', W', ...]`` (e.g. a probability map)."""
   d, h, w = (int(s) for s in original_shape)

@@ -37,7 +37,13 @@ def visible_count(num_patches: int, mask_ratio: float) -> int:
   field when the ratio is outside (0, 1)."""
   if not 0.0 < float(mask_ratio) < 1.0:
     raise ValueError(f"model.mask_ratio={mask_ratio} must lie in (0, 1), e.g. 0.7 (the seed's)")
-  return max(1, int(num_patches * (1.0 - float(mask_ratio))))
+  visible = max(1, int(num_patches * (1.0 - float(mask_ratio))))
+  if visible >= num_patches:
+    raise ValueError(
+      f"a crop of {num_patches} patch(es) at mask_ratio={mask_ratio} leaves no patch to mask; "
+      "use larger crops (data.crop_size) or a smaller patch"
+    )
+  return visible
 
 
 def random_masking(
