@@ -217,3 +217,50 @@ def test_segmentation3d_benchmark_compares_unetr_with_monai(tmp_path, monkeypatc
     else:
       assert row["output_shape"] == [1, 24, 24, 24, 2] and row["roi"] == 16, row
       assert row["output_relative_diff"] <= 1e-3 < row["max_abs_output"], row
+
+
+def test_amae_benchmark_compares_pretraining_and_adaptive_unetr_with_torch(tmp_path, monkeypatch):
+  for package in ("torch", "monai"):
+    if importlib.util.find_spec(package) is None:
+      pytest.skip(f"{package} is not installed (pip install mammojax[torch])")
+  # Cheaper XLA:CPU code generation, as in the segmentation3d test (the code path, not speed).
+  flags = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+  out = tmp_path / "amae.json"
+  body = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.amae",
+      "--small",
+      "--repeats=1",
+      "--threads=1",
+      f"--out={out}",
+    ],
+    tmp_path,
+  )
+  assert body["benchmark"] == "amae" and body["small"] and body["compiled_only"] == []
+  assert body["threads"] == {"torch": 1, "xla_cpus": 1}
+  assert json.loads(out.read_text())["results"] == body["results"]
+  names = ["pretrain_step/small/k3", "adaptive_unetr_step/small/k3"]
+  assert {(r["name"], r["impl"]) for r in body["results"]} == {
+    (n, i) for n in names for i in ("jax", "torch")
+  }
+  assert set(body["ratios"]) == set(names) == set(body["goal"]["met"])
+  for row in body["results"]:
+    assert row["size"] == "small" and row["hidden_dim"] == 24 and row["repeats"] == 1, row
+    assert row["params_jax"] == row["params_torch"] > 0 and row["slots"] == 3, row
+    assert row["batch"] == 1 and row["crop"] == 32 and row["patches"] == 8, row
+    assert row["loss"] > 0 and row["grad_norm"] > 0, row
+    seconds = row["median_ms"] / 1e3
+    assert (
+      abs(row["encoder_tokens_per_s"] * seconds - row["encoder_tokens"])
+      < 1e-6 * row["encoder_tokens"]
+    )
+    if row["name"].startswith("pretrain_step/"):
+      assert row["visible"] == 2 and row["encoder_tokens"] == 6, row
+      assert row["decoder_tokens"] == 24 and row["decoder_tokens_per_s"] > 0, row
+    else:
+      assert row["encoder_tokens"] == 24 and "decoder_tokens" not in row, row
+    if row["impl"] == "jax":
+      assert row["compile_s"] > 0 and row["xla_peak_bytes"] > row["xla_temp_size_bytes"] >= 0, row
