@@ -4,6 +4,7 @@ volume's contrasts, and the errors for bad contrasts, subjects and checkpoints."
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +134,38 @@ def test_bad_contrasts_and_subjects_name_the_field_or_subject(amae_run, tmp_path
   crop.data.crop_size = (32, 32, 40)
   with pytest.raises(ValueError, match="data.crop_size sides"):
     tasks.build_task(crop)
+
+
+def test_withheld_contrast_is_zeros_and_absent():
+  select = SelectSlots((2, 0, 1), ("T2", "ADC", "TRACE"), required=("ADC",), dropped=("T2",))
+  volume = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3) + 1
+  out = select.map({"volume": volume, "contrast_present": np.asarray([1, 1, 1])})
+  assert out["contrast_present"].tolist() == [0, 1, 1]
+  np.testing.assert_array_equal(out["volume"][..., 0], 0)
+  np.testing.assert_array_equal(out["volume"][..., 1:], volume[..., [0, 1]])
+
+
+def test_tables_command_trains_evaluates_and_compares(amae_run, tmp_path, monkeypatch):
+  from mammojax import amae_tables
+
+  _, pretrained, _, _ = amae_run
+  monkeypatch.setenv("MAMMOJAX_DATA", str(tmp_path / "data"))
+  workdir = tmp_path / "tables"
+  shutil.copytree(pretrained, workdir / "amae")  # a finished pretraining is reused
+  models = ["UNETR", "AMAE pretrain + UNETR"]
+  result = amae_tables.run(
+    [f"--workdir={workdir}", "--size=smoke", f"--models={','.join(models)}", "--bootstrap=50"]
+  )
+  assert json.loads((workdir / "tables.json").read_text()) == json.loads(json.dumps(result))
+  assert "## Table 3" in (workdir / "tables.md").read_text()
+  for setting in ("all", "without_T2"):
+    rows = result["mean_dice"][setting]
+    assert list(rows) == models
+    for row in rows.values():
+      assert row["n"] + row["n_skipped"] == 8 and row["low"] <= row["mean"] <= row["high"]
+    (pair,) = result["wilcoxon"][setting]
+    assert (pair["a"], pair["b"]) == ("AMAE pretrain + UNETR", "UNETR")
+    assert pair["n_pairs"] + pair["n_dropped_nan"] == 8
+  for name in ("unetr", "amae_pretrain_unetr"):
+    assert (workdir / name / "eval_test_without_T2" / "subjects.csv").exists()
+  assert sorted(os.listdir(workdir / "amae")) == sorted(os.listdir(pretrained))

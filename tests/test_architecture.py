@@ -29,11 +29,16 @@ LAYERS = (
     "explain",
     "segment",
     "compare",
+    "amae_tables",
     "convert.__main__",
   ),
 )
 # Commands that build on another command's public function.
-ALLOWED_BETWEEN_COMMANDS = {("ablate", "evaluate"), ("sweep", "evaluate")}
+ALLOWED_BETWEEN_COMMANDS = {
+  ("ablate", "evaluate"),
+  ("sweep", "evaluate"),
+  ("amae_tables", "evaluate"),
+}
 MAX_LINES = 500
 LONG_MODULE_MARK = "Why one module:"
 

@@ -31,7 +31,7 @@ def run_pretraining(
       continue
     stage_config = load_config_file(stage.config, stage.get("variant", ""))
     stage_dir = os.path.join(workdir, name)
-    if _finished(stage_dir):
+    if finished_run(stage_dir):
       log.info("using the finished %s run in %s", name, stage_dir)
     else:
       log.info("pretraining %s (%s) in %s", name, stage.config, stage_dir)
@@ -42,7 +42,7 @@ def run_pretraining(
     owner[field] = stage_dir
 
 
-def _finished(run_dir: str) -> bool:
+def finished_run(run_dir: str) -> bool:
   """A run that ended by reaching its steps or by early stopping (not one that was cut off)."""
   path = os.path.join(run_dir, "summary.json")
   if not os.path.exists(path):

@@ -81,19 +81,23 @@ def build_contrast_encoder(
 
 
 class SelectSlots(grain.transforms.Map):
-  """Keeps the vocabulary's contrasts as slots, in order, and checks each subject has at least
-  ``min_present`` of them and all of ``required`` (errors name the subject's hash)."""
+  """Keeps the contrasts ``names`` (record channels ``channels``) as slots, in order, checks that
+  each subject has at least one of them and all of ``required`` (errors name the subject's
+  hash), and removes the ``dropped`` ones (channel zeros, presence 0: an optional contrast
+  withheld, e.g. to test a model without T2)."""
 
   def __init__(
     self,
     channels: tuple[int, ...],
     names: tuple[str, ...],
     required: tuple[str, ...] = (),
+    dropped: tuple[str, ...] = (),
   ):
-    self.channels, self.names, self.required = channels, names, required
+    self.channels, self.names = tuple(channels), tuple(names)
+    self.required, self.dropped = tuple(required), tuple(dropped)
 
   def map(self, element):
-    present = np.asarray(element["contrast_present"])[list(self.channels)]
+    present = np.asarray(element["contrast_present"])[list(self.channels)].astype(np.int32)
     subject = element.get("subject_hash", "?")
     if not present.any():
       raise ValueError(
@@ -103,12 +107,15 @@ class SelectSlots(grain.transforms.Map):
     lacking = [n for n in self.required if not present[self.names.index(n)]]
     if lacking:
       raise ValueError(
-        f"subject {subject} lacks the required contrast(s) {lacking} (it has only optional "
-        "ones); re-ingest without it or change data.required_contrasts"
+        f"subject {subject} lacks the required contrast(s) {lacking}; re-ingest without it or "
+        "remove it from data.required_contrasts"
       )
+    volume = np.array(element["volume"][..., list(self.channels)])
+    for name in self.dropped:
+      slot = self.names.index(name)
+      volume[..., slot], present[slot] = 0, 0
     out = dict(element)
-    out["volume"] = np.ascontiguousarray(element["volume"][..., list(self.channels)])
-    out["contrast_present"] = present.astype(np.int32)
+    out["volume"], out["contrast_present"] = volume, present
     return out
 
 
@@ -207,14 +214,20 @@ class MaskedAutoencoderTask(Task):
     rngs = {"masking": jax.random.key(_EVAL_MASKING_SEED, impl=self.config.rng_impl)}
     out, target = self._reconstruct(variables, batch, rngs, False)
     present = batch["contrast_present"]
-    # Per example: the sum of the masked patches' errors and their count.
-    per_example = jax.vmap(
-      lambda p, t, m, a: masked_patch_loss(
-        p[None], t[None], m[None], a[None], normalize_target=self.config.model.normalize_target
-      )
-    )(out["prediction"], target, out["mask"], present)
+    normalize = self.config.model.normalize_target
+
+    def per_example(prediction):  # each example's loss and masked-patch count
+      return jax.vmap(
+        lambda p, t, m, a: masked_patch_loss(
+          p[None], t[None], m[None], a[None], normalize_target=normalize
+        )
+      )(prediction, target, out["mask"], present)
+
+    loss, count = per_example(out["prediction"])
+    # The loss of predicting zeros (the mean of a normalised target): what 'loss' is read against.
+    zeros_loss, _ = per_example(jnp.zeros_like(out["prediction"]))
     patches = out["prediction"]
-    if self.config.model.normalize_target:  # back to intensities with the true patch's statistics
+    if normalize:  # back to intensities with the true patch's statistics
       mean = jnp.mean(target, axis=-1, keepdims=True)
       std = jnp.std(target, axis=-1, keepdims=True, ddof=1)
       patches = patches * (std + 1e-6) + mean
@@ -223,8 +236,9 @@ class MaskedAutoencoderTask(Task):
     middle = self.crop[0] // 2
     figure = lambda x: unpatchify(x, encoder.grid, encoder.patch_size)[:, middle]  # noqa: E731
     return {
-      "loss": per_example[0],
-      "masked_patches": per_example[1],
+      "loss": loss,
+      "loss_predicting_zeros": zeros_loss,
+      "masked_patches": count,
       "slice_original": batch["volume"][:, middle].astype(jnp.float16),
       "slice_masked": figure(voxels).astype(jnp.uint8),
       "slice_reconstruction": figure(patches).astype(jnp.float16),
@@ -237,8 +251,10 @@ class MaskedAutoencoderTask(Task):
     counts = np.asarray(predictions["masked_patches"], np.float64)
     losses = np.asarray(predictions["loss"], np.float64)
     total = float(counts.sum())
+    zeros = np.asarray(predictions["loss_predicting_zeros"], np.float64)
     return {
       "loss": float(np.sum(losses * counts) / max(total, 1.0)),
+      "loss_predicting_zeros": float(np.sum(zeros * counts) / max(total, 1.0)),
       "masked_patches": total,
       "num_examples": float(len(losses)),
     }

@@ -47,7 +47,7 @@ from mammojax.models.amae.transfer import select_contrasts, unetr_vit_params
 from mammojax.models.segmentation.basic_unet import BasicUNet
 from mammojax.models.segmentation.unetr import UNETR
 from mammojax.nn.sliding_window import sliding_window_inference
-from mammojax.tasks.amae import ENCODER_FIELDS, build_contrast_encoder
+from mammojax.tasks.amae import ENCODER_FIELDS, SelectSlots, build_contrast_encoder, slot_channels
 from mammojax.train.run_files import load_run_config
 from mammojax.train.task import Task
 from mammojax.viz.segmentation import save_segmentation_figure
@@ -182,6 +182,13 @@ class SegmentationTask(Task):
         f"data.contrasts={self.contrasts} must be non-empty and hold every required contrast "
         f"(data.required_contrasts lacks none of them; missing {missing})"
       )
+    dropped = tuple(data.get("drop_contrasts", ()))
+    wrong = [c for c in dropped if c not in self.contrasts or c in data.required_contrasts]
+    if wrong:
+      raise ValueError(
+        f"data.drop_contrasts={list(dropped)}: {wrong} must be optional contrasts of "
+        f"data.contrasts={list(self.contrasts)} (not in data.required_contrasts)"
+      )
     if config.loss.kind not in LOSS_KINDS:
       raise ValueError(f"loss.kind={config.loss.kind!r}; use one of {LOSS_KINDS}")
     self.num_classes = int(config.model.num_classes)
@@ -224,10 +231,12 @@ class SegmentationTask(Task):
 
   def dataset(self, split: str) -> grain.MapDataset:
     names = list(self.manifest["contrasts"])
-    select = _SelectContrasts(
-      tuple(names.index(c) for c in self.contrasts),
-      tuple(names.index(c) for c in self.config.data.required_contrasts),
-      tuple(self.config.data.required_contrasts),
+    data = self.config.data
+    select = SelectSlots(
+      slot_channels(names, self.contrasts, self.directory),
+      self.contrasts,
+      required=tuple(data.required_contrasts),
+      dropped=tuple(data.get("drop_contrasts", ())),
     )
     return volume_pipeline.volume_dataset(self.directory, split).map(select)
 
@@ -392,27 +401,6 @@ class SegmentationTask(Task):
         )
       )
     return paths
-
-
-class _SelectContrasts(grain.transforms.Map):
-  """Keeps the configured contrasts as channels, in order; a subject without a required
-  contrast is an error naming it (and the subject's hash)."""
-
-  def __init__(self, channels: tuple[int, ...], required: tuple[int, ...], names: tuple[str, ...]):
-    self.channels, self.required, self.names = channels, required, names
-
-  def map(self, element):
-    present = np.asarray(element["contrast_present"])
-    lacking = [name for index, name in zip(self.required, self.names) if not present[index]]
-    if lacking:
-      raise ValueError(
-        f"subject {element.get('subject_hash', '?')} lacks the required contrast(s) {lacking}; "
-        "re-ingest without it or remove it from data.required_contrasts"
-      )
-    out = dict(element)
-    out["volume"] = np.ascontiguousarray(element["volume"][..., list(self.channels)])
-    out["contrast_present"] = present[list(self.channels)]
-    return out
 
 
 def subject_rows(

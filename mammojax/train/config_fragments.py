@@ -142,6 +142,7 @@ def segmentation_experiment(c: ml_collections.ConfigDict, size: str) -> None:
   c.data.dir = ""  # python -m mammojax.ingest --task=volume ...; empty = synthetic volumes
   c.data.contrasts = SEGMENTATION_CONTRASTS
   c.data.required_contrasts = SEGMENTATION_REQUIRED
+  c.data.drop_contrasts = ()  # optional contrasts withheld (zeros, absent), e.g. ("T2",)
   c.data.crop_size = sides["crop"]
   c.data.synthetic = ml_collections.ConfigDict(
     {"root": "", "size": sides["volume"], "num_train": 48, "num_val": 8, "num_test": 8, "seed": 0}
