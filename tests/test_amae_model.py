@@ -265,3 +265,13 @@ def test_encoder_token_axis_shards_over_eight_devices_with_equal_outputs():
   assert len(constraints) == ENCODER["depth"]
   assert all('[{"data"}, {"model"}, {}]' in line for line in constraints)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(expected), atol=1e-5)
+
+
+def test_tokenizer_takes_only_the_kept_patches():
+  tokenizer = DynamicConvTokenizer(num_slots=2, patch_size=4, hidden_dim=6)
+  x = _volumes((2, 8, 8, 8, 2))
+  params = _perturbed(nn.unbox(tokenizer.init(jax.random.key(0), x))["params"])
+  keep, _ = random_masking(jax.random.key(3), 2, 2, 8, 3, shared=False)
+  every = tokenizer.apply({"params": params}, x)
+  kept = tokenizer.apply({"params": params}, x, keep)
+  np.testing.assert_allclose(kept, jnp.take_along_axis(every, keep[..., None], axis=2), atol=1e-6)

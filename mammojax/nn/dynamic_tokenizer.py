@@ -126,11 +126,13 @@ class DynamicConvTokenizer(nn.Module):
     return kernel, bias
 
   @nn.compact
-  def __call__(self, volumes: jax.Array) -> jax.Array:
+  def __call__(self, volumes: jax.Array, keep: jax.Array | None = None) -> jax.Array:
     """Args:
       volumes: ``[B, *S, K]``, ``K = num_slots``, every side a multiple of ``patch_size``.
+      keep: optional ``[B, K, n]`` patch indices per slot: only those patches are tokenised
+        (a masked autoencoder's visible ones), before the projection.
     Returns:
-      ``[B, K, P, E]`` tokens (``P`` patches, row-major grid order).
+      ``[B, K, P, E]`` tokens (``P`` patches, row-major grid order), or ``[B, K, n, E]``.
     """
     if volumes.ndim < 4 or volumes.shape[-1] != self.num_slots:
       raise ValueError(
@@ -150,6 +152,8 @@ class DynamicConvTokenizer(nn.Module):
     # The projector of every slot's one-hot modality vector: [K, 2E].
     s_w, s_b = jnp.split(projector(jnp.eye(self.num_slots, dtype=jnp.float32)), 2, axis=-1)
     patches = patchify(volumes.astype(self.dtype), self.patch_size)  # [B, K, P, V]
+    if keep is not None:
+      patches = jnp.take_along_axis(patches, keep[..., None], axis=2)
     flat = kernel.reshape(-1, self.hidden_dim).astype(self.dtype)  # [V, E]
     projected = jnp.einsum("bkpv,ve->bkpe", patches, flat)
     s_w = s_w.astype(self.dtype)[None, :, None, :]

@@ -160,11 +160,13 @@ class ContrastEncoder(nn.Module):
       update=self.tokenizer_update,
       dtype=self.dtype,
       name="tokenizer",
-    )(volumes)  # [B, K, P, E]
+    )(volumes, keep)  # [B, K, P or n, E]
     table = position_table(
       self, self.position_embedding, self.grid, self.hidden_dim, "pos_embedding"
-    )
-    tokens = tokens + table[:, None].astype(tokens.dtype)
+    )[0]  # [P, E]
+    # The same position at the same location of every contrast.
+    position = table[None, None] if keep is None else table[keep]
+    tokens = tokens + position.astype(tokens.dtype)
     if self.modality_embedding:
       modality = self.param(
         "modality_embedding",
@@ -172,8 +174,6 @@ class ContrastEncoder(nn.Module):
         (self.num_slots, self.hidden_dim),
       )
       tokens = tokens + modality[None, :, None].astype(tokens.dtype)
-    if keep is not None:
-      tokens = jnp.take_along_axis(tokens, keep[..., None], axis=2)
     batch, slots, count = tokens.shape[:3]
     token_present = slot_token_mask(present, count)
     x = tokens.reshape(batch, slots * count, self.hidden_dim)
