@@ -78,6 +78,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.feature_size = _FEATURE_SIZE[size]
   c.model.dtype = "float32"
   c.model.pretrained = ""  # an AMAE run; empty = the pretrain stage's (or none with 'scratch')
+  # Without 'scratch' an empty model.pretrained is an error once the pretrain stage has run.
+  c.model.pretrained_required = pretrained
   if network == "adaptive":
     c.model.kind = "adaptive_unetr"
     c.model.encoder = encoder

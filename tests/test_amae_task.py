@@ -130,6 +130,9 @@ def test_bad_contrasts_and_subjects_name_the_field_or_subject(amae_run, tmp_path
   ratio.model.mask_ratio = 1.0
   with pytest.raises(ValueError, match="model.mask_ratio=1.0"):
     tasks.build_task(ratio)
+  unlinked = shipped_config("amae_unetr", "adaptive,smoke")
+  with pytest.raises(ValueError, match="model.pretrained is empty"):
+    tasks.build_task(unlinked)
   crop = config.copy_and_resolve_references()
   crop.data.crop_size = (32, 32, 40)
   with pytest.raises(ValueError, match="data.crop_size sides"):

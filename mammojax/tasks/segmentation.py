@@ -194,6 +194,12 @@ class SegmentationTask(Task):
     self.num_classes = int(config.model.num_classes)
     self.model = build_model(config.model, self.num_classes, self.crop, len(self.contrasts))
     pretrained = config.model.get("pretrained", "")
+    if config.model.get("pretrained_required") and not pretrained:
+      raise ValueError(
+        "model.pretrained is empty, but this config fine-tunes a pretrained AMAE encoder: pass "
+        "--config.model.pretrained=AMAE_RUN (a configs/amae.py workdir) or use the 'scratch' "
+        "variant"
+      )
     if pretrained and config.model.kind not in PRETRAINED_PREFIX:
       raise ValueError(
         f"model.pretrained={pretrained!r}: model.kind={config.model.kind!r} cannot start from "
