@@ -7,8 +7,8 @@ Benchmark code: it imports torch and MONAI, which the ``mammojax`` package itsel
   ``[B, K, P, p^3]``, through one shared matmul ``[p^3, E]`` -- a Conv3d with kernel = stride =
   patch of one input channel -- then scaled by ``1 + s_w[k]`` and shifted by ``b * (1 + s_b[k])``,
   ``(s_w, s_b)`` a ``Linear(K -> 2E)`` of the slot's one-hot vector), the fixed sin-cos position
-  table (SelfMedMAE's ``hwd`` order) and a learned modality embedding per slot, optionally a
-  gather of the visible patches, then pre-norm ViT blocks (LayerNorm eps 1e-5, attention without
+  table (SelfMedMAE's ``hwd`` order) and a learned modality embedding per slot (with ``keep``,
+  only the visible patches are gathered and projected), then pre-norm ViT blocks (LayerNorm eps 1e-5, attention without
   query/key/value biases through ``scaled_dot_product_attention`` with a boolean key mask that
   keeps absent contrasts' tokens out, exact GELU MLP) and a final LayerNorm.
 * :class:`AdaptiveMAE`: per-example, per-slot random masking (argsort of uniform noise, the first
@@ -166,10 +166,12 @@ class ContrastEncoder(nn.Module):
   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """``volumes [B, K, D, H, W]``, ``present [B, K]`` bool, ``keep [B, K, n]`` int64 or None ->
     (normed tokens ``[B, K * n, E]``, every block's output, token presence ``[B, K * n]``)."""
-    tokens = self.tokenizer(patchify(volumes, self.patch))
-    tokens = tokens + self.pos[None, None] + self.modality[None, :, None]
-    if keep is not None:
-      tokens = torch.gather(tokens, 2, keep[..., None].expand(-1, -1, -1, self.dim))
+    patches = patchify(volumes, self.patch)
+    pos = self.pos[None, None]
+    if keep is not None:  # only the visible patches are projected, as on the JAX side
+      patches = torch.gather(patches, 2, keep[..., None].expand(-1, -1, -1, patches.shape[-1]))
+      pos = self.pos[keep]
+    tokens = self.tokenizer(patches) + pos + self.modality[None, :, None]
     b, k, n, e = tokens.shape
     token_present, mask = key_mask(present, n)
     x = torch.where(token_present[..., None], tokens.reshape(b, k * n, e), 0.0)
