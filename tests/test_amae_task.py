@@ -17,6 +17,7 @@ from shipped_configs import shipped_config, smoke_training_run
 from mammojax import tasks
 from mammojax.evaluate import evaluate_checkpoint
 from mammojax.models.amae.transfer import select_contrasts, unetr_vit_params
+from mammojax.runs.segmenter import Segmenter
 from mammojax.tasks.amae import SelectSlots
 from mammojax.tasks.segmentation import apply_model, volume_logits
 from mammojax.train.build import build
@@ -100,6 +101,21 @@ def test_adaptive_sliding_windows_pass_each_volumes_contrasts(amae_run):
     present=present,
   )  # fmt: skip
   np.testing.assert_allclose(windows, direct, atol=1e-4)
+  # The segment command's engine hands each subject's given contrasts to the network.
+  segmenter = Segmenter(
+    model=task.model,
+    variables=variables,
+    roi=task.crop,
+    contrasts=task.contrasts,
+    required=(0, 1),
+    record_size=None,
+    class_names=("background", "infarct"),
+    source="test",
+  )
+  single = segmenter.logits(
+    np.asarray(crop[0]), np.asarray(present[0]), overlap=0.5, blend="gaussian", sw_batch_size=1
+  )
+  np.testing.assert_allclose(single, direct[0], atol=1e-4)
   with pytest.raises(ValueError, match="contrast presence"):
     volume_logits(task.model, variables, crop, task.crop, overlap=0.5, blend="gaussian",
                   sw_batch_size=1)  # fmt: skip
