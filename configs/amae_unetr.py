@@ -16,7 +16,7 @@ The seed's stage 2, both of its routes:
   (mammojax/models/amae/transfer.py).
 
 Default: the embedded synthetic volumes of configs/unetr.py with only 12 labelled training
-subjects (the same 8 validation and 8 test subjects), a narrow ViT (width 96, UNETR's 12 blocks)
+subjects (the same 8 validation subjects, 32 test subjects), a narrow ViT (width 96, UNETR's 12 blocks)
 on 32^3 crops. With ``model.pretrained`` empty, the pretraining (configs/amae.py, 160 other,
 unlabelled subjects) runs first in WORKDIR/amae:
 
@@ -48,6 +48,8 @@ SIZES = ("smoke", "paper")
 VARIANTS = (*NETWORKS, "scratch", *SIZES)
 # Labelled training subjects of the default: few, against the 160 unlabelled of the pretraining.
 FEW_LABELLED = 12
+# Test subjects of the default: enough pairs for the paired Wilcoxon test to say something.
+TEST_SUBJECTS = 32
 _FEATURE_SIZE = {"default": 8, "smoke": 4, "paper": 16}
 
 
@@ -71,7 +73,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.name = f"amae_{network}" if pretrained else f"{network}_scratch"
   fragments.segmentation_experiment(c, size)
   if size == "default":
-    c.data.synthetic.num_train = FEW_LABELLED
+    c.data.synthetic.update(num_train=FEW_LABELLED, num_test=TEST_SUBJECTS)
   encoder = fragments.amae_encoder(size)
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = 2  # background, infarct
