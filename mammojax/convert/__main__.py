@@ -24,7 +24,14 @@ kinds:
                 **model_fields from source.json).
   mammoclip     Mammo-CLIP EfficientNet-B2 image encoder (.tar with a 'model' state dict, keys
                 prefixed 'image_encoder.') -> EfficientNet variables with Mammo-CLIP's static
-                "same" padding (260x260).
+                "same" padding (260x260). What is left out (text encoder, projections,
+                logit_scale, the encoder's 1x1 head) is printed and listed in source.json's
+                'dropped' (key prefix, tensors, parameters). Flag: --include_head keeps the 1x1
+                head (model_fields include_head=True, output 'head') and the image projection as
+                extra parameters params['image_projection'] that EfficientNet ignores and
+                mammojax.convert.mammoclip.mammoclip_image_embedding applies (source.json's
+                'image_projection' says linear or mlp); such a directory does not fit an
+                encoder without head (FPN-MIL's --config.model.backbone_checkpoint).
   mammoregnet   MammoRegNet state dict (Longitudinal_Mammogram_Alignment / BCRBench
                 best_model_registration_*.pth). Flag: --registration_hparams (JSON).
   mirai         Mirai ResNet-18 backbone -> MiraiResNet18 variables, from a state dict in
@@ -165,12 +172,25 @@ def _listed(keys: Sequence[str], shown: int = 4) -> str:
 
 
 def _convert_mammoclip(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dict]:
-  del f
-  from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_efficientnet
+  from mammojax.convert.mammoclip import MAMMOCLIP_STATIC_SIZE, import_mammoclip
 
-  variables = import_efficientnet(state_dict)
+  variables, details = import_mammoclip(state_dict, include_head=f.include_head)
+  dropped = details["dropped"]
+  if dropped:
+    groups = ", ".join(
+      f"{g['prefix']} ({g['tensors']} tensors, {g['parameters']:,} parameters)" for g in dropped
+    )
+    keep = "" if f.include_head else "; --include_head keeps the image head and projection"
+    print(f"dropped {len(dropped)} key prefixes the image encoder does not use: {groups}{keep}")
+  if f.include_head and details["image_projection"] is None:
+    print("the checkpoint has no image_projection.* weights: kept the encoder's head only")
   return variables, {
-    "model_fields": {"static_padding_size": list(MAMMOCLIP_STATIC_SIZE), "include_head": False}
+    "model_fields": {
+      "static_padding_size": list(MAMMOCLIP_STATIC_SIZE),
+      "include_head": f.include_head,
+    },
+    "image_projection": details["image_projection"],
+    "dropped": dropped,
   }
 
 
@@ -258,6 +278,13 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   )
   flags.DEFINE_string(
     "backbone", "", "fpn_mil: Mammo-CLIP .tar for a checkpoint trained on features.", **define
+  )
+  flags.DEFINE_bool(
+    "include_head",
+    False,
+    "mammoclip: also keep the encoder's 1x1 head and the image projection head "
+    "(params['image_projection']).",
+    **define,
   )
   flags.DEFINE_integer(
     "vit_num_heads",

@@ -4,7 +4,10 @@
   state dict holds the image encoder under ``image_encoder.`` in efficientnet_pytorch's layout
   (``_conv_stem``, ``_bn0``, ``_blocks.{i}._expand_conv`` / ``_bn0`` / ``_depthwise_conv`` /
   ``_bn1`` / ``_se_reduce`` / ``_se_expand`` / ``_project_conv`` / ``_bn2``, ``_conv_head``,
-  ``_bn1``), next to the text encoder and projections, which are ignored here.
+  ``_bn1``), next to the text encoder (``text_encoder.``), the projection heads
+  (``image_projection.``, ``text_projection.``: Mammo-CLIP's ``LinearProjectionHead`` or
+  ``MLPProjectionHead``) and ``logit_scale``. `import_mammoclip` converts the image encoder
+  (optionally with its 1x1 head and the image projection) and lists every dropped key prefix.
 * FPN-MIL checkpoints are ``{'model': state_dict, 'epoch': ..., ...}`` of the reference's
   ``PyramidalMILmodel``: ``inst_encoder.backbone.*`` (online models only), ``inst_encoder.
   inner_blocks.inner_block_{i}.{0,1}.*`` / ``layer_blocks.layer_block_{i}.{0,1}.*`` (FPN, ``.1``
@@ -35,6 +38,9 @@ from mammojax.models.mil.fpn_mil import FPNMIL
 from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE, EfficientNet
 
 MAMMOCLIP_PREFIX = "image_encoder."
+MAMMOCLIP_PROJECTION_PREFIX = "image_projection."
+# Where `import_mammoclip(include_head=True)` stores the image projection head: params[this].
+MAMMOCLIP_PROJECTION_NAME = "image_projection"
 FPN_MIL_BACKBONE_PREFIX = "inst_encoder.backbone."
 _LEAF_NAMES = {
   "kernel": "weight",
@@ -185,8 +191,17 @@ def import_efficientnet(
   Raises:
     ValueError: naming every missing key, unexpected key and shape mismatch.
   """
+  variables, _ = _import_efficientnet(unwrap_state_dict(state_dict), model, prefix)
+  return variables
+
+
+def _import_efficientnet(
+  state: Mapping[str, np.ndarray], model: EfficientNet | None, prefix: str
+) -> tuple[dict[str, Any], set[str]]:
+  """`import_efficientnet` on an unwrapped state dict; also returns the keys it read (with
+  ``prefix``)."""
   model = model or mammoclip_encoder()
-  state = _select(unwrap_state_dict(state_dict), prefix)
+  state = _select(state, prefix)
   if not state:
     raise ValueError(
       f'no encoder weights under prefix {prefix!r}; pass prefix="" for a bare '
@@ -206,7 +221,196 @@ def import_efficientnet(
     mismatched,
     "Check width/depth (B2: 1.1 / 1.2) and the key prefix.",
   )
-  return variables
+  return variables, {prefix + k for k in used}
+
+
+def import_image_projection(
+  state_dict: Mapping[str, Any], embedding_dim: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Converts Mammo-CLIP's image projection head (``image_projection.*``) to Flax parameters.
+
+  ``LinearProjectionHead`` (``projection``: Linear E -> P) becomes ``{'projection': {'kernel':
+  [E, P], 'bias': [P]}}``; ``MLPProjectionHead`` (``projection``, ``fc``: Linear P -> P,
+  ``layer_norm``) adds ``'fc'`` (kernel [P, P], bias [P]) and ``'layer_norm'`` (scale [P], bias
+  [P]). `mammoclip_image_embedding` applies them.
+
+  Args:
+    state_dict: a Mammo-CLIP checkpoint's state dict (or the loaded checkpoint).
+    embedding_dim: the channels of the encoder's head map (1408 for B2) the projection must take,
+      checked when given.
+
+  Returns:
+    ``(params, description)``: the parameter tree (float32 numpy) and ``{'type': 'linear' |
+    'mlp', 'embedding_dim': E, 'projection_dim': P}``.
+
+  Raises:
+    ValueError: no ``image_projection.projection.weight``, keys of neither head, or shapes that
+      do not fit together.
+  """
+  state = _select(unwrap_state_dict(state_dict), MAMMOCLIP_PROJECTION_PREFIX)
+  weight_key = MAMMOCLIP_PROJECTION_PREFIX + "projection.weight"
+  if "projection.weight" not in state:
+    raise ValueError(
+      f"the checkpoint has no {weight_key} (Mammo-CLIP trained without a projection_head?); "
+      "convert without --include_head"
+    )
+  mlp = any(k.startswith(("fc.", "layer_norm.")) for k in state)
+  modules = ("projection", "fc", "layer_norm") if mlp else ("projection",)
+  expected = {f"{m}.{leaf}" for m in modules for leaf in ("weight", "bias")}
+  unexpected = sorted(MAMMOCLIP_PROJECTION_PREFIX + k for k in set(state) - expected)
+  missing = sorted(MAMMOCLIP_PROJECTION_PREFIX + k for k in expected - set(state))
+  if unexpected or missing:
+    raise ValueError(
+      f"image projection head: missing keys {missing}, unexpected keys {unexpected}; "
+      "Mammo-CLIP's heads are LinearProjectionHead (projection) or MLPProjectionHead "
+      "(projection, fc, layer_norm)"
+    )
+  weight = np.asarray(state["projection.weight"], np.float32)
+  if weight.ndim != 2:
+    raise ValueError(f"{weight_key} has shape {weight.shape}; a Linear weight is [out, in]")
+  projection_dim, in_dim = weight.shape
+  if embedding_dim is not None and in_dim != embedding_dim:
+    raise ValueError(
+      f"{weight_key} takes {in_dim} features but the encoder's head has {embedding_dim} "
+      "channels; check the EfficientNet size (B2: 1408)"
+    )
+  shapes = {
+    "projection.bias": (projection_dim,),
+    "fc.weight": (projection_dim, projection_dim),
+    "fc.bias": (projection_dim,),
+    "layer_norm.weight": (projection_dim,),
+    "layer_norm.bias": (projection_dim,),
+  }
+  wrong = [
+    f"{MAMMOCLIP_PROJECTION_PREFIX}{k}: checkpoint {np.shape(state[k])}, expected {shapes[k]}"
+    for k in expected
+    if k in shapes and tuple(np.shape(state[k])) != shapes[k]
+  ]
+  if wrong:
+    raise ValueError(f"image projection head shape mismatches {wrong}")
+
+  def dense(name: str) -> dict[str, np.ndarray]:
+    kernel = layouts.torch_dense_kernel(np.asarray(state[f"{name}.weight"], np.float32))
+    bias = np.asarray(state[f"{name}.bias"], np.float32)
+    return {"kernel": np.ascontiguousarray(kernel), "bias": bias}
+
+  params: dict[str, Any] = {"projection": dense("projection")}
+  if mlp:
+    params["fc"] = dense("fc")
+    params["layer_norm"] = {
+      "scale": np.asarray(state["layer_norm.weight"], np.float32),
+      "bias": np.asarray(state["layer_norm.bias"], np.float32),
+    }
+  description = {
+    "type": "mlp" if mlp else "linear",
+    "embedding_dim": int(in_dim),
+    "projection_dim": int(projection_dim),
+  }
+  return params, description
+
+
+def mammoclip_image_embedding(variables: Mapping[str, Any], head: jax.Array) -> jax.Array:
+  """Mammo-CLIP's image embedding from the encoder's head map, as its ``image_projection`` does.
+
+  Args:
+    variables: a converted ``python -m mammojax.convert mammoclip --include_head`` checkpoint
+      (``params['image_projection']`` read, the rest ignored).
+    head: [B, H, W, E] the EfficientNet's ``'head'`` output (``include_head=True``).
+
+  Returns:
+    [B, P] embeddings before Mammo-CLIP's L2 normalisation: the head map averaged over H and W,
+    then the Linear head, or the MLP head (Linear, exact GELU, Linear, plus the first Linear's
+    output, LayerNorm with eps 1e-5; dropout is the identity at inference).
+  """
+  params = variables["params"].get(MAMMOCLIP_PROJECTION_NAME)
+  if params is None:
+    raise ValueError(
+      f"the variables have no params/{MAMMOCLIP_PROJECTION_NAME}: convert the Mammo-CLIP "
+      "checkpoint with --include_head (one trained without a projection_head has none; its "
+      "embedding is the head map averaged over H and W)"
+    )
+  pooled = jnp.mean(jnp.asarray(head, jnp.float32), axis=(1, 2))
+
+  def dense(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
+    return x @ jnp.asarray(p["kernel"]) + jnp.asarray(p["bias"])
+
+  projected = dense(pooled, params["projection"])
+  if "fc" not in params:
+    return projected
+  x = dense(jax.nn.gelu(projected, approximate=False), params["fc"]) + projected
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.var(x, axis=-1, keepdims=True)
+  x = (x - mean) / jnp.sqrt(var + 1e-5)
+  return x * jnp.asarray(params["layer_norm"]["scale"]) + jnp.asarray(params["layer_norm"]["bias"])
+
+
+def import_mammoclip(
+  state_dict: Mapping[str, Any], include_head: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Converts a Mammo-CLIP checkpoint's image encoder and says what it leaves out.
+
+  Args:
+    state_dict: the checkpoint (``{'model': ...}`` or the bare state dict).
+    include_head: also keep the encoder's 1x1 head (``_conv_head``, ``_bn1``: the variables of
+      ``mammoclip_encoder(include_head=True)``) and the image projection head, stored as extra
+      parameters under ``params['image_projection']`` (no Flax module holds them; Flax ignores
+      them when applying the EfficientNet, `mammoclip_image_embedding` applies them). Such
+      variables do not fit a model whose EfficientNet has no head (e.g. FPN-MIL's backbone).
+
+  Returns:
+    ``(variables, details)``: the Flax variables and ``details``:
+
+    * ``'include_head'``: the argument;
+    * ``'image_projection'``: `import_image_projection`'s description, or None (without
+      ``include_head``, or a checkpoint without projection head);
+    * ``'dropped'``: `dropped_prefixes` of every key not converted (``text_encoder.``,
+      ``text_projection.``, ``logit_scale``; without ``include_head`` also
+      ``image_projection.``, ``image_encoder._conv_head.`` and ``image_encoder._bn1.``).
+      BatchNorm's ``num_batches_tracked`` counters are never converted and not listed.
+
+  Raises:
+    ValueError: naming missing, unexpected or mis-shaped keys of the encoder or the projection.
+  """
+  state = unwrap_state_dict(state_dict)
+  model = mammoclip_encoder(include_head=include_head)
+  variables, used = _import_efficientnet(state, model, MAMMOCLIP_PREFIX)
+  description = None
+  if include_head and any(k.startswith(MAMMOCLIP_PROJECTION_PREFIX) for k in state):
+    embedding_dim = int(variables["params"]["conv_head"]["kernel"].shape[-1])
+    projection, description = import_image_projection(state, embedding_dim)
+    variables["params"][MAMMOCLIP_PROJECTION_NAME] = projection
+    used |= {k for k in state if k.startswith(MAMMOCLIP_PROJECTION_PREFIX)}
+  dropped = dropped_prefixes(
+    {k: v for k, v in state.items() if k not in used and not k.endswith(_IGNORED_SUFFIXES)}
+  )
+  return variables, {
+    "include_head": include_head,
+    "image_projection": description,
+    "dropped": dropped,
+  }
+
+
+def dropped_prefixes(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """Groups the keys of ``state`` by prefix: the first name (``text_encoder.``), or under
+  ``image_encoder.`` its first two (``image_encoder._conv_head.``); a key without a dot
+  (``logit_scale``) is its own group.
+
+  Returns:
+    ``[{'prefix': str, 'tensors': int, 'parameters': int}, ...]`` (parameters: elements summed
+    over the group's tensors), most parameters first.
+  """
+  groups: dict[str, list[int]] = {}
+  for key, value in state.items():
+    parts = key.split(".")
+    depth = 2 if key.startswith(MAMMOCLIP_PREFIX) else 1
+    prefix = ".".join(parts[:depth]) + "." if len(parts) > depth else key
+    counts = groups.setdefault(prefix, [0, 0])
+    counts[0] += 1
+    counts[1] += int(np.prod(np.shape(value)))
+  return [
+    {"prefix": prefix, "tensors": tensors, "parameters": parameters}
+    for prefix, (tensors, parameters) in sorted(groups.items(), key=lambda g: (-g[1][1], g[0]))
+  ]
 
 
 def _example_inputs(model: FPNMIL, state: Mapping[str, np.ndarray]) -> Any:

@@ -7,9 +7,14 @@ importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import pathlib
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -28,33 +33,151 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """Loads a ``torch.save`` checkpoint on CPU and returns its state dict as numpy arrays.
 
   Uses ``torch.load(weights_only=True)``: files that need arbitrary unpickling are refused
-  rather than executed. Nesting and wrapper prefixes are removed as in :func:`unwrap_state_dict`.
+  rather than executed. Besides tensors and plain Python containers, the unpickler accepts the
+  harmless values training scripts store next to the weights (:func:`checkpoint_safe_globals`:
+  numpy scalars and arrays of numeric dtypes, e.g. BCRBench's ``best_c_index`` or FPN-MIL's
+  metrics, and ``pathlib`` paths), for this call only. Nesting and wrapper prefixes are removed
+  as in :func:`unwrap_state_dict`.
 
   Raises:
     FileNotFoundError: no file at ``path``.
     ValueError: the file is not a readable checkpoint; the message says what the file is (empty,
       text or another format, a truncated zip archive or legacy file, a plain pickle) rather
-      than torch's bare error (``'101'`` for a text file).
+      than torch's bare error (``'101'`` for a text file), or names the globals (classes,
+      functions) it would need unpickled beyond the allowed ones.
   """
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install mammojax[torch]") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with _allowed_globals(torch):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except FileNotFoundError:
     raise
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files.
     found = describe_unreadable(path, e)
     if found:
       raise ValueError(f"could not read {path!r}: {found}") from e
+    refused = _refused_globals(torch, path, e)
+    if refused:
+      raise ValueError(
+        f"could not read {path!r}: it pickles {', '.join(refused)}, which mammojax does not "
+        "unpickle: it loads only weights (torch.load(weights_only=True), plus numpy numbers and "
+        "arrays and pathlib paths) and never falls back to weights_only=False; re-save the state "
+        "dict (torch.save(model.state_dict(), path)) from a trusted environment"
+      ) from e
     raise ValueError(
       f"could not read {path!r} as a PyTorch checkpoint with weights_only=True: "
-      f"{type(e).__name__}: {e}. If it pickles Python objects besides tensors, re-save only "
-      "the state dict (torch.save(model.state_dict(), path)) from a trusted "
-      "environment"
+      f"{type(e).__name__}: {_unpickler_reason(str(e))}. mammojax loads only weights; if the file "
+      "pickles Python objects besides tensors, re-save only the state dict "
+      "(torch.save(model.state_dict(), path)) from a trusted environment"
     ) from e
   return unwrap_state_dict(obj)
+
+
+def checkpoint_safe_globals() -> list[Any]:
+  """The globals :func:`load_torch_state_dict` lets ``torch.load(weights_only=True)`` use, in the
+  form ``torch.serialization.safe_globals`` takes (an object, or ``(object, 'module.name')`` for
+  another spelling of its name in old or foreign files).
+
+  * numpy scalars (``np.float64(0.71)``: ``multiarray.scalar``) and arrays (0-d or not:
+    ``multiarray._reconstruct``, ``numpy.ndarray``) of bool, integer, float and complex dtypes
+    (``numpy.dtype`` and those dtypes' classes, e.g. ``numpy.dtypes.Float64DType``). Object,
+    string, structured and datetime dtypes stay refused. Files written under numpy 1 name
+    ``numpy.core.multiarray``, under numpy 2 ``numpy._core.multiarray``; both names map to the
+    installed numpy's functions.
+  * ``pathlib.PosixPath`` / ``PurePosixPath`` / ``WindowsPath`` / ``PureWindowsPath`` (a path
+    of the other operating system comes back as its pure path).
+
+  None of them runs code or touches files when rebuilt.
+  """
+  multiarray = _numpy_multiarray()
+  allowed: list[Any] = [np.dtype, np.ndarray]
+  allowed += sorted({type(np.dtype(t)) for t in _NUMERIC_TYPES}, key=lambda c: c.__qualname__)
+  for name in ("scalar", "_reconstruct"):
+    function = getattr(multiarray, name)
+    allowed += [
+      (function, f"{module}.multiarray.{name}") for module in ("numpy._core", "numpy.core")
+    ]
+  posix = os.name == "posix"
+  allowed += [
+    (pathlib.PosixPath if posix else pathlib.PurePosixPath, "pathlib.PosixPath"),
+    (pathlib.PureWindowsPath if posix else pathlib.WindowsPath, "pathlib.WindowsPath"),
+    (pathlib.PurePosixPath, "pathlib.PurePosixPath"),
+    (pathlib.PureWindowsPath, "pathlib.PureWindowsPath"),
+  ]
+  return allowed
+
+
+# Numeric numpy scalar types whose dtypes a checkpoint may hold (C-type spellings included: the
+# dtype classes differ, e.g. Int64DType and LongLongDType, though both are 64-bit on Linux).
+_NUMERIC_TYPES = (
+  np.bool_,
+  np.byte,
+  np.short,
+  np.intc,
+  np.int_,
+  np.longlong,
+  np.ubyte,
+  np.ushort,
+  np.uintc,
+  np.uint,
+  np.ulonglong,
+  np.half,
+  np.single,
+  np.double,
+  np.longdouble,
+  np.csingle,
+  np.cdouble,
+  np.clongdouble,
+)
+
+
+def _numpy_multiarray() -> ModuleType:
+  """``numpy._core.multiarray`` (numpy 2, and 1.26's alias) or ``numpy.core.multiarray``."""
+  for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+    try:
+      return importlib.import_module(name)
+    except ImportError:
+      continue
+  raise ImportError("numpy has neither numpy._core.multiarray nor numpy.core.multiarray")
+
+
+@contextlib.contextmanager
+def _allowed_globals(torch: ModuleType) -> Iterator[None]:
+  """:func:`checkpoint_safe_globals` allowed for the duration of the block only; globals the
+  caller had allowed already (``torch.serialization.add_safe_globals``) stay allowed after it."""
+  before = set(torch.serialization.get_safe_globals())
+  added = [g for g in checkpoint_safe_globals() if g not in before]
+  with torch.serialization.safe_globals(added):
+    yield
+
+
+def _refused_globals(torch: ModuleType, path: str, error: Exception) -> list[str]:
+  """The ``module.name`` globals of a checkpoint that the weights-only unpickler refuses: all of
+  them for a zip checkpoint (read from its pickle without running it), else the one torch's
+  error names (a global, or a class it would have to rebuild, e.g. an object-dtype array's
+  ``numpy.dtypes.ObjectDType``); [] when the error is about something else."""
+  text = str(error)
+  if "GLOBAL" not in text and "Weights only load failed" not in text:
+    return []
+  try:
+    with _allowed_globals(torch):
+      refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  except Exception:  # a legacy (non-zip) file; torch's message names the first global.
+    refused = []
+  if not refused:
+    match = re.search(r"GLOBAL (\S+)", text) or re.search(r"but got <class '([^']+)'>", text)
+    refused = [match.group(1)] if match else []
+  # torch's message drops the module of builtins ('eval' for builtins.eval).
+  return sorted(name if "." in name else f"builtins.{name}" for name in refused)
+
+
+def _unpickler_reason(text: str) -> str:
+  """torch's unpickling error on one line, without its advice to use weights_only=False."""
+  reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+  return " ".join(reason.split())
 
 
 def describe_unreadable(path: str, error: Exception) -> str:

@@ -36,7 +36,9 @@ from mammojax.data.synthetic import brain_volumes
 from mammojax.losses.masked_reconstruction import masked_patch_loss
 from mammojax.models.amae.encoder import ContrastEncoder
 from mammojax.models.amae.mae import AdaptiveMAE, visible_count
+from mammojax.models.amae.transfer import select_contrasts, unetr_vit_params
 from mammojax.nn.dynamic_tokenizer import patch_grid, patchify, unpatchify
+from mammojax.train.run_files import load_run_config
 from mammojax.train.task import Task
 from mammojax.viz.reconstruction import save_reconstruction_figure
 
@@ -288,3 +290,52 @@ class MaskedAutoencoderTask(Task):
     report["figures"] = paths
     write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=2)
     return report
+
+
+def pretrained_encoder(
+  config: ml_collections.ConfigDict, crop: Sequence[int], loaded: Any, source: str
+) -> dict[str, Any]:
+  """The part of a pretrained AMAE run's variables ``loaded`` (from the workdir ``source``) that
+  the segmentation network of ``config`` takes (:mod:`mammojax.models.amae.transfer`), after
+  checking that the architectures agree; errors name the field and the file."""
+  pretrained = load_run_config(source)
+  if pretrained.get("task") != "amae":
+    raise ValueError(
+      f"model.pretrained={source} is a {pretrained.get('task')!r} run; it must be an AMAE "
+      "pretraining run (configs/amae.py)"
+    )
+  theirs = pretrained.model.encoder
+  kind = config.model.kind
+  if kind == "adaptive_unetr":
+    ours = {field: config.model.encoder[field] for field in ENCODER_FIELDS}
+  else:  # UNETR's ViT: the fields its layout fixes
+    ours = dict(
+      patch_size=16,
+      hidden_dim=config.model.hidden_size,
+      depth=12,
+      num_heads=config.model.num_heads,
+      mlp_dim=config.model.mlp_dim,
+      qkv_bias=config.model.qkv_bias,
+    )
+  for field, value in ours.items():
+    if theirs.get(field) != value:
+      raise ValueError(
+        f"model.pretrained={source}: its encoder has {field}={theirs.get(field)!r} (config.json "
+        f"model.encoder.{field}), this model {value!r}; fine-tune a model of the same size"
+      )
+  encoder = loaded["params"]["encoder"]
+  source_contrasts = tuple(pretrained.data.contrasts)
+  contrasts = tuple(config.data.contrasts)
+  if kind == "adaptive_unetr":
+    return {"params": select_contrasts(encoder, source_contrasts, contrasts, source)}
+  grid = tuple(int(s) // 16 for s in crop)
+  vit = unetr_vit_params(
+    encoder,
+    source_contrasts,
+    contrasts,
+    update=theirs.tokenizer_update,
+    position_embedding=theirs.position_embedding,
+    grid=grid,
+    source=source,
+  )
+  return {"params": vit}

@@ -43,12 +43,15 @@ from mammojax.data.synthetic import brain_volumes
 from mammojax.losses.dice import dice_ce_loss, dice_loss
 from mammojax.metrics import segmentation as seg_metrics
 from mammojax.models.amae.adaptive_unetr import AdaptiveUNETR
-from mammojax.models.amae.transfer import select_contrasts, unetr_vit_params
 from mammojax.models.segmentation.basic_unet import BasicUNet
 from mammojax.models.segmentation.unetr import UNETR
 from mammojax.nn.sliding_window import sliding_window_inference
-from mammojax.tasks.amae import ENCODER_FIELDS, SelectSlots, build_contrast_encoder, slot_channels
-from mammojax.train.run_files import load_run_config
+from mammojax.tasks.amae import (
+  SelectSlots,
+  build_contrast_encoder,
+  pretrained_encoder,
+  slot_channels,
+)
 from mammojax.train.task import Task
 from mammojax.viz.segmentation import save_segmentation_figure
 
@@ -94,9 +97,14 @@ def build_model(
   raise ValueError(f"model.kind={model.kind!r}; use one of {MODEL_KINDS}")
 
 
-def takes_presence(model: nn.Module) -> bool:
-  """Whether ``model`` takes the contrast presence ``[B, C]`` beside its volumes."""
-  return isinstance(model, AdaptiveUNETR)
+def takes_presence(model: nn.Module, present: jax.Array | None = None) -> bool:
+  """Whether ``model`` takes the contrast presence ``[B, C]`` beside its volumes; a ValueError
+  when it does and ``present`` is None."""
+  if not isinstance(model, AdaptiveUNETR):
+    return False
+  if present is None:
+    raise ValueError(f"{type(model).__name__} needs the contrast presence [B, C] of its volumes")
+  return True
 
 
 def apply_model(
@@ -110,9 +118,7 @@ def apply_model(
 ) -> jax.Array:
   """``[B, *S, C] -> [B, *S, K]`` logits of any segmentation network; ``present`` ``[B, C]``
   reaches the networks that take it (:func:`takes_presence`)."""
-  if takes_presence(model):
-    if present is None:
-      raise ValueError(f"{type(model).__name__} needs the contrast presence [B, C] of its volumes")
+  if takes_presence(model, present):
     return model.apply(variables, volumes, present, train=train, rngs=rngs)
   return model.apply(variables, volumes, train=train, rngs=rngs)
 
@@ -145,8 +151,6 @@ def volume_logits(
   windows of sides ``roi`` (MONAI's sliding_window_inference: ``overlap``, ``blend``
   'gaussian' or 'constant', ``sw_batch_size`` windows per network call); ``present`` ``[B, C]``
   for the networks that take it."""
-  if takes_presence(model) and present is None:
-    raise ValueError(f"{type(model).__name__} needs the contrast presence [B, C] of its volumes")
   return sliding_window_inference(
     volumes,
     tuple(int(s) for s in roi),
@@ -155,7 +159,7 @@ def volume_logits(
     overlap=overlap,
     mode=blend,
     predictor_args=(variables,),
-    example_args=(jnp.asarray(present),) if takes_presence(model) else (),
+    example_args=(jnp.asarray(present),) if takes_presence(model, present) else (),
   )
 
 
@@ -267,7 +271,7 @@ class SegmentationTask(Task):
     crops = jnp.zeros((batch["volume"].shape[0], *self.crop, len(self.contrasts)), jnp.float32)
     present = jnp.ones((crops.shape[0], len(self.contrasts)), jnp.int32)
     rngs = {"params": rng, "dropout": rng}
-    if takes_presence(self.model):
+    if takes_presence(self.model, present):
       return self.model.init(rngs, crops, present, train=False)
     return self.model.init(rngs, crops, train=False)
 
@@ -276,7 +280,7 @@ class SegmentationTask(Task):
     return {PRETRAINED_PREFIX[self.config.model.kind]: pretrained} if pretrained else {}
 
   def select_pretrained(self, prefix, loaded, source):
-    return encoder_transfer(self.config, self.crop, loaded, source)
+    return pretrained_encoder(self.config, self.crop, loaded, source)
 
   def _loss_terms(self, logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
     settings = self.config.loss
@@ -457,52 +461,3 @@ def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-
-
-def encoder_transfer(
-  config: ml_collections.ConfigDict, crop: Sequence[int], loaded: Any, source: str
-) -> dict[str, Any]:
-  """The part of a pretrained AMAE run's variables ``loaded`` (from the workdir ``source``) that
-  the segmentation network of ``config`` takes (:mod:`mammojax.models.amae.transfer`), after
-  checking that the architectures agree; errors name the field and the file."""
-  pretrained = load_run_config(source)
-  if pretrained.get("task") != "amae":
-    raise ValueError(
-      f"model.pretrained={source} is a {pretrained.get('task')!r} run; it must be an AMAE "
-      "pretraining run (configs/amae.py)"
-    )
-  theirs = pretrained.model.encoder
-  kind = config.model.kind
-  if kind == "adaptive_unetr":
-    ours = {field: config.model.encoder[field] for field in ENCODER_FIELDS}
-  else:  # UNETR's ViT: the fields its layout fixes
-    ours = dict(
-      patch_size=16,
-      hidden_dim=config.model.hidden_size,
-      depth=12,
-      num_heads=config.model.num_heads,
-      mlp_dim=config.model.mlp_dim,
-      qkv_bias=config.model.qkv_bias,
-    )
-  for field, value in ours.items():
-    if theirs.get(field) != value:
-      raise ValueError(
-        f"model.pretrained={source}: its encoder has {field}={theirs.get(field)!r} (config.json "
-        f"model.encoder.{field}), this model {value!r}; fine-tune a model of the same size"
-      )
-  encoder = loaded["params"]["encoder"]
-  source_contrasts = tuple(pretrained.data.contrasts)
-  contrasts = tuple(config.data.contrasts)
-  if kind == "adaptive_unetr":
-    return {"params": select_contrasts(encoder, source_contrasts, contrasts, source)}
-  grid = tuple(int(s) // 16 for s in crop)
-  vit = unetr_vit_params(
-    encoder,
-    source_contrasts,
-    contrasts,
-    update=theirs.tokenizer_update,
-    position_embedding=theirs.position_embedding,
-    grid=grid,
-    source=source,
-  )
-  return {"params": vit}
