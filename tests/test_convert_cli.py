@@ -205,3 +205,138 @@ def test_fpn_mil_kind_needs_its_config(tmp_path, capsys):
   assert run(["fpn_mil", str(path), f"--out={tmp_path / 'out'}"]) == 1
   assert "--config" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+PROJECTION_DIM = 16
+
+
+def _mammoclip_checkpoint(net) -> dict:
+  """A Mammo-CLIP-shaped state dict: B2 image encoder with its 1x1 head, a (tiny) text encoder,
+  linear image and text projections and logit_scale."""
+  generator = torch.Generator().manual_seed(5)
+
+  def rand(*shape):
+    return torch.randn(*shape, generator=generator)
+
+  state = {"image_encoder." + k: v for k, v in net.state_dict().items()}
+  state.update(
+    {
+      "text_encoder.embeddings.word_embeddings.weight": rand(30, 4),
+      "text_encoder.encoder.layer.0.attention.self.query.weight": rand(4, 4),
+      "text_encoder.encoder.layer.0.attention.self.query.bias": rand(4),
+      "image_projection.projection.weight": rand(PROJECTION_DIM, 1408) * 0.05,
+      "image_projection.projection.bias": rand(PROJECTION_DIM),
+      "text_projection.projection.weight": rand(PROJECTION_DIM, 4),
+      "text_projection.projection.bias": rand(PROJECTION_DIM),
+      "logit_scale": torch.tensor(2.66),
+    }
+  )
+  return state
+
+
+@pytest.fixture(scope="module")
+def mammoclip_b2():
+  from mammojax.nn.efficientnet import MAMMOCLIP_STATIC_SIZE
+
+  torch.manual_seed(4)
+  net = TorchEfficientNet(static_size=MAMMOCLIP_STATIC_SIZE, include_head=True)
+  randomize_norms(net, torch.Generator().manual_seed(4))
+  return net.eval()
+
+
+def test_mammoclip_lists_what_it_drops_and_include_head_keeps_the_head(
+  tmp_path, capsys, mammoclip_b2
+):
+  from mammojax.convert.mammoclip import mammoclip_image_embedding
+  from mammojax.nn.efficientnet import EfficientNet
+
+  state = _mammoclip_checkpoint(mammoclip_b2)
+  path = tmp_path / "b2-model-best-epoch-10.tar"
+  torch.save({"model": state, "epoch": 10, "best_loss": np.float64(1.25)}, path)
+  head_parts = {
+    "image_encoder._conv_head.": (1, 1408 * 352),
+    "image_encoder._bn1.": (4, 4 * 1408),
+    "image_projection.": (2, PROJECTION_DIM * 1408 + PROJECTION_DIM),
+  }
+  always = {
+    "text_encoder.": (3, 30 * 4 + 4 * 4 + 4),
+    "text_projection.": (2, PROJECTION_DIM * 4 + PROJECTION_DIM),
+    "logit_scale": (1, 1),
+  }
+
+  def dropped(source):
+    return {g["prefix"]: (g["tensors"], g["parameters"]) for g in source["dropped"]}
+
+  assert run(["mammoclip", str(path), f"--out={tmp_path / 'plain'}"]) == 0
+  printed = capsys.readouterr().out
+  assert (
+    "dropped 6 key prefixes" in printed and "text_encoder. (3 tensors, 140 parameters)" in printed
+  )
+  assert "--include_head" in printed
+  plain = json.loads((tmp_path / "plain" / "source.json").read_text())
+  assert dropped(plain) == {**always, **head_parts}
+  assert plain["model_fields"]["include_head"] is False and plain["image_projection"] is None
+  assert "conv_head" not in load_variables(str(tmp_path / "plain"))["params"]
+
+  out = tmp_path / "with_head"
+  assert run(["mammoclip", str(path), f"--out={out}", "--include_head"]) == 0
+  printed = capsys.readouterr().out
+  assert "dropped 3 key prefixes" in printed and "image_projection." not in printed
+  source = json.loads((out / "source.json").read_text())
+  assert dropped(source) == always
+  assert source["image_projection"] == {
+    "type": "linear",
+    "embedding_dim": 1408,
+    "projection_dim": PROJECTION_DIM,
+  }
+  variables = load_variables(str(out))
+  np.testing.assert_array_equal(
+    variables["params"]["image_projection"]["projection"]["kernel"],
+    state["image_projection.projection.weight"].numpy().T,
+  )
+  fields = dict(source["model_fields"])
+  fields["static_padding_size"] = tuple(fields["static_padding_size"])
+  assert fields["include_head"] is True
+  model = EfficientNet(**fields)  # params/image_projection is extra: EfficientNet ignores it
+  images = np.random.default_rng(4).normal(size=(1, 64, 64, 3)).astype(np.float32)
+  ours = jax.jit(lambda v, x: model.apply(v, x))(variables, images)["head"]
+  with torch.no_grad():
+    head = mammoclip_b2(torch.from_numpy(images).permute(0, 3, 1, 2))[-1]
+    embedding = torch.nn.functional.linear(
+      head.mean(dim=(2, 3)),
+      state["image_projection.projection.weight"],
+      state["image_projection.projection.bias"],
+    )
+  np.testing.assert_allclose(np.asarray(ours), _nhwc(head), atol=1e-4, rtol=1e-4)
+  assert np.ptp(embedding.numpy()) > 1e-2  # the embedding is no constant
+  np.testing.assert_allclose(
+    np.asarray(mammoclip_image_embedding(variables, ours)), embedding.numpy(), atol=1e-4, rtol=1e-4
+  )
+
+
+def test_mammoclip_mlp_projection_matches_torch():
+  from mammojax.convert.mammoclip import import_image_projection, mammoclip_image_embedding
+
+  torch.manual_seed(6)
+  projection, fc = torch.nn.Linear(12, 8), torch.nn.Linear(8, 8)
+  layer_norm = torch.nn.LayerNorm(8)
+  with torch.no_grad():
+    layer_norm.weight.normal_(1.0, 0.2)
+    layer_norm.bias.normal_(0.0, 0.2)
+  state = {
+    **{f"image_projection.projection.{k}": v for k, v in projection.state_dict().items()},
+    **{f"image_projection.fc.{k}": v for k, v in fc.state_dict().items()},
+    **{f"image_projection.layer_norm.{k}": v for k, v in layer_norm.state_dict().items()},
+    "text_projection.projection.weight": torch.zeros(8, 4),
+  }
+  params, description = import_image_projection(state, embedding_dim=12)
+  assert description == {"type": "mlp", "embedding_dim": 12, "projection_dim": 8}
+  head = np.random.default_rng(6).normal(size=(2, 3, 3, 12)).astype(np.float32)
+  with torch.no_grad():
+    pooled = torch.from_numpy(head).mean(dim=(1, 2))
+    projected = projection(pooled)
+    expected = layer_norm(fc(torch.nn.functional.gelu(projected)) + projected).numpy()
+  ours = mammoclip_image_embedding({"params": {"image_projection": params}}, head)
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="takes 12 features but the encoder's head has 1408"):
+    import_image_projection(state, embedding_dim=1408)

@@ -178,7 +178,9 @@ def _convert_mammoclip(state_dict: dict, f: flags.FlagValues) -> tuple[dict, dic
   dropped = details["dropped"]
   if dropped:
     groups = ", ".join(
-      f"{g['prefix']} ({g['tensors']} tensors, {g['parameters']:,} parameters)" for g in dropped
+      f"{g['prefix']} ({g['tensors']} tensor{'s' * (g['tensors'] != 1)}, "
+      f"{g['parameters']:,} parameters)"
+      for g in dropped
     )
     keep = "" if f.include_head else "; --include_head keeps the image head and projection"
     print(f"dropped {len(dropped)} key prefixes the image encoder does not use: {groups}{keep}")
