@@ -247,7 +247,7 @@ def mammoclip_b2():
 def test_mammoclip_lists_what_it_drops_and_include_head_keeps_the_head(
   tmp_path, capsys, mammoclip_b2
 ):
-  from mammojax.convert.mammoclip import mammoclip_image_embedding
+  from mammojax.convert.mammoclip_projection import mammoclip_image_embedding
   from mammojax.nn.efficientnet import EfficientNet
 
   state = _mammoclip_checkpoint(mammoclip_b2)
@@ -315,7 +315,10 @@ def test_mammoclip_lists_what_it_drops_and_include_head_keeps_the_head(
 
 
 def test_mammoclip_mlp_projection_matches_torch():
-  from mammojax.convert.mammoclip import import_image_projection, mammoclip_image_embedding
+  from mammojax.convert.mammoclip_projection import (
+    import_image_projection,
+    mammoclip_image_embedding,
+  )
 
   torch.manual_seed(6)
   projection, fc = torch.nn.Linear(12, 8), torch.nn.Linear(8, 8)

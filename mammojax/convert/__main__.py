@@ -29,7 +29,7 @@ kinds:
                 'dropped' (key prefix, tensors, parameters). Flag: --include_head keeps the 1x1
                 head (model_fields include_head=True, output 'head') and the image projection as
                 extra parameters params['image_projection'] that EfficientNet ignores and
-                mammojax.convert.mammoclip.mammoclip_image_embedding applies (source.json's
+                mammojax.convert.mammoclip_projection.mammoclip_image_embedding applies (source.json's
                 'image_projection' says linear or mlp); such a directory does not fit an
                 encoder without head (FPN-MIL's --config.model.backbone_checkpoint).
   mammoregnet   MammoRegNet state dict (Longitudinal_Mammogram_Alignment / BCRBench

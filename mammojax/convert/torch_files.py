@@ -240,6 +240,20 @@ def _describe_zip(path: str, size: int) -> str:
   return ""
 
 
+def select_prefix(
+  state: Mapping[str, np.ndarray],
+  prefix: str,
+  ignored_suffixes: tuple[str, ...] = ("num_batches_tracked",),
+) -> dict[str, np.ndarray]:
+  """The entries of ``state`` under ``prefix``, the prefix removed, without BatchNorm's counters
+  (``ignored_suffixes``)."""
+  return {
+    k[len(prefix) :]: v
+    for k, v in state.items()
+    if k.startswith(prefix) and not k.endswith(ignored_suffixes)
+  }
+
+
 def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   """Returns the state dict inside a loaded checkpoint object as ``{name: numpy array}``.
 
