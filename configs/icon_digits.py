@@ -33,6 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.hidden = 50
   c.model.num_steps = 9  # the seed: the network, then eight TwoStepRegistration compositions
+  # Diffusion at icon_registration's scale (convention='icon'): 0.05 weighs it as there.
   c.model.lmbda = 0.05
 
   c.train.update(steps=600, batch_size=128)

@@ -61,13 +61,102 @@ def test_diffusion_and_bending_hand_computed():
   grid = W.identity_map((5, 6))
   linear = (grid @ jnp.array([[0.5, 0.0], [0.0, -1.0]]).T)[None]
   # Forward differences of a linear field: (0.5, 0) along rows, (0, -1) along columns.
-  np.testing.assert_allclose(L.diffusion_regularity(linear), 0.25 / 2 + 1.0 / 2, rtol=1e-6)
+  pixel = dict(convention="pixel")
+  np.testing.assert_allclose(L.diffusion_regularity(linear, **pixel), 0.25 / 2 + 1.0 / 2, rtol=1e-6)
+  # ICON: component c in units of 1 / (S_c - 1) = (1/4, 1/5), everything times S_0**2 = 25.
+  icon = 25 * ((0.5 / 4) ** 2 / 2 + (1.0 / 5) ** 2 / 2)
+  np.testing.assert_allclose(L.diffusion_regularity(linear), icon, rtol=1e-6)
   np.testing.assert_allclose(L.bending_energy(linear), 0.0, atol=1e-6)
+  np.testing.assert_allclose(L.bending_energy(linear, **pixel), 0.0, atol=1e-6)
   quadratic = jnp.stack([grid[..., 0] ** 2, jnp.zeros((5, 6))], -1)[None]
   # u_rr = 2 for component 0, everything else 0: (mean over 2 components of 4) / 2**2.
-  np.testing.assert_allclose(L.bending_energy(quadratic), (4.0 / 2) / 4, rtol=1e-6)
+  np.testing.assert_allclose(L.bending_energy(quadratic, **pixel), (4.0 / 2) / 4, rtol=1e-6)
+  # ICON: u_rr in unit coordinates is 2 * (1/4) / (1/4)**2 = 8 (on all 6 columns).
+  np.testing.assert_allclose(L.bending_energy(quadratic), (64.0 / 2) / 4, rtol=1e-6)
   mixed = jnp.stack([grid[..., 0] * grid[..., 1], jnp.zeros((5, 6))], -1)[None]
-  np.testing.assert_allclose(L.bending_energy(mixed), 2 * (1.0 / 2) / 4, rtol=1e-6)
+  np.testing.assert_allclose(L.bending_energy(mixed, **pixel), 2 * (1.0 / 2) / 4, rtol=1e-6)
+  # ICON: u_rc = 1 * (1/4) / ((1/4) * (1/5)) = 5.
+  np.testing.assert_allclose(L.bending_energy(mixed), 2 * (25.0 / 2) / 4, rtol=1e-6)
+
+
+def _icon_diffusion(u_pixels: np.ndarray) -> float:
+  """icon_registration's DiffusionRegularizedNet term, written out in numpy (float64).
+
+  ``v = identity_map - phi`` in ICON's layout ``[B, n, *S]`` and unit coordinates (spacing
+  ``1 / (S_c - 1)`` on channel c); ``sum_d mean((v[x + e_d] - v[x])**2) * S_0**2``.
+  """
+  spatial = u_pixels.shape[1:-1]
+  unit = u_pixels / (np.asarray(spatial, np.float64) - 1)
+  v = -np.moveaxis(unit, -1, 1)  # identity - (identity + u)
+  total = 0.0
+  for d in range(len(spatial)):
+    axis = 2 + d
+    ahead = np.take(v, np.arange(1, v.shape[axis]), axis=axis)
+    behind = np.take(v, np.arange(0, v.shape[axis] - 1), axis=axis)
+    total += np.mean((-ahead + behind) ** 2)
+  return total * v.shape[2] ** 2
+
+
+def _icon_bending(u_pixels: np.ndarray) -> float:
+  """icon_registration's BendingEnergyNet term (2D), written out in numpy (float64)."""
+  spatial = u_pixels.shape[1:-1]
+  s = 1.0 / (np.asarray(spatial, np.float64) - 1)
+  grid = np.stack(np.meshgrid(*(np.arange(n) for n in spatial), indexing="ij"), -1)
+  phi = np.moveaxis((grid + u_pixels) * s, -1, 1)  # [B, 2, H, W], unit coordinates
+  dxdx = (phi[:, :, 2:] - 2 * phi[:, :, 1:-1] + phi[:, :, :-2]) / s[0] ** 2
+  dydy = (phi[:, :, :, 2:] - 2 * phi[:, :, :, 1:-1] + phi[:, :, :, :-2]) / s[1] ** 2
+  dxdy = (phi[:, :, 2:, 2:] + phi[:, :, :-2, :-2] - phi[:, :, 2:, :-2] - phi[:, :, :-2, 2:]) / (
+    4.0 * s[0] * s[1]
+  )
+  return (np.mean(dxdx**2) + np.mean(dydy**2) + 2 * np.mean(dxdy**2)) / 4.0
+
+
+def _linear_plus_sine(spatial):
+  """``[2, *S, n]`` pixels: a linear field plus a sinusoid, the second example scaled."""
+  grid = np.stack(
+    np.meshgrid(*(np.arange(n, dtype=np.float64) for n in spatial), indexing="ij"), -1
+  )
+  matrix = np.array([[0.08, -0.03, 0.02], [0.05, 0.1, -0.04], [0.01, 0.03, 0.06]])
+  n = len(spatial)
+  u = grid @ matrix[:n, :n].T
+  phase = sum(2 * np.pi * grid[..., d] / (spatial[d] + 3.0 * d) for d in range(n))
+  u = u + 1.5 * np.stack([np.sin(phase + c) for c in range(n)], -1)
+  return np.stack([u, -0.6 * u])
+
+
+@pytest.mark.parametrize("spatial", [(28, 28), (16, 20), (20, 16), (9, 10, 12)])
+def test_diffusion_matches_icon_registration_formula(spatial):
+  u = _linear_plus_sine(spatial)
+  ours = L.diffusion_regularity(jnp.asarray(u, jnp.float32))
+  np.testing.assert_allclose(ours, _icon_diffusion(u), rtol=1e-6)
+  # The loss wrapper uses the same term.
+  image = jnp.zeros((2, *spatial, 1))
+  parts = L.regularized_loss(image, image, jnp.asarray(u, jnp.float32), lmbda=0.05)
+  np.testing.assert_allclose(parts["regularity"], _icon_diffusion(u), rtol=1e-6)
+  np.testing.assert_allclose(parts["loss"], 0.05 * _icon_diffusion(u), rtol=1e-6)
+  # The pixel convention: plain mean squared pixel differences, summed over axes.
+  pixel = sum(np.mean(np.diff(u, axis=1 + d) ** 2) for d in range(len(spatial)))
+  pixel_ours = L.diffusion_regularity(jnp.asarray(u, jnp.float32), convention="pixel")
+  np.testing.assert_allclose(pixel_ours, pixel, rtol=1e-6)
+  if len(set(spatial)) == 1:
+    # On a square N grid ICON's value is (N / (N - 1))**2 the pixel one (about 7.5% at 28).
+    n = spatial[0]
+    np.testing.assert_allclose(ours / pixel_ours, (n / (n - 1)) ** 2, rtol=1e-6)
+  else:
+    # Elsewhere component c is weighed by (S_0 / (S_c - 1))**2: no single factor, but not 1.
+    assert abs(float(ours) / pixel - 1) > 1e-2
+
+
+@pytest.mark.parametrize("spatial", [(28, 28), (16, 20)])
+def test_bending_matches_icon_registration_formula(spatial):
+  u = _linear_plus_sine(spatial)
+  ours = L.bending_energy(jnp.asarray(u, jnp.float32))
+  np.testing.assert_allclose(ours, _icon_bending(u), rtol=1e-5)
+  image = jnp.zeros((2, *spatial, 1))
+  parts = L.regularized_loss(
+    image, image, jnp.asarray(u, jnp.float32), lmbda=1.0, regularizer="bending"
+  )
+  np.testing.assert_allclose(parts["regularity"], _icon_bending(u), rtol=1e-5)
 
 
 def test_icon_zero_for_exact_inverses():
@@ -180,6 +269,8 @@ def test_bad_inputs_raise():
     S.ssd_loss(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 4, 5, 1)))
   with pytest.raises(ValueError, match="displacement"):
     L.diffusion_regularity(jnp.zeros((1, 4, 4, 3)))
+  with pytest.raises(ValueError, match="convention"):
+    L.diffusion_regularity(jnp.zeros((1, 4, 4, 2)), convention="voxel")
   with pytest.raises(ValueError, match="regularizer"):
     L.regularized_loss(
       jnp.zeros((1, 4, 4, 1)),

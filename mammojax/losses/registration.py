@@ -10,10 +10,13 @@ The inverse-consistency functions also accept, instead of a displacement array, 
 ``mammojax.models.registration.icon`` builds); multi-step transforms are then evaluated exactly
 rather than through their interpolated displacement.
 
-Units: pixel displacements make the diffusion regulariser and GradICON dimensionless, so their
-weights carry over from ICON's unit-coordinate code (up to ``(N / (N - 1))**2`` for diffusion).
-ICON's inverse-consistency error and transform magnitude are lengths squared: pass
-``spacing=warp.unit_spacing(S)`` to get ICON's numbers, the default ``None`` gives pixels.
+Units: the regularisers take pixel displacements and, by default (``convention='icon'``),
+return icon_registration's numbers for the same field (unit coordinates, its own scale factors),
+so ICON's ``lmbda`` values carry over unchanged; ``convention='pixel'`` gives plain pixel finite
+differences (see :func:`diffusion_regularity`). GradICON's term is dimensionless, so its weight
+carries over as is. ICON's inverse-consistency error and transform magnitude are lengths
+squared: pass ``spacing=warp.unit_spacing(S)`` to get ICON's numbers, the default ``None`` gives
+pixels.
 """
 
 from __future__ import annotations
@@ -33,55 +36,100 @@ FieldOrTransform = jax.Array | Transform
 # ----------------------------------------------------------------------------- regularity
 
 
-def diffusion_regularity(displacement: jax.Array) -> jax.Array:
-  """Sum over axes of the mean squared forward difference of ``u`` (ICON's diffusion term).
+# 'icon': icon_registration's definitions (unit coordinates, its scale factors);
+# 'pixel': plain finite differences of the pixel displacement.
+REGULARITY_CONVENTIONS = ("icon", "pixel")
+
+
+def diffusion_regularity(displacement: jax.Array, *, convention: str = "icon") -> jax.Array:
+  """Diffusion regulariser: squared forward differences of the displacement.
+
+  ``convention='icon'`` (default) is icon_registration's ``DiffusionRegularizedNet``
+  (``src/icon_registration/losses.py``, ``compute_bending_energy_loss``): on
+  ``v = identity_map - phi_AB(identity_map)`` (``[B, n, *S]``, unit coordinates),
+  ``(sum_d mean((v[.., x + e_d] - v[.., x])**2)) * identity_map.shape[2]**2``, each mean over
+  the whole difference tensor (examples, components, positions). Its identity map
+  (``network_wrappers.RegistrationModule.assign_identity_map``) has channel ``c`` along spatial
+  axis ``c`` with spacing ``1 / (S_c - 1)``, so with ``u`` in pixels this is
+
+    ``S_0**2 * sum_d mean_{b, x, c}((u_c(x + e_d) - u_c(x)) / (S_c - 1))**2``,
+
+  ``S_0`` the *first* spatial size for every axis (ICON's choice; on a square ``N`` grid the
+  factor is ``(N / (N - 1))**2`` times the pixel value, 1.075 at 28 pixels).
+
+  ``convention='pixel'``: ``sum_d mean((u(x + e_d) - u(x))**2)`` in pixels (no size factor).
 
   Args:
-    displacement: ``[B, *S, n]`` pixels.
+    displacement: ``[B, *S, n]`` pixels, 'ij'.
+    convention: one of ``REGULARITY_CONVENTIONS``.
   Returns:
-    Scalar (dimensionless): ``sum_i mean((u(x + e_i) - u(x))**2)``, the mean taken over
-    examples, positions and components.
+    Scalar (dimensionless).
   """
   _check_displacement(displacement)
+  _check_convention(convention)
+  spatial = displacement.shape[1:-1]
+  field = displacement
+  if convention == "icon":
+    field = warp_lib.pixels_to_unit(displacement, spatial)
   total = 0.0
   for axis in range(1, displacement.ndim - 1):
-    total = total + jnp.mean(jnp.square(jnp.diff(displacement, axis=axis)))
-  return total
+    total = total + jnp.mean(jnp.square(jnp.diff(field, axis=axis)))
+  return total * spatial[0] ** 2 if convention == "icon" else total
 
 
-def bending_energy(displacement: jax.Array) -> jax.Array:
-  """Bending energy of ``u`` with ICON's normalisation (pixels^-2).
+def bending_energy(displacement: jax.Array, *, convention: str = "icon") -> jax.Array:
+  """Bending energy ``(sum_i mean(u_ii**2) + 2 sum_{i<j} mean(u_ij**2)) / n**2``.
 
-  ``(sum_i mean(u_ii**2) + 2 sum_{i<j} mean(u_ij**2)) / n**2`` with central second differences
-  ``u_ii = u(x+e_i) - 2u(x) + u(x-e_i)`` and ``u_ij = (u(x+e_i+e_j) + u(x-e_i-e_j)
-  - u(x+e_i-e_j) - u(x-e_i+e_j)) / 4`` on interior positions.
+  Central second differences ``u_ii = u(x+e_i) - 2u(x) + u(x-e_i)`` and ``u_ij = (u(x+e_i+e_j)
+  + u(x-e_i-e_j) - u(x+e_i-e_j) - u(x-e_i+e_j)) / 4``, means over examples, components and
+  positions.
+
+  ``convention='icon'`` (default) is icon_registration's ``BendingEnergyNet``
+  (``src/icon_registration/losses.py``, ``compute_bending_energy_loss``): the field in unit
+  coordinates (component ``c`` times ``s_c = 1 / (S_c - 1)``), ``u_ii`` divided by ``s_i**2``
+  and ``u_ij`` by ``s_i * s_j``, each term's mean over the positions where *its own* stencil
+  fits (one pixel trimmed at both ends of axes ``i`` (and ``j``) only). On a square ``N`` grid
+  that is about ``(N - 1)**2`` times the pixel value.
+
+  ``convention='pixel'``: pixel units (pixels^-2), every term on the interior positions (one
+  pixel trimmed along every axis).
 
   Args:
     displacement: ``[B, *S, n]`` pixels (every spatial axis needs >= 3 pixels).
+    convention: one of ``REGULARITY_CONVENTIONS``.
+  Returns:
+    Scalar.
   """
   _check_displacement(displacement)
-  num_axes = displacement.ndim - 2
-  if min(displacement.shape[1:-1]) < 3:
+  _check_convention(convention)
+  spatial = displacement.shape[1:-1]
+  num_axes = len(spatial)
+  if min(spatial) < 3:
     raise ValueError(f"bending_energy needs >= 3 pixels per axis, got {displacement.shape}")
+  icon = convention == "icon"
+  spacing = warp_lib.unit_spacing(spatial) if icon else (1.0,) * num_axes
+  field = warp_lib.pixels_to_unit(displacement, spatial) if icon else displacement
 
-  def shifted(offsets):  # interior-sized view of u(x + offsets)
+  def shifted(offsets, trimmed):  # u(x + offsets) on the positions where the stencil fits
     index = [slice(None)]
-    for axis in range(num_axes):
+    for axis, side in enumerate(spatial):
       step = offsets.get(axis, 0)
-      index.append(slice(1 + step, displacement.shape[1 + axis] - 1 + step))
-    return displacement[tuple(index)]
+      index.append(slice(1 + step, side - 1 + step) if axis in trimmed else slice(None))
+    return field[tuple(index)]
 
   energy = 0.0
   for i in range(num_axes):
-    second = shifted({i: 1}) - 2 * shifted({}) + shifted({i: -1})
-    energy = energy + jnp.mean(jnp.square(second))
+    trimmed = {i} if icon else set(range(num_axes))
+    second = shifted({i: 1}, trimmed) - 2 * shifted({}, trimmed) + shifted({i: -1}, trimmed)
+    energy = energy + jnp.mean(jnp.square(second / spacing[i] ** 2))
     for j in range(i + 1, num_axes):
+      trimmed = {i, j} if icon else set(range(num_axes))
       mixed = (
-        shifted({i: 1, j: 1})
-        + shifted({i: -1, j: -1})
-        - shifted({i: 1, j: -1})
-        - shifted({i: -1, j: 1})
-      ) / 4.0
+        shifted({i: 1, j: 1}, trimmed)
+        + shifted({i: -1, j: -1}, trimmed)
+        - shifted({i: 1, j: -1}, trimmed)
+        - shifted({i: -1, j: 1}, trimmed)
+      ) / (4.0 * spacing[i] * spacing[j])
       energy = energy + 2.0 * jnp.mean(jnp.square(mixed))
   return energy / num_axes**2
 
@@ -273,25 +321,29 @@ def regularized_loss(
   lmbda: float,
   similarity: Similarity = ssd_loss,
   regularizer: str = "diffusion",
+  convention: str = "icon",
   spacing: Sequence[float] | None = None,
 ) -> dict[str, jax.Array]:
   """One-way loss with a smoothness penalty (ICON's ``DiffusionRegularizedNet`` /
   ``BendingEnergyNet``): ``2 * sim(A ∘ phi_ab, B) + lmbda * regularity``.
 
   The factor 2 on the similarity is ICON's (it keeps ``lmbda`` comparable with the symmetric
-  losses). The seed's digits demo uses SSD, diffusion and ``lmbda=0.05``.
+  losses). The seed's digits demo uses SSD, diffusion and ``lmbda=0.05``; with the default
+  ``convention='icon'`` the regulariser has icon_registration's value, so ``lmbda`` weighs it
+  as there.
 
   Args:
     regularizer: ``'diffusion'`` (:func:`diffusion_regularity`) or ``'bending'``
       (:func:`bending_energy`).
+    convention: the regulariser's scale, one of ``REGULARITY_CONVENTIONS``.
   Returns:
     ``{'loss', 'similarity', 'regularity', 'transform_magnitude', 'folds'}`` (folds of phi_ab).
   """
   field_ab = _as_field(phi_ab, moving)
   if regularizer == "diffusion":
-    regularity = diffusion_regularity(field_ab)
+    regularity = diffusion_regularity(field_ab, convention=convention)
   elif regularizer == "bending":
-    regularity = bending_energy(field_ab)
+    regularity = bending_energy(field_ab, convention=convention)
   else:
     raise ValueError(f"regularizer must be 'diffusion' or 'bending', got {regularizer!r}")
   warped = warp_lib.warp(moving, field_ab, padding="border")
@@ -453,6 +505,11 @@ def _spacing_array(spacing, spatial_shape):
   if len(spacing) != len(spatial_shape):
     raise ValueError(f"spacing {tuple(spacing)} needs one entry per axis of {tuple(spatial_shape)}")
   return jnp.asarray(spacing, jnp.float32)
+
+
+def _check_convention(convention):
+  if convention not in REGULARITY_CONVENTIONS:
+    raise ValueError(f"convention must be one of {REGULARITY_CONVENTIONS}, got {convention!r}")
 
 
 def _check_displacement(displacement):

@@ -41,6 +41,10 @@ from mammojax.nn import warp as warp_lib
 
 SIMILARITIES = ("lncc", "ncc", "ssd", "mind", "mi")
 REGULARIZERS = ("diffusion", "bending")
+# This engine is no port of icon_registration: its regulariser is plain pixel finite differences
+# of the optimised field at each level (``mammojax.losses.registration``'s 'pixel' convention),
+# so ``--lambda`` does not pick up ICON's size- and aspect-dependent factors.
+REGULARITY_CONVENTION = "pixel"
 TRANSFORMS = ("velocity", "displacement")
 # Smallest side a coarse level may have: below it LNCC windows and the regulariser's finite
 # differences see almost nothing of the image.
@@ -134,7 +138,9 @@ class _Settings:
       else regularity_losses.bending_energy
     )
     similarity = similarity_fn(self.similarity, self.sigma)
-    return similarity(warped, fixed) + self.lmbda * regularity(parameter)
+    return similarity(warped, fixed) + self.lmbda * regularity(
+      parameter, convention=REGULARITY_CONVENTION
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
@@ -177,7 +183,8 @@ def register(
     steps: Adam iterations per level.
     similarity: one of ``SIMILARITIES`` (``'mi'`` is mutual information).
     lmbda: weight of the regulariser.
-    regularizer: ``'diffusion'`` or ``'bending'``, on the optimised field.
+    regularizer: ``'diffusion'`` or ``'bending'``, on the optimised field, in pixel units
+      (``REGULARITY_CONVENTION``).
     learning_rate: Adam step size in pixels (of each level).
     sigma: LNCC window std in pixels (of each level, so wider in full-size pixels when coarse).
     transform: ``'velocity'`` (diffeomorphic) or ``'displacement'``.
