@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from mammojax.data.pipelines.longitudinal import longitudinal_dataset, resolve_longitudinal_dir
-from mammojax.losses.registration import mammoregnet_loss
+from mammojax.losses.mammoregnet import mammoregnet_loss
 from mammojax.losses.similarity import ncc_loss
 from mammojax.models.registration.mammoregnet import MammoRegNet
 from mammojax.nn.warp import count_folds
