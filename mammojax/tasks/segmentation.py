@@ -305,7 +305,7 @@ class SegmentationTask(Task):
       self.model,
       variables,
       batch["volume"],
-      batch["contrast_present"],
+      batch.get("contrast_present"),
       train=train,
       rngs={"dropout": rng},
     )
@@ -332,7 +332,7 @@ class SegmentationTask(Task):
     )
 
   def predict(self, variables, batch):
-    logits = self.logits(variables, batch["volume"], batch["contrast_present"])
+    logits = self.logits(variables, batch["volume"], batch.get("contrast_present"))
     per_class = dice_loss(
       logits,
       batch["label"],
